@@ -1,0 +1,38 @@
+# The two commands of the README:  `make demo`  and  `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test bench clean browser-deps
+
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -r requirements-dev.txt
+	$(BIN)/pip install -q --no-deps -e .
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+# Chromium + chromedriver for the browser test (Debian packages; needs root, skipped if apt is absent).
+browser-deps:
+	@command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1 || \
+	 { command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && \
+	   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null) || \
+	   echo "browser-deps: chromium not installed (the browser test will be skipped)"; }
+
+demo: setup
+	$(BIN)/cbir evaluate --dataset demo
+
+test: setup browser-deps
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup
+
+bench: setup
+	$(BIN)/python benchmarks/extract.py
+	$(BIN)/python benchmarks/rerank.py
+	$(BIN)/python benchmarks/search.py
+	$(BIN)/python benchmarks/train.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

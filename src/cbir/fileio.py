@@ -1,0 +1,109 @@
+"""Atomic, versioned writes shared by every stage that persists something.
+
+A file is written to a temporary name in the same folder, flushed and fsync'ed, then renamed over
+the target (``os.replace`` is atomic on POSIX), so a crash leaves either the old file or the new
+one, never a half-written one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+
+class FormatError(ValueError):
+    """A file on disk is not what it claims to be (wrong kind, wrong version, damaged)."""
+
+
+def fsync_dir(path: Path) -> None:
+    """fsync a directory so a rename inside it is durable (no-op where unsupported)."""
+    try:
+        fd = os.open(str(path), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[io.IOBase]:
+    """Open a temporary sibling of ``path`` for writing; on success fsync and rename it over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    with atomic_open(path, "wb") as fh:
+        fh.write(data)
+
+
+def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def atomic_save_npy(path: str | os.PathLike[str], array: np.ndarray) -> None:
+    with atomic_open(path, "wb") as fh:
+        np.save(fh, np.ascontiguousarray(array), allow_pickle=False)
+
+
+def atomic_write_with(path: str | os.PathLike[str], writer: Callable[[str], None]) -> None:
+    """Atomic write for libraries that only write to a filename (faiss, torch.save to a path)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        writer(tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def read_json(path: str | os.PathLike[str], what: str = "file") -> Any:
+    """Read JSON, turning a missing or damaged file into a clear error naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise FormatError(f"{what} {path} is damaged or not JSON: {exc}") from exc
+
+
+def check_format(meta: dict, kind: str, supported: tuple[int, ...], path: Path | str) -> None:
+    """Check the ``format``/``format_version`` stamp of a saved artefact."""
+    if meta.get("format") != kind:
+        raise FormatError(f"{path} is not a cbir {kind} file (format={meta.get('format')!r})")
+    version = meta.get("format_version")
+    if version not in supported:
+        raise FormatError(
+            f"{path}: {kind} format version {version!r} is not supported (this cbir reads {supported})"
+        )
