@@ -1,0 +1,200 @@
+"""PCA whitening and learned whitening (Lw), as arrays and as ``torch.nn.Linear``.
+
+A whitening is an affine map ``x_hat = P (x - mu)`` followed by L2 normalisation, with ``mu`` (D,)
+and ``P`` (d, D), d <= D (the ``x_hat = P^T (x - mu)`` of the papers with P stored transposed).
+
+- PCA whitening (Jegou & Chum ECCV'12; power variant as in Radenovic et al. TPAMI'18 Sec. 4.2):
+  ``C = (1 - s) Cov(X) + s tr(Cov(X))/D I`` (shrinkage s), ``C = U diag(lambda) U^T``,
+  ``P = diag(lambda^(-power/2)) U^T`` over the top-d eigenvectors: power 1 makes the learning
+  set's covariance the identity, 0.5 half-whitens, 0 is a rotation (PCA) only.
+- Learned whitening, "Lw" (Radenovic et al. TPAMI'18, Sec. 3.3, after Mikolajczyk & Matas
+  ICCV'07): from matching pairs (i, j): ``mu`` = mean of the pair members,
+  ``C_S = 1/|P| sum (x_i - x_j)(x_i - x_j)^T`` (intra-pair difference covariance),
+  ``C_S = L L^T`` (Cholesky), ``P1 = L^-1`` (so ``P1 C_S P1^T = I``: intra-pair differences
+  whitened), then PCA of the projected members ``P1 (x - mu)`` with eigenvectors V (descending),
+  ``P = V_d^T P1``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .descriptors import l2_normalize
+from .fileio import FormatError, atomic_open, check_format
+
+FORMAT = "whitening"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class Whitening:
+    """``x -> l2(P (x - mu))``; ``mean`` (D,), ``proj`` (d, D) float64; ``meta`` describes it."""
+
+    mean: np.ndarray
+    proj: np.ndarray
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.mean = np.asarray(self.mean, dtype=np.float64).reshape(-1)
+        self.proj = np.asarray(self.proj, dtype=np.float64)
+        if self.proj.ndim != 2 or self.proj.shape[1] != self.mean.shape[0]:
+            raise ValueError(
+                f"whitening projection must be (d, {self.mean.shape[0]}), got shape {self.proj.shape}"
+            )
+
+    @property
+    def in_dim(self) -> int:
+        return int(self.proj.shape[1])
+
+    @property
+    def out_dim(self) -> int:
+        return int(self.proj.shape[0])
+
+    def apply(self, x: np.ndarray, normalize: bool = True) -> np.ndarray:
+        """(N, D) -> (N, d) float32: ``P (x - mu)``, L2-normalised unless ``normalize=False``."""
+        x = np.asarray(x)
+        if x.ndim != 2 or x.shape[1] != self.in_dim:
+            raise ValueError(f"whitening expects vectors of dimension {self.in_dim}, got shape {x.shape}")
+        y = (x.astype(np.float64) - self.mean) @ self.proj.T
+        return l2_normalize(y) if normalize else y.astype(np.float32)
+
+    def invert(self, y: np.ndarray) -> np.ndarray:
+        """Inverse of the un-normalised map: ``x = P^-1 y + mu`` (only when no dimension was dropped)."""
+        if self.out_dim != self.in_dim:
+            raise ValueError(f"whitening to {self.out_dim} of {self.in_dim} dimensions is not invertible")
+        return np.linalg.solve(self.proj, np.asarray(y, dtype=np.float64).T).T + self.mean
+
+    def to_linear(self):
+        """``torch.nn.Linear(D, d)`` with weight P and bias ``-P mu`` (trainable; L2 is the caller's)."""
+        import torch
+
+        lin = torch.nn.Linear(self.in_dim, self.out_dim, bias=True)
+        with torch.no_grad():
+            lin.weight.copy_(torch.from_numpy(self.proj))
+            lin.bias.copy_(torch.from_numpy(-self.proj @ self.mean))
+        return lin
+
+    @classmethod
+    def from_linear(cls, lin, meta: dict[str, Any] | None = None) -> "Whitening":
+        """Inverse of :meth:`to_linear` (e.g. after end-to-end training); mu solves ``P mu = -b``."""
+        w = lin.weight.detach().double().cpu().numpy()
+        b = lin.bias.detach().double().cpu().numpy() if lin.bias is not None else np.zeros(w.shape[0])
+        mean = np.linalg.lstsq(w, -b, rcond=None)[0]
+        return cls(mean=mean, proj=w, meta=dict(meta or {}))
+
+    def save(self, path: str | Path) -> None:
+        """Atomic ``.npz`` with ``mean``, ``proj`` and a JSON ``meta`` (format stamp included)."""
+        meta = dict(self.meta)
+        meta.update(format=FORMAT, format_version=FORMAT_VERSION, in_dim=self.in_dim, out_dim=self.out_dim)
+        buf = io.BytesIO()
+        np.savez(buf, mean=self.mean, proj=self.proj, meta=np.array(json.dumps(meta)))
+        with atomic_open(path, "wb") as fh:
+            fh.write(buf.getvalue())
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Whitening":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"whitening file not found: {path}")
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                if "meta" not in z.files:
+                    raise FormatError(f"{path} is not a cbir whitening file (no meta)")
+                meta = json.loads(str(z["meta"]))
+                check_format(meta, FORMAT, (FORMAT_VERSION,), path)
+                mean, proj = z["mean"], z["proj"]
+        except FormatError:
+            raise
+        except Exception as exc:  # zip/npy/JSON damage: name the file
+            raise FormatError(f"{path} is not a readable cbir whitening file: {exc}") from exc
+        for key in ("format", "format_version", "in_dim", "out_dim"):
+            meta.pop(key, None)
+        return cls(mean=mean, proj=proj, meta=meta)
+
+
+def _check_x(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim != 2 or x.shape[0] < 2:
+        raise ValueError(f"whitening needs a 2-D learning set with >= 2 rows, got shape {x.shape}")
+    return x
+
+
+def _check_dim(dim: int | None, d: int) -> int:
+    if dim is None or dim == 0:
+        return d
+    if not 1 <= dim <= d:
+        raise ValueError(f"whitening output dimension must be in [1, {d}], got {dim}")
+    return int(dim)
+
+
+def _eig_desc(c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Eigen-decomposition of a symmetric matrix, eigenvalues descending -> (lambda (D,), U (D, D))."""
+    lam, u = np.linalg.eigh((c + c.T) / 2)
+    order = np.argsort(lam)[::-1]
+    return lam[order], u[:, order]
+
+
+def learn_pca_whitening(
+    x: np.ndarray, power: float = 1.0, dim: int | None = None, shrinkage: float = 0.0, eps: float = 1e-12
+) -> Whitening:
+    """PCA whitening of the rows of x (N, D) -> Whitening (mean (D,), proj (dim, D)).
+
+    ``proj = diag(lambda_i^(-power/2)) U_dim^T`` with lambda, U the eigenvalues/vectors (descending)
+    of ``(1 - shrinkage) Cov(x) + shrinkage tr(Cov)/D I``; eigenvalues below ``eps * lambda_max`` are
+    raised to it (rank-deficient learning sets).
+    """
+    x = _check_x(x)
+    n, d = x.shape
+    dim = _check_dim(dim, d)
+    if not 0.0 <= shrinkage <= 1.0:
+        raise ValueError(f"shrinkage must be in [0, 1], got {shrinkage}")
+    mu = x.mean(axis=0)
+    xc = x - mu
+    c = xc.T @ xc / n
+    if shrinkage:
+        c = (1 - shrinkage) * c + shrinkage * np.trace(c) / d * np.eye(d)
+    lam, u = _eig_desc(c)
+    lam = np.maximum(lam, eps * max(lam[0], eps))
+    proj = (lam[:dim] ** (-power / 2))[:, None] * u[:, :dim].T
+    meta = {"method": "pca", "power": float(power), "dim": dim, "shrinkage": float(shrinkage), "n_learn": n}
+    return Whitening(mean=mu, proj=proj, meta=meta)
+
+
+def learn_lw(
+    x: np.ndarray, pairs: np.ndarray, dim: int | None = None, shrinkage: float = 0.0, eps: float = 1e-9
+) -> Whitening:
+    """Learned whitening from matching pairs (Radenovic et al. TPAMI'18) -> Whitening (dim, D).
+
+    x (N, D); pairs (M, 2) row indices of matching images. ``shrinkage`` regularises ``C_S``
+    towards ``tr(C_S)/D I`` (needed when M < D); a tiny ``eps tr(C_S)/D`` ridge keeps the
+    Cholesky factorisation defined.
+    """
+    x = _check_x(x)
+    pairs = np.asarray(pairs, dtype=np.int64)
+    if pairs.ndim != 2 or pairs.shape[1] != 2 or len(pairs) == 0:
+        raise ValueError(f"pairs must be an (M, 2) array of row indices, got shape {pairs.shape}")
+    if pairs.min() < 0 or pairs.max() >= x.shape[0]:
+        raise ValueError(f"pair indices must be in [0, {x.shape[0]}), got range [{pairs.min()}, {pairs.max()}]")
+    n, d = x.shape
+    dim = _check_dim(dim, d)
+    members = np.unique(pairs.ravel())
+    mu = x[members].mean(axis=0)
+    diff = x[pairs[:, 0]] - x[pairs[:, 1]]
+    cs = diff.T @ diff / len(pairs)
+    scale = np.trace(cs) / d
+    if shrinkage:
+        cs = (1 - shrinkage) * cs + shrinkage * scale * np.eye(d)
+    cs = cs + eps * max(scale, 1e-300) * np.eye(d)
+    chol = np.linalg.cholesky(cs)  # cs = L L^T
+    p1 = np.linalg.solve(chol, np.eye(d))  # L^-1
+    z = (x[members] - mu) @ p1.T
+    _, v = _eig_desc(z.T @ z / len(members))
+    proj = v[:, :dim].T @ p1
+    meta = {"method": "lw", "dim": dim, "shrinkage": float(shrinkage), "n_pairs": int(len(pairs)), "n_learn": int(len(members))}
+    return Whitening(mean=mu, proj=proj, meta=meta)

@@ -1,0 +1,83 @@
+"""The shared re-ranking options: parsing, composition order, JSON record, whitening file."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+import pytest
+
+from cbir.descriptors import l2_normalize
+from cbir.rerank.diffusion import DiffusionParams, diffusion_scores
+from cbir.rerank.options import add_arguments, rerank, rerank_from_args
+from cbir.rerank.qe import alpha_qe, dba
+from cbir.whitening import learn_pca_whitening
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    return p
+
+
+@pytest.fixture(scope="module")
+def data():
+    rng = np.random.default_rng(0)
+    centers = l2_normalize(rng.normal(size=(20, 16)))
+    db = l2_normalize(centers[rng.integers(0, 20, 400)] + 0.3 * rng.normal(size=(400, 16)))
+    q = l2_normalize(centers[:5] + 0.3 * rng.normal(size=(5, 16)))
+    return q, db
+
+
+def test_no_options_is_plain_inner_product(data):
+    q, db = data
+    scores, applied = rerank_from_args(_parser().parse_args([]), q, db)
+    assert applied == {}
+    assert scores.dtype == np.float32 and scores.shape == (5, 400)
+    np.testing.assert_allclose(scores, q @ db.T, atol=1e-6)
+
+
+def test_composition_order_matches_manual_pipeline(data, tmp_path):
+    q, db = data
+    w = learn_pca_whitening(db, power=0.5)
+    w.save(tmp_path / "w.npz")
+    args = _parser().parse_args(
+        ["--whiten", str(tmp_path / "w.npz"), "--dba", "3", "--qe", "4", "--alpha-qe", "3",
+         "--diffusion", "--diffusion-k", "10", "--diffusion-trunc", "0"]
+    )
+    scores, applied = rerank_from_args(args, q, db)
+    # the same steps by hand, in the documented order
+    qw, dbw = w.apply(q), w.apply(db)
+    dbw = dba(dbw, 3, alpha=3.0)
+    qw = alpha_qe(qw, dbw, 4, alpha=3.0)
+    expected = diffusion_scores(qw, dbw, DiffusionParams(k=10, trunc=0))
+    np.testing.assert_allclose(scores, expected, rtol=1e-5, atol=1e-6)
+    assert list(applied) == ["whiten", "dba", "qe", "diffusion"]
+    assert applied["whiten"]["file"].endswith("w.npz") and applied["whiten"]["power"] == 0.5
+    assert applied["qe"] == {"k": 4, "alpha": 3.0, "kind": "alpha-qe"}
+    assert applied["diffusion"]["k"] == 10 and applied["diffusion"]["truncated"] is False
+    json.dumps(applied)  # JSON-ready
+
+
+def test_defaults_are_the_papers(data):
+    args = _parser().parse_args(["--diffusion"])
+    assert (args.diffusion_k, args.diffusion_gamma, args.diffusion_alpha, args.diffusion_trunc) == (50, 3.0, 0.99, 1000)
+
+
+def test_missing_attributes_mean_off(data):
+    q, db = data
+    scores, applied = rerank_from_args(argparse.Namespace(), q, db)
+    assert applied == {}
+
+
+def test_bad_inputs_are_named(data, tmp_path):
+    q, db = data
+    with pytest.raises(ValueError, match="dimension"):
+        rerank(q[:, :8], db)
+    with pytest.raises(ValueError, match="--alpha-qe needs --qe"):
+        rerank_from_args(_parser().parse_args(["--alpha-qe", "3"]), q, db)
+    with pytest.raises(FileNotFoundError, match="whitening file not found"):
+        rerank_from_args(_parser().parse_args(["--whiten", str(tmp_path / "nope.npz")]), q, db)
+    with pytest.raises(ValueError, match="alpha"):
+        rerank_from_args(_parser().parse_args(["--diffusion", "--diffusion-alpha", "1.0"]), q, db)
