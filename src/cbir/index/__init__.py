@@ -1,0 +1,17 @@
+"""Persistent image index: exact (torch, CPU/GPU) and faiss (IVF-PQ, HNSW) search, SQLite metadata.
+
+>>> idx = Index(dim=512, kind="exact", settings={"model": "efficientnet_lite0", "pooling": "gem"})
+>>> ids = idx.add(vectors, paths)           # (N, 512) L2-normalised descriptors
+>>> idx.save("photos.index")                # atomic; Index.load("photos.index") reopens it
+>>> idx.search(query, k=20)                 # [[Hit(id, path, score), ...]] best first
+"""
+
+from .backends import DEFAULT_PARAMS, KINDS
+from .exact import exact_topk
+from .index import COMPAT_KEYS, FORMAT, FORMAT_VERSION, Hit, IncompatibleDescriptorError, Index
+from .store import ImageRecord
+
+__all__ = [
+    "COMPAT_KEYS", "DEFAULT_PARAMS", "FORMAT", "FORMAT_VERSION", "Hit", "ImageRecord",
+    "IncompatibleDescriptorError", "Index", "KINDS", "exact_topk",
+]

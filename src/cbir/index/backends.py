@@ -1,0 +1,234 @@
+"""Search structures behind one interface: exact (torch), faiss IVF-PQ, faiss HNSW.
+
+A backend is an *acceleration structure* derived from the index's stored vectors (the truth,
+kept by :class:`cbir.index.store.VectorStore`). It answers ``search(queries, k) -> (scores, ids)``
+with ids of the store (int64, -1 where fewer than k exist) and inner-product scores, best first,
+and follows the store's additions and removals: incrementally where faiss can (IVF add/remove,
+HNSW add), by a rebuild where it cannot (HNSW remove).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..fileio import FormatError
+from .exact import database_tensor, exact_topk, resolve_device
+from .store import VectorStore
+
+KINDS = ("exact", "ivfpq", "hnsw")
+
+DEFAULT_PARAMS: dict[str, dict[str, Any]] = {
+    "exact": {},
+    # nlist inverted lists, PQ with m sub-quantisers of nbits bits; nprobe lists visited per query;
+    # refine: re-score refine*k PQ candidates with the stored exact vectors (0 = off).
+    "ivfpq": {"nlist": 1024, "m": 64, "nbits": 8, "nprobe": 32, "refine": 8},
+    # M links per node, efConstruction/efSearch beam widths at build/search time.
+    "hnsw": {"M": 32, "efConstruction": 200, "efSearch": 128},
+}
+
+SEARCH_TIME_PARAMS = {"ivfpq": ("nprobe", "refine"), "hnsw": ("efSearch",), "exact": ()}
+
+
+def check_params(kind: str, params: dict[str, Any] | None, dim: int) -> dict[str, Any]:
+    """Complete ``params`` with the defaults of ``kind`` and check them; ValueError naming the bad one."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown index type {kind!r}; choose one of {', '.join(KINDS)}")
+    full = dict(DEFAULT_PARAMS[kind])
+    for key, value in (params or {}).items():
+        if value is None:
+            continue
+        if key not in full:
+            raise ValueError(f"index type {kind!r} has no parameter {key!r} (it has: {', '.join(full) or 'none'})")
+        full[key] = int(value)
+    for key, value in full.items():
+        if value < (0 if key == "refine" else 1):
+            raise ValueError(f"{kind} parameter {key} must be positive, got {value}")
+    if kind == "ivfpq" and dim % full["m"]:
+        raise ValueError(f"ivfpq: the dimension {dim} must be a multiple of m={full['m']}")
+    return full
+
+
+@dataclass
+class Backend:
+    """Base: exact search over the store on CPU (float32) or GPU (float16)."""
+
+    kind: str
+    dim: int
+    params: dict[str, Any] = field(default_factory=dict)
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        self._device = resolve_device(self.device)
+        self._db = None  # cached database tensor (exact) / faiss index (others)
+
+    # --- following the store -------------------------------------------------------------
+    def on_add(self, store: VectorStore, ids: np.ndarray, vectors: np.ndarray) -> None:
+        self._db = None
+
+    def on_remove(self, store: VectorStore, ids: np.ndarray) -> None:
+        self._db = None
+
+    def set_search_params(self, **kw: Any) -> None:
+        allowed = SEARCH_TIME_PARAMS[self.kind]
+        for key, value in kw.items():
+            if value is None:
+                continue
+            if key not in allowed:
+                raise ValueError(f"{self.kind} has no search-time parameter {key!r} (it has: {', '.join(allowed) or 'none'})")
+            self.params[key] = int(value)
+
+    # --- searching ------------------------------------------------------------------------
+    def search(self, store: VectorStore, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        if self._db is None:
+            self._db = database_tensor(store.vectors, self._device)
+        scores, rows = exact_topk(queries, self._db, k)
+        return scores, store.ids[rows] if rows.size else rows
+
+    # --- persistence (only faiss structures have a file) ----------------------------------
+    def save(self, store: VectorStore, path: Path) -> list[str]:
+        return []
+
+    def load(self, store: VectorStore, path: Path) -> None:
+        return None
+
+
+class FaissBackend(Backend):
+    """Common parts of the faiss structures: lazy (re)build, ``faiss.index`` file, refinement."""
+
+    FILE = "faiss.index"
+
+    def _build(self, store: VectorStore):  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def _ensure(self, store: VectorStore):
+        if self._db is None:
+            self._db = self._build(store)
+        return self._db
+
+    def save(self, store: VectorStore, path: Path) -> list[str]:
+        import faiss
+
+        faiss.write_index(self._ensure(store), str(path / self.FILE))
+        return [self.FILE]
+
+    def load(self, store: VectorStore, path: Path) -> None:
+        import faiss
+
+        file = path / self.FILE
+        if not file.is_file():
+            raise FormatError(f"{path}: missing {self.FILE}")
+        try:
+            index = faiss.read_index(str(file))
+        except RuntimeError as exc:
+            raise FormatError(f"{file} is damaged or not a faiss index: {exc}") from exc
+        if index.ntotal != len(store) or index.d != self.dim:
+            raise FormatError(
+                f"{file} holds {index.ntotal} vectors of dimension {index.d}, "
+                f"but the index lists {len(store)} of dimension {self.dim}"
+            )
+        self._db = index
+
+    def _faiss_search(self, index, queries: np.ndarray, k: int):  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def search(self, store: VectorStore, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        if len(store) == 0:
+            nq = queries.shape[0]
+            return np.zeros((nq, 0), np.float32), np.zeros((nq, 0), np.int64)
+        index = self._ensure(store)
+        q = np.ascontiguousarray(queries, dtype=np.float32)
+        refine = int(self.params.get("refine", 0))
+        kk = min(k, len(store))
+        scores, ids = self._faiss_search(index, q, kk * refine if refine else kk)
+        if refine:
+            scores, ids = refine_exact(store, q, ids, kk)
+        return scores[:, :kk].astype(np.float32), ids[:, :kk].astype(np.int64)
+
+
+def refine_exact(store: VectorStore, queries: np.ndarray, cand: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Re-score candidate ids (nq, c) with the exact stored vectors: s_ij = <q_i, x_cand_ij>; keep the best k."""
+    valid = cand >= 0
+    rows = store.rows_of(np.where(valid, cand, store.ids[0]))
+    exact = np.einsum("qd,qcd->qc", queries, store.vectors[rows])
+    exact = np.where(valid, exact, -np.inf).astype(np.float32)
+    order = np.argsort(-exact, axis=1, kind="stable")[:, :k]
+    ids = np.take_along_axis(np.where(valid, cand, -1), order, axis=1)
+    return np.take_along_axis(exact, order, axis=1), ids
+
+
+class IVFPQBackend(FaissBackend):
+    """faiss ``IndexIVFPQ`` (inner product): nlist coarse cells, PQ codes of m x nbits bits."""
+
+    def min_train(self) -> int:
+        return max(self.params["nlist"], 2 ** self.params["nbits"])
+
+    def _build(self, store: VectorStore):
+        import faiss
+
+        p = self.params
+        n = len(store)
+        if n < self.min_train():
+            raise ValueError(
+                f"ivfpq with nlist={p['nlist']}, nbits={p['nbits']} needs at least {self.min_train()} images to "
+                f"train, the index has {n}; use --type exact (best below ~100k images) or a smaller --nlist/--nbits"
+            )
+        quantizer = faiss.IndexFlatIP(self.dim)
+        index = faiss.IndexIVFPQ(quantizer, self.dim, p["nlist"], p["m"], p["nbits"], faiss.METRIC_INNER_PRODUCT)
+        sample = store.vectors
+        limit = 256 * max(p["nlist"], 2 ** p["nbits"])
+        if n > limit:  # faiss k-means uses at most 256 points per centroid anyway
+            pick = np.random.default_rng(0).choice(n, limit, replace=False)
+            sample = store.vectors[np.sort(pick)]
+        index.train(np.ascontiguousarray(sample, dtype=np.float32))
+        index.add_with_ids(np.ascontiguousarray(store.vectors, dtype=np.float32), store.ids)
+        return index
+
+    def on_add(self, store: VectorStore, ids: np.ndarray, vectors: np.ndarray) -> None:
+        if self._db is not None:
+            self._db.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), ids.astype(np.int64))
+
+    def on_remove(self, store: VectorStore, ids: np.ndarray) -> None:
+        if self._db is not None:
+            self._db.remove_ids(ids.astype(np.int64))
+
+    def _faiss_search(self, index, queries, k):
+        import faiss
+
+        params = faiss.SearchParametersIVF(nprobe=int(self.params["nprobe"]))
+        return index.search(queries, k, params=params)
+
+
+class HNSWBackend(FaissBackend):
+    """faiss ``IndexHNSWFlat`` (inner product) in an ``IndexIDMap``; removal rebuilds the graph."""
+
+    def _build(self, store: VectorStore):
+        import faiss
+
+        hnsw = faiss.IndexHNSWFlat(self.dim, self.params["M"], faiss.METRIC_INNER_PRODUCT)
+        hnsw.hnsw.efConstruction = self.params["efConstruction"]
+        index = faiss.IndexIDMap(hnsw)
+        if len(store):
+            index.add_with_ids(np.ascontiguousarray(store.vectors, dtype=np.float32), store.ids)
+        return index
+
+    def on_add(self, store: VectorStore, ids: np.ndarray, vectors: np.ndarray) -> None:
+        if self._db is not None:
+            self._db.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), ids.astype(np.int64))
+
+    def on_remove(self, store: VectorStore, ids: np.ndarray) -> None:
+        self._db = None  # HNSW graphs cannot drop nodes: rebuild on next use
+
+    def _faiss_search(self, index, queries, k):
+        import faiss
+
+        params = faiss.SearchParametersHNSW(efSearch=max(int(self.params["efSearch"]), k))
+        return index.search(queries, k, params=params)
+
+
+def make_backend(kind: str, dim: int, params: dict[str, Any], device: str = "auto") -> Backend:
+    cls = {"exact": Backend, "ivfpq": IVFPQBackend, "hnsw": HNSWBackend}[kind]
+    return cls(kind=kind, dim=dim, params=check_params(kind, params, dim), device=device)
