@@ -255,3 +255,85 @@ def evaluate_revisitop(
         out["mAP"][name] = 100.0 * res.map
         out["mP"][name] = {int(k): 100.0 * float(v) for k, v in zip(kappas, res.mp)}
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# original Oxford5k / Paris6k protocol
+# --------------------------------------------------------------------------------------------
+
+
+def evaluate_original(
+    scores: np.ndarray,
+    gnd: Sequence[Mapping[str, Iterable[int]]],
+    kappas: Sequence[int] = DEFAULT_KAPPAS,
+    top_k: int | None = None,
+) -> dict:
+    """mAP (percent) of the original Oxford5k/Paris6k protocol (Philbin et al., CVPR'07/'08).
+
+    ``gnd``: per query ``{"ok": good + ok, "junk": junk}`` (database indices, see
+    ``cbir.datasets.original``). The AP is the same trapezoid AP with junk images taken out of the
+    ranking as Oxford's ``compute_ap.cpp`` (which revisitop's AP reproduces), so this is
+    :func:`compute_map` on those sets. Returns ``{"mAP": .., "mP": {k: ..}, "kappas", "top_k"}``.
+    """
+    res = compute_map(np.asarray(scores), gnd, kappas, top_k=top_k)
+    return {
+        "mAP": 100.0 * res.map,
+        "mP": {int(k): 100.0 * float(v) for k, v in zip(kappas, res.mp)},
+        "kappas": [int(k) for k in kappas],
+        "top_k": top_k,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Google Landmarks v2 retrieval: mAP@100 (Kaggle definition), recall@k
+# --------------------------------------------------------------------------------------------
+
+
+def _relevance(ranks: np.ndarray, relevant: Sequence[Iterable[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """rel (nq, K) bool: ranks[i, r] is relevant for query i; and m (nq,) = #relevant per query."""
+    ranks = np.asarray(ranks)
+    if ranks.ndim != 2 or not np.issubdtype(ranks.dtype, np.integer):
+        raise ValueError(f"ranks must be a 2-D integer array, got shape {ranks.shape} dtype {ranks.dtype}")
+    if len(relevant) != ranks.shape[0]:
+        raise ValueError(f"{ranks.shape[0]} rankings for {len(relevant)} ground-truth queries")
+    rel = np.zeros(ranks.shape, dtype=bool)
+    m = np.zeros(ranks.shape[0], dtype=np.int64)
+    for i, r in enumerate(relevant):
+        r = np.unique(_as_index_array(r))
+        m[i] = r.size
+        if r.size:
+            rel[i] = np.isin(ranks[i], r)
+    return rel, m
+
+
+def map_at_k(ranks: np.ndarray, relevant: Sequence[Iterable[int]], k: int = 100) -> float:
+    """Kaggle/GLDv2 retrieval mAP@k (Weyand et al., CVPR'20), as a fraction.
+
+    mAP@k = 1/Q sum_q 1/min(m_q, k) sum_{i<=k} P_q(i) rel_q(i), over the Q queries with m_q > 0
+    relevant images (queries without any, "Usage: Ignored" in the solution file, are left out);
+    P_q(i) is the precision at rank i, rel_q(i) = 1 if the i-th prediction is relevant.
+    ``ranks`` (nq, >=k or fewer) integer predictions, best first; only the first k count.
+    """
+    ranks = np.asarray(ranks)[:, :k]
+    rel, m = _relevance(ranks, relevant)
+    valid = m > 0
+    if not valid.any():
+        return float("nan")
+    hits = np.cumsum(rel, axis=1)
+    prec = hits / np.arange(1, ranks.shape[1] + 1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ap = (prec * rel).sum(axis=1) / np.minimum(m, k)
+    return float(ap[valid].mean())
+
+
+def recall_at_k(ranks: np.ndarray, relevant: Sequence[Iterable[int]], ks: Sequence[int] = (1, 5, 10)) -> dict[int, float]:
+    """Recall@k as in retrieval/metric-learning papers: the fraction of queries (with at least one
+    relevant image) that have at least one relevant image among their first k results."""
+    ranks = np.asarray(ranks)
+    rel, m = _relevance(ranks[:, : max(ks)], relevant)
+    valid = m > 0
+    out = {}
+    for k in ks:
+        hit = rel[:, :k].any(axis=1)
+        out[int(k)] = float(hit[valid].mean()) if valid.any() else float("nan")
+    return out
