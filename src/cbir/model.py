@@ -1,0 +1,180 @@
+"""RetrievalNet = backbone feature map -> pooling -> L2 (-> whitening -> L2).
+
+``build_model("efficientnet_lite0", pooling="gem")`` builds one from names; ``save_model`` /
+``load_model`` persist it (weights + the plain-data config that rebuilds it) atomically, with a
+format stamp.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .backbones import build_backbone
+from .fileio import FormatError, atomic_write_with
+from .pooling import _Pool, build_pooling
+
+__all__ = ["RetrievalNet", "build_model", "save_model", "load_model", "MODEL_FORMAT", "MODEL_FORMAT_VERSION"]
+
+MODEL_FORMAT = "cbir-model"
+MODEL_FORMAT_VERSION = 1
+
+# ImageNet normalisation used by every backbone we build (timm and torchvision defaults).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class RetrievalNet(nn.Module):
+    """Images (B,3,H,W), ImageNet-normalised -> L2-normalised descriptors (B,D).
+
+    ``pool(x)``: backbone + pooling + L2 (the space in which scales are combined);
+    ``head(v)``: optional ``whiten`` (nn.Linear) then L2; ``forward = head ∘ pool``.
+    """
+
+    def __init__(self, backbone: nn.Module, pooling: _Pool, channels: int, config: dict[str, Any], whiten: nn.Linear | None = None):
+        super().__init__()
+        self.backbone = backbone
+        self.pooling = pooling
+        self.channels = int(channels)
+        self.whiten = whiten
+        self.config = dict(config)
+        self.mean = IMAGENET_MEAN
+        self.std = IMAGENET_STD
+
+    @property
+    def pooled_dim(self) -> int:
+        k = getattr(self.pooling, "k", None)
+        return int(k) if self.pooling.name == "bow" else self.channels
+
+    @property
+    def dim(self) -> int:
+        return int(self.whiten.out_features) if self.whiten is not None else self.pooled_dim
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Backbone feature map (B, C, h, w)."""
+        return self.backbone(x)
+
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        """(B,3,H,W) -> (B, pooled_dim) L2-normalised pooled vector (before whitening)."""
+        v = self.pooling(self.backbone(x)).float()
+        return F.normalize(v, dim=-1)
+
+    def head(self, v: torch.Tensor) -> torch.Tensor:
+        """Whitening (if any) and L2 on pooled vectors: (B, pooled_dim) -> (B, dim)."""
+        if self.whiten is None:
+            return v
+        return F.normalize(self.whiten(v.to(self.whiten.weight.dtype)).float(), dim=-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.pool(x))
+
+    def set_whitening(self, whiten: nn.Linear | None, description: Any = None) -> None:
+        """Attach (or remove) a whitening layer; ``description`` goes into ``describe()``."""
+        if whiten is not None and whiten.in_features != self.pooled_dim:
+            raise ValueError(f"whitening expects {whiten.in_features}-D input, pooling gives {self.pooled_dim}-D")
+        self.whiten = whiten
+        self.config["whitening"] = None if whiten is None else {
+            "in": whiten.in_features, "out": whiten.out_features, "about": description,
+        }
+
+    def multiscale_p(self) -> float:
+        return self.pooling.multiscale_p()
+
+    def describe(self) -> dict[str, Any]:
+        """Plain-data settings for descriptor meta (``Descriptors.meta``)."""
+        whitening = self.config.get("whitening")
+        return {
+            "model": self.config["model"],
+            "weights": self.config.get("weights_about", self.config.get("weights")),
+            "pooling": self.pooling.name,
+            "pooling_params": self.pooling.params(),
+            "whitening": None if whitening is None else (whitening.get("about") or f"linear {whitening['in']}->{whitening['out']}"),
+            "dim": self.dim,
+        }
+
+
+def build_model(
+    model: str = "efficientnet_lite0",
+    pooling: str = "gem",
+    weights: str | os.PathLike[str] | None = "default",
+    whiten: nn.Linear | None = None,
+    **pooling_kw: Any,
+) -> RetrievalNet:
+    """RetrievalNet from names: backbone ``model`` (timm/torchvision name) + ``pooling`` (+ its params).
+
+    ``pooling_kw`` go to the pooling (e.g. ``p=3.0``; ``per_channel=True`` for per-channel GeM;
+    ``k=``/``soft=`` for BoW). The result is in eval mode.
+    """
+    backbone, channels = build_backbone(model, weights)
+    kw = dict(pooling_kw)
+    if pooling.lower() == "gem" and kw.pop("per_channel", False):
+        kw["channels"] = channels
+    if pooling.lower() == "bow":
+        kw["channels"] = channels
+    pool = build_pooling(pooling, **kw)
+    if isinstance(weights, (str, os.PathLike)) and weights not in ("default", "imagenet", "hub", "none"):
+        weights_about = f"file:{Path(weights).name}"
+    else:
+        weights_about = "none" if weights is None else str(weights)
+    config = {
+        "model": model,
+        "pooling": pool.name,
+        "pooling_kw": kw,
+        "weights_about": weights_about,
+        "whitening": None,
+    }
+    net = RetrievalNet(backbone, pool, channels, config)
+    if whiten is not None:
+        net.set_whitening(whiten)
+    return net.eval()
+
+
+def save_model(net: RetrievalNet, path: str | os.PathLike[str]) -> None:
+    """Write ``net`` (config + state dict, format-stamped) atomically to ``path``."""
+    blob = {
+        "format": MODEL_FORMAT,
+        "format_version": MODEL_FORMAT_VERSION,
+        "config": dict(net.config, pooling_params=net.pooling.params()),
+        "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
+    }
+    atomic_write_with(path, lambda tmp: torch.save(blob, tmp))
+
+
+def load_model(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> RetrievalNet:
+    """Rebuild a RetrievalNet saved by ``save_model`` (no download: weights come from the file)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"model file not found: {path}")
+    try:
+        blob = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:
+        raise FormatError(f"{path} is not a cbir model file (unreadable: {exc})") from exc
+    if not isinstance(blob, dict) or blob.get("format") != MODEL_FORMAT:
+        raise FormatError(f"{path} is not a cbir model file (expected format {MODEL_FORMAT!r})")
+    if blob.get("format_version") != MODEL_FORMAT_VERSION:
+        raise FormatError(f"{path}: model format version {blob.get('format_version')!r} is not supported "
+                          f"(this cbir reads {MODEL_FORMAT_VERSION})")
+    cfg = blob["config"]
+    kw = dict(cfg.get("pooling_kw", {}))
+    kw.pop("channels", None) if cfg["pooling"] in ("bow",) else None
+    backbone, channels = build_backbone(cfg["model"], "none")
+    if cfg["pooling"] == "bow":
+        kw["channels"] = channels
+    pool = build_pooling(cfg["pooling"], **kw)
+    net = RetrievalNet(backbone, pool, channels, {**cfg, "whitening": None})
+    state = blob["state_dict"]
+    if "whiten.weight" in state:
+        w = state["whiten.weight"]
+        net.set_whitening(nn.Linear(w.shape[1], w.shape[0], bias="whiten.bias" in state),
+                          (cfg.get("whitening") or {}).get("about"))
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as exc:
+        raise FormatError(f"{path}: weights do not fit the saved configuration: {exc}") from exc
+    net.config.pop("pooling_params", None)
+    return net.eval()
