@@ -1,0 +1,120 @@
+"""``cbir search INDEX --image Q.jpg``: ranked results from a saved index."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+EPILOG = """\
+examples:
+  cbir search photos.index --image query.jpg
+  cbir search photos.index --image query.jpg --bbox 120,40,880,700 --top 50 --json results.json
+  cbir search photos.index --id 17                       # more like an indexed image
+  cbir search photos.index --image query.jpg --qe 5 --alpha-qe 3 --diffusion
+  cbir search big.index --image query.jpg --nprobe 64    # ivfpq: visit more lists
+
+--json FILE writes a list of {"id", "path", "score"}, best first ("-" = standard output).
+Re-ranking options search the whole index exactly (they need every descriptor).
+"""
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("search", help="search an index with an image", epilog=EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Find the indexed images most similar to a query image (or an indexed image).")
+    p.add_argument("index", metavar="INDEX", help="index folder made by `cbir index build`")
+    q = p.add_mutually_exclusive_group(required=True)
+    q.add_argument("--image", metavar="Q.jpg", help="query image file")
+    q.add_argument("--id", type=int, help="query with the descriptor of an indexed image")
+    p.add_argument("--bbox", metavar="x1,y1,x2,y2", help="crop the query image to this box (original pixels)")
+    p.add_argument("--top", type=int, default=20, help="number of results (default: 20)")
+    p.add_argument("--json", metavar="FILE", help='write [{"id","path","score"}, ...] best first ("-" = stdout)')
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda (default: auto)")
+    g = p.add_argument_group("approximate search (ivfpq / hnsw indexes)")
+    g.add_argument("--nprobe", type=int, help="ivfpq: lists visited per query")
+    g.add_argument("--refine", type=int, help="ivfpq: re-score refine*top candidates exactly (0 = off)")
+    g.add_argument("--ef-search", type=int, dest="efSearch", help="hnsw: search beam width")
+    try:
+        from ..rerank.options import add_arguments
+    except ImportError:  # pragma: no cover - re-ranking not installed
+        add_arguments = None
+    if add_arguments is not None:
+        add_arguments(p)
+    p.set_defaults(func=cmd_search)
+
+
+def parse_bbox(text: str | None) -> tuple[float, float, float, float] | None:
+    if text is None:
+        return None
+    try:
+        box = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        box = ()
+    if len(box) != 4 or box[2] <= box[0] or box[3] <= box[1] or min(box) < 0:
+        raise ValueError(f"--bbox must be x1,y1,x2,y2 with x2 > x1 >= 0 and y2 > y1 >= 0, got {text!r}")
+    return box  # type: ignore[return-value]
+
+
+def wants_rerank(args: argparse.Namespace) -> bool:
+    return bool(getattr(args, "whiten", None) or getattr(args, "qe", 0) or getattr(args, "dba", 0)
+                or getattr(args, "diffusion", False))
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from ..index import Hit, Index
+    from . import CLIError
+
+    if args.top < 1:
+        raise CLIError("--top must be at least 1")
+    bbox = parse_bbox(args.bbox)
+    if bbox is not None and args.image is None:
+        raise CLIError("--bbox applies to --image")
+    index = Index.load(args.index, device=args.device)
+    if len(index) == 0:
+        raise CLIError(f"the index {args.index} is empty")
+    index.set_search_params(**{k: getattr(args, k) for k in ("nprobe", "refine", "efSearch")
+                               if getattr(args, k) is not None and k in _search_keys(index.kind)})
+    if args.image is not None:
+        from ..index.embed import QueryEncoder
+
+        image = Path(args.image)
+        if not image.is_file():
+            raise FileNotFoundError(f"query image not found: {image}")
+        encoder = QueryEncoder(index.settings, device=args.device)
+        q = encoder.encode(image, bbox)
+    else:
+        q = index.vector(args.id)
+    applied: dict = {}
+    if wants_rerank(args):
+        from ..rerank.options import rerank_from_args
+
+        ids, db = index.vectors()
+        scores, applied = rerank_from_args(args, q[None, :], db)
+        order = np.argsort(-scores[0], kind="stable")[: args.top]
+        records = {i: index.get(int(ids[i])).path for i in order}
+        hits = [Hit(int(ids[i]), records[i], float(scores[0, i])) for i in order]
+    else:
+        hits = index.search(q, args.top)[0]
+    result = [h.as_dict() for h in hits]
+    if args.json == "-":
+        print(json.dumps(result, indent=2))
+    else:
+        if args.json:
+            from ..fileio import atomic_write_json
+
+            atomic_write_json(args.json, result)
+        for rank, h in enumerate(hits, 1):
+            print(f"{rank:>4}  {h.score:7.4f}  {h.id:>8}  {h.path}")
+    if applied:
+        print(f"re-ranking: {json.dumps(applied)}", file=sys.stderr)
+    return 0
+
+
+def _search_keys(kind: str) -> tuple[str, ...]:
+    from ..index.backends import SEARCH_TIME_PARAMS
+
+    return SEARCH_TIME_PARAMS[kind]
