@@ -1,0 +1,155 @@
+"""Whitening: closed-form properties, Lw on pairs, nn.Linear equivalence, save/load, CLI."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cbir.descriptors import Descriptors, l2_normalize
+from cbir.fileio import FormatError
+from cbir.whitening import Whitening, learn_lw, learn_pca_whitening
+
+
+def _correlated(rng, n=500, d=8):
+    a = rng.normal(size=(d, d)) * np.linspace(3, 0.2, d)  # anisotropic, correlated
+    return rng.normal(size=(n, d)) @ a + rng.normal(size=d)
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), d=st.integers(2, 12))
+def test_full_whitening_makes_covariance_identity(seed, d):
+    x = _correlated(np.random.default_rng(seed), n=40 + 10 * d, d=d)
+    w = learn_pca_whitening(x, power=1.0)
+    y = w.apply(x, normalize=False).astype(np.float64)
+    np.testing.assert_allclose(y.mean(0), 0, atol=1e-4)
+    np.testing.assert_allclose(np.cov(y.T, bias=True), np.eye(d), atol=1e-4)
+    # exactly invertible: no dimension dropped
+    np.testing.assert_allclose(w.invert(y), x, rtol=1e-4, atol=1e-4)
+
+
+def test_power_half_and_zero():
+    x = _correlated(np.random.default_rng(1))
+    xc = x - x.mean(0)
+    lam = np.sort(np.linalg.eigvalsh(xc.T @ xc / len(x)))[::-1]
+    # power 0: a rotation, so distances (before L2) are kept and the covariance is diag(lambda)
+    w0 = learn_pca_whitening(x, power=0.0)
+    np.testing.assert_allclose(w0.proj @ w0.proj.T, np.eye(8), atol=1e-10)
+    y0 = w0.apply(x, normalize=False).astype(np.float64)
+    np.testing.assert_allclose(np.cov(y0.T, bias=True), np.diag(lam), rtol=1e-4, atol=1e-4)
+    # power 0.5: variances become sqrt(lambda)
+    y5 = learn_pca_whitening(x, power=0.5).apply(x, normalize=False).astype(np.float64)
+    np.testing.assert_allclose(y5.var(0), np.sqrt(lam), rtol=1e-4)
+
+
+def test_dimension_reduction_keeps_top_components_and_l2():
+    x = _correlated(np.random.default_rng(2))
+    w = learn_pca_whitening(x, power=1.0, dim=3)
+    assert w.proj.shape == (3, 8)
+    y = w.apply(x)
+    np.testing.assert_allclose(np.linalg.norm(y, axis=1), 1, atol=1e-5)
+    y_raw = w.apply(x, normalize=False).astype(np.float64)
+    np.testing.assert_allclose(np.cov(y_raw.T, bias=True), np.eye(3), atol=1e-4)
+    # the kept directions are the top-3 principal axes of the full rotation
+    full = learn_pca_whitening(x, power=0.0)
+    np.testing.assert_allclose(np.abs(w.proj / np.linalg.norm(w.proj, axis=1, keepdims=True)), np.abs(full.proj[:3]), atol=1e-8)
+    with pytest.raises(ValueError, match="not invertible"):
+        w.invert(y_raw)
+    with pytest.raises(ValueError, match="dimension must be"):
+        learn_pca_whitening(x, dim=9)
+
+
+def test_shrinkage_interpolates_to_isotropic():
+    x = _correlated(np.random.default_rng(3))
+    w = learn_pca_whitening(x, power=1.0, shrinkage=1.0)
+    # fully shrunk covariance is tr(C)/D I: whitening is a rotation scaled by sqrt(D/tr(C))
+    xc = x - x.mean(0)
+    scale = np.sqrt(8 / np.trace(xc.T @ xc / len(x)))
+    np.testing.assert_allclose(w.proj @ w.proj.T, scale**2 * np.eye(8), rtol=1e-8)
+
+
+def test_lw_whitens_intra_pair_differences_and_separates_pairs():
+    rng = np.random.default_rng(4)
+    d, n_obj = 16, 300
+    # objects: random centres; views: a nuisance that is strong along a few directions
+    nuis = np.zeros(d)
+    nuis[:4] = 3.0
+    centres = rng.normal(size=(n_obj, d))
+    v1 = centres + rng.normal(size=(n_obj, d)) * (0.2 + nuis)
+    v2 = centres + rng.normal(size=(n_obj, d)) * (0.2 + nuis)
+    x = np.concatenate([v1, v2])
+    pairs = np.stack([np.arange(n_obj), np.arange(n_obj) + n_obj], 1)
+    w = learn_lw(x, pairs)
+    y = w.apply(x, normalize=False).astype(np.float64)
+    diff = y[pairs[:, 0]] - y[pairs[:, 1]]
+    np.testing.assert_allclose(diff.T @ diff / n_obj, np.eye(d), atol=1e-3)  # intra-pair differences whitened
+    # projected pair members are decorrelated (the PCA step)
+    members = y - y.mean(0)
+    cov = members.T @ members / len(y)
+    np.testing.assert_allclose(cov - np.diag(np.diag(cov)), 0, atol=1e-6)
+
+    def ratio(z):  # mean matching-pair distance / mean random-pair distance, L2-normalised
+        z = l2_normalize(z)
+        pos = np.linalg.norm(z[pairs[:, 0]] - z[pairs[:, 1]], axis=1).mean()
+        perm = rng.permutation(n_obj)
+        neg = np.linalg.norm(z[pairs[:, 0]] - z[pairs[perm, 1]], axis=1).mean()
+        return pos / neg
+
+    assert ratio(w.apply(x)) < 0.8 * ratio(x)
+    assert ratio(w.apply(x)) < 0.8 * ratio(learn_pca_whitening(x).apply(x))
+    with pytest.raises(ValueError, match="pair indices"):
+        learn_lw(x, np.array([[0, len(x)]]))
+
+
+def test_to_linear_matches_apply_and_round_trips():
+    torch = pytest.importorskip("torch")
+    x = _correlated(np.random.default_rng(5))
+    w = learn_pca_whitening(x, power=0.5, dim=5)
+    lin = w.to_linear()
+    assert isinstance(lin, torch.nn.Linear) and lin.weight.requires_grad
+    out = lin(torch.from_numpy(x).float()).detach().double().numpy()
+    np.testing.assert_allclose(out, w.apply(x, normalize=False), rtol=1e-4, atol=1e-4)
+    back = Whitening.from_linear(lin.double())
+    np.testing.assert_allclose(back.apply(x), w.apply(x), atol=1e-5)
+
+
+def test_save_load_round_trip_and_wrong_files(tmp_path):
+    x = _correlated(np.random.default_rng(6))
+    w = learn_pca_whitening(x, power=0.5, dim=4)
+    w.save(tmp_path / "w.npz")
+    w2 = Whitening.load(tmp_path / "w.npz")
+    np.testing.assert_array_equal(w2.proj, w.proj)
+    np.testing.assert_array_equal(w2.mean, w.mean)
+    assert w2.meta["method"] == "pca" and w2.meta["power"] == 0.5
+    np.savez(tmp_path / "other.npz", a=np.zeros(3))
+    with pytest.raises(FormatError, match="not a cbir whitening"):
+        Whitening.load(tmp_path / "other.npz")
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    with pytest.raises(FormatError, match="junk.npz"):
+        Whitening.load(tmp_path / "junk.npz")
+    with pytest.raises(FileNotFoundError, match="whitening file not found"):
+        Whitening.load(tmp_path / "missing.npz")
+    with pytest.raises(ValueError, match="dimension 8"):
+        w.apply(x[:, :5])
+
+
+def test_cli_whiten_pca_and_lw(tmp_path, capsys):
+    from cbir.cli import main
+
+    rng = np.random.default_rng(7)
+    x = l2_normalize(_correlated(rng, n=200, d=8))
+    ids = [f"img{i:03d}" for i in range(200)]
+    Descriptors(ids=ids, vectors=x, meta={"model": "test"}).save(tmp_path / "feats")
+    assert main(["whiten", "--features", str(tmp_path / "feats"), "--out", str(tmp_path / "w.npz"), "--dim", "4", "--power", "0.5"]) == 0
+    w = Whitening.load(tmp_path / "w.npz")
+    assert w.proj.shape == (4, 8) and w.meta["power"] == 0.5
+    np.testing.assert_allclose(w.proj, learn_pca_whitening(x, power=0.5, dim=4).proj, rtol=1e-6)
+    (tmp_path / "pairs.csv").write_text("query,positive\n" + "".join(f"img{i:03d},img{i + 100:03d}\n" for i in range(100)))
+    assert main(["whiten", "--features", str(tmp_path / "feats"), "--out", str(tmp_path / "lw.npz"), "--method", "lw", "--pairs", str(tmp_path / "pairs.csv")]) == 0
+    lw = Whitening.load(tmp_path / "lw.npz")
+    pairs = np.stack([np.arange(100), np.arange(100) + 100], 1)
+    np.testing.assert_allclose(lw.proj, learn_lw(x, pairs).proj, rtol=1e-6, atol=1e-8)
+    (tmp_path / "bad.csv").write_text("query,positive\nimg000,nope\n")
+    assert main(["whiten", "--features", str(tmp_path / "feats"), "--out", str(tmp_path / "x.npz"), "--method", "lw", "--pairs", str(tmp_path / "bad.csv")]) == 2
+    assert "nope" in capsys.readouterr().err
