@@ -230,5 +230,6 @@ class HNSWBackend(FaissBackend):
 
 
 def make_backend(kind: str, dim: int, params: dict[str, Any], device: str = "auto") -> Backend:
+    params = check_params(kind, params, dim)
     cls = {"exact": Backend, "ivfpq": IVFPQBackend, "hnsw": HNSWBackend}[kind]
-    return cls(kind=kind, dim=dim, params=check_params(kind, params, dim), device=device)
+    return cls(kind=kind, dim=dim, params=params, device=device)
