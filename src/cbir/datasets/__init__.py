@@ -39,7 +39,8 @@ def load_dataset(name: str, data_root: str | Path | None = None) -> RetrievalDat
         return load_revisitop(name, data_root)
     if name in ("oxford5k", "paris6k"):
         return load_original(name, data_root)
-    return load_gldv2(Path(data_root) / "gldv2" if (Path(data_root) / "gldv2").is_dir() else data_root)
+    root = Path(data_root)
+    return load_gldv2(next((b for b in (root / "datasets" / "gldv2", root / "gldv2") if b.is_dir()), root))
 
 
 __all__ = [

@@ -100,10 +100,11 @@ def from_original_gt(
 
 
 def load_original(name: str, root: str | Path) -> RetrievalDataset:
-    """``oxford5k`` / ``paris6k``: images in ``root/NAME/jpg`` (or ``root/jpg``), ground truth in
-    ``root/NAME/gt`` (or ``root/gt``); the database is every .jpg of the folder."""
+    """``oxford5k`` / ``paris6k``: images in ``BASE/jpg``, ground truth in ``BASE/gt``, where BASE is
+    ``root/datasets/NAME`` (the `cbir download` layout), ``root/NAME`` or ``root``; the database
+    is every .jpg of the folder."""
     root = Path(root)
-    base = root / name if (root / name).is_dir() else root
+    base = next((b for b in (root / "datasets" / name, root / name) if b.is_dir()), root)
     img_dir, gt_dir = base / "jpg", base / "gt"
     if not img_dir.is_dir():
         raise FileNotFoundError(f"image folder not found: {img_dir}; run `cbir download {name} --data-root {root}`")
