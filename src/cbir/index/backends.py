@@ -62,7 +62,6 @@ class Backend:
     device: str = "auto"
 
     def __post_init__(self) -> None:
-        self._device = resolve_device(self.device)
         self._db = None  # cached database tensor (exact) / faiss index (others)
 
     # --- following the store -------------------------------------------------------------
@@ -84,7 +83,7 @@ class Backend:
     # --- searching ------------------------------------------------------------------------
     def search(self, store: VectorStore, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         if self._db is None:
-            self._db = database_tensor(store.vectors, self._device)
+            self._db = database_tensor(store.vectors, resolve_device(self.device))
         scores, rows = exact_topk(queries, self._db, k)
         return scores, store.ids[rows] if rows.size else rows
 

@@ -6,12 +6,18 @@ scores of ``S = Q Xᵀ`` are the k nearest neighbours.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch is imported when a search needs it (index info, add, remove and save do not)
+    import torch
 
 
-def resolve_device(device: str = "auto") -> torch.device:
+def resolve_device(device: str = "auto") -> "torch.device":
     """``"auto"`` -> cuda when available, else cpu; anything else is passed to ``torch.device``."""
+    import torch
+
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
@@ -20,8 +26,10 @@ def resolve_device(device: str = "auto") -> torch.device:
     return dev
 
 
-def database_tensor(vectors: np.ndarray, device: torch.device) -> torch.Tensor:
+def database_tensor(vectors: np.ndarray, device: "torch.device") -> "torch.Tensor":
     """The (N, D) database as a tensor: zero-copy float32 on CPU, float16 on the GPU (half the memory, tensor cores)."""
+    import torch
+
     x = torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float32))
     if device.type == "cuda":
         return x.to(device=device, dtype=torch.float16, non_blocking=False)
@@ -29,7 +37,7 @@ def database_tensor(vectors: np.ndarray, device: torch.device) -> torch.Tensor:
 
 
 def exact_topk(
-    queries: np.ndarray, database: torch.Tensor, k: int, *, max_scores: int = 1 << 25
+    queries: np.ndarray, database: "torch.Tensor", k: int, *, max_scores: int = 1 << 25
 ) -> tuple[np.ndarray, np.ndarray]:
     """Top-k of ``S = Q Xᵀ`` per query row, best first.
 
@@ -37,6 +45,8 @@ def exact_topk(
     Returns (scores (nq, k') float32, rows (nq, k') int64) with k' = min(k, N). Queries are
     processed in chunks so that at most ``max_scores`` scores are held at once.
     """
+    import torch
+
     n = int(database.shape[0])
     nq = int(queries.shape[0])
     kk = min(int(k), n)
