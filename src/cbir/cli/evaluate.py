@@ -48,9 +48,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="backbone name, or a model file saved by cbir (default efficientnet_lite0)")
     m.add_argument("--pooling", default="gem", help="spoc, mac, gem, rmac, crow, bow (default gem)")
     m.add_argument("--weights", default="default", help="backbone weights: default (offline ImageNet), or a file")
-    m.add_argument("--imsize", type=int, default=1024, help="longest image side in pixels (default 1024)")
-    m.add_argument("--scales", default="1,0.7071,0.5",
-                   help="comma-separated scales, combined by the pooling's mean (default 1,0.7071,0.5)")
+    m.add_argument("--imsize", type=int, default=None,
+                   help="longest image side in pixels (default 1024; demo: 512, its photos' size)")
+    m.add_argument("--scales", default=None,
+                   help="comma-separated scales, combined by the pooling's mean "
+                        "(default 1,0.7071,0.5; demo: 1, as its photos are already small)")
     m.add_argument("--no-crop", action="store_true", help="do not crop queries to their box")
     m.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     m.add_argument("--batch-size", type=int, default=None)
@@ -135,7 +137,10 @@ def descriptors_from_images(args: argparse.Namespace, ds) -> tuple[np.ndarray, n
     from ..extract import extract, fit_bow
     from ..model import build_model, load_model
 
-    scales = _parse_scales(args.scales)
+    small = ds.name == "demo"
+    if args.imsize is None:
+        args.imsize = 512 if small else 1024
+    scales = _parse_scales(args.scales or ("1" if small else "1,0.7071,0.5"))
     if Path(args.model).is_file():
         model = load_model(args.model)
     else:
