@@ -7,8 +7,6 @@ import json
 import sys
 from pathlib import Path
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
-
 BUILD_EPILOG = """\
 examples:
   cbir index build photos/ --out photos.index
@@ -121,19 +119,6 @@ def parse_scales(text: str) -> tuple[float, ...]:
     return scales
 
 
-def list_images(paths: list[str]) -> list[Path]:
-    """Image files named, or found recursively under named folders (sorted); FileNotFoundError for a missing one."""
-    out: list[Path] = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            out.extend(sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES))
-        elif p.is_file():
-            out.append(p)
-        else:
-            raise FileNotFoundError(f"no such file or folder: {p}")
-    return [f.resolve() for f in out]
-
-
 def _report_failed(failed: list[dict]) -> None:
     for f in failed[:20]:
         print(f"skipped {f['path']}: {f['reason']}", file=sys.stderr)
@@ -142,10 +127,7 @@ def _report_failed(failed: list[dict]) -> None:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from ..extract import extract
-    from ..index import Index
-    from ..index.embed import model_settings, source_of
-    from ..model import build_model, load_model
+    from ..index.build import IMAGE_SUFFIXES, build_index, list_images
     from . import CLIError
 
     folder = Path(args.folder)
@@ -153,32 +135,25 @@ def cmd_build(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"image folder not found: {folder}")
     params = type_params(args)
     scales = parse_scales(args.scales)
-    files = list_images([str(folder)])
+    files = list_images([folder])
     if not files:
         raise CLIError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {folder}")
-    if Path(args.model).is_file():
-        model = load_model(args.model)
-    else:
-        model = build_model(args.model, pooling=args.pooling, weights=args.weights)
-    settings = model_settings(model, source_of(args.model, args.pooling, args.weights, model), args.imsize, scales)
-    index = Index(model.dim, args.type, params, settings=settings, device=args.device)
-    print(f"describing {len(files)} images with {settings['model']} + {settings['pooling']} "
-          f"({settings['dim']}-d, imsize {args.imsize}, scales {','.join(f'{s:g}' for s in scales)})", file=sys.stderr)
-    res = extract(model, files, imsize=args.imsize, scales=scales, device=args.device, batch_size=args.batch_size)
-    _report_failed(res.failed)
-    if len(res.ok) == 0:
-        raise CLIError("no image could be read")
-    index.add(res.vectors, [str(files[i]) for i in res.ok])
-    print(f"building the {args.type} search structure ...", file=sys.stderr)
-    index.search_vectors(res.vectors[:1], 1)  # trains / builds faiss structures now (clear errors before saving)
+    print(f"describing {len(files)} images with {args.model} (imsize {args.imsize}, "
+          f"scales {','.join(f'{s:g}' for s in scales)}), then building the {args.type} index", file=sys.stderr)
+    index, failed = build_index(files, model=args.model, pooling=args.pooling, weights=args.weights,
+                                imsize=args.imsize, scales=scales, kind=args.type, params=params,
+                                device=args.device, batch_size=args.batch_size)
+    _report_failed(failed)
     index.save(args.out)
-    print(f"indexed {len(index)} images ({len(res.failed)} skipped) -> {args.out}")
-    return 0 if not res.failed else 1
+    s = index.settings
+    print(f"indexed {len(index)} images ({len(failed)} skipped; {s['model']} + {s['pooling']}, {index.dim}-d) -> {args.out}")
+    return 0 if not failed else 1
 
 
 def cmd_add(args: argparse.Namespace) -> int:
     from ..extract import extract
     from ..index import Index
+    from ..index.build import list_images
     from ..index.embed import build_model_from_source
 
     index = Index.load(args.index, device=args.device)
