@@ -21,7 +21,7 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -265,11 +265,13 @@ def extract(
     progress: bool = True,
     strict: bool = False,
     channels_last: bool = True,
+    on_progress: Callable[[int], None] | None = None,
 ) -> ExtractResult:
     """Descriptors of ``images`` with RetrievalNet ``model`` (moved to ``device``, eval mode).
 
     Returns ExtractResult(vectors (N_ok, D) float32 L2-normalised, ok (N_ok,) input indices,
     failed [{"path", "reason"}]). ``strict=True`` raises ImageError at the first unreadable image.
+    ``on_progress(n)`` is called with the number of images just finished (read or failed).
     """
     paths = [Path(p) for p in images]
     if bboxes is None:
@@ -310,6 +312,8 @@ def extract(
                     out[i] = v[j]
                 if bar is not None:
                     bar.update(len(idx))
+                if on_progress is not None:
+                    on_progress(len(idx))
     finally:
         if bar is not None:
             bar.update(len(paths) - bar.n)
@@ -467,17 +471,21 @@ def extract_to_dir(
             stop = min(start + chunk, len(paths))
             name = part / f"chunk_{start:09d}.npz"
             if not name.is_file():
+                before = bar.n if bar is not None else 0
                 res = extract(model, paths[start:stop], bboxes=boxes[start:stop], imsize=imsize, scales=scales,
-                              progress=False, **kw)
+                              progress=False, on_progress=bar.update if bar is not None else None, **kw)
+                if bar is not None:
+                    bar.update(before + (stop - start) - bar.n)  # failed images count as done too
                 with atomic_open(name, "wb") as fh:
                     np.savez(fh, vectors=res.vectors, ok=res.ok + start,
                              failed=np.array(json.dumps(res.failed)))
+            else:
+                if bar is not None:
+                    bar.update(stop - start)  # done by an earlier run
             with np.load(name, allow_pickle=False) as z:
                 vectors.append(z["vectors"])
                 ok.append(z["ok"])
                 failed.extend(json.loads(str(z["failed"])))
-            if bar is not None:
-                bar.update(stop - start)
     finally:
         if bar is not None:
             bar.close()
