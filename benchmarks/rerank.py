@@ -1,0 +1,148 @@
+"""Online cost of diffusion for databases of 5k, 100k and 1M synthetic descriptors.
+
+Synthetic data shaped like real global descriptors: unit vectors in D = 128 dims drawn around
+n/50 random "landmark" centres (noise 0.6 per dimension-norm, so a descriptor's cosine to its own
+centre is ~0.85 and to others ~0), 70 queries drawn the same way. For every size it measures,
+in one run on this CPU:
+
+- baseline: exact search of the 70 queries (faiss IndexFlatIP, top-R) -- the ratio reference;
+- graph: offline build of the kNN affinity graph (exact faiss search up to 100k, IVF above) and
+  its memory (csr data + indices + indptr);
+- online diffusion for all 70 queries, batched: full CG on the whole graph (5k only), truncated
+  to each query's top-R region (Iscen et al.), and at 5k the offline form (Yang et al.):
+  precompute time, memory, online time.
+
+Usage: python benchmarks/rerank.py [--sizes 5000,100000,1000000] [--dim 128] [--repeat 3]
+The machine is shared: times are medians of --repeat runs and are reported with ratios to the
+baseline of the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+from cbir.descriptors import l2_normalize
+from cbir.rerank.diffusion import (
+    DiffusionParams,
+    OfflineDiffusion,
+    diffusion_scores,
+    knn_graph,
+    knn_search,
+)
+
+
+def synthetic(n: int, nq: int, d: int, seed: int = 0, per_class: int = 50) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    c = max(1, n // per_class)
+    centres = l2_normalize(rng.standard_normal((c, d), dtype=np.float32))
+    db = np.empty((n, d), dtype=np.float32)
+    step = 200_000
+    for s in range(0, n, step):
+        m = min(step, n - s)
+        lab = rng.integers(0, c, m)
+        db[s : s + m] = l2_normalize(centres[lab] + rng.standard_normal((m, d), dtype=np.float32) * (0.6 / np.sqrt(d)))
+    q = l2_normalize(centres[rng.integers(0, c, nq)] + rng.standard_normal((nq, d), dtype=np.float32) * (0.6 / np.sqrt(d)))
+    return db, q
+
+
+def timed(fn, repeat: int) -> tuple[float, object]:
+    times, out = [], None
+    for _ in range(repeat):
+        t = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t)
+    return float(np.median(times)), out
+
+
+def graph_bytes(w) -> int:
+    return int(w.data.nbytes + w.indices.nbytes + w.indptr.nbytes)
+
+
+def run(n: int, d: int, nq: int, repeat: int, params: DiffusionParams, args_exact_max: int = 20_000) -> dict:
+    res: dict = {"n": n, "dim": d, "queries": nq}
+    db, q = synthetic(n, nq, d)
+    R = params.trunc
+    res["baseline_search_s"], _ = timed(lambda: knn_search(q, db, R), repeat)
+    nlist = 0 if n <= args_exact_max else int(4 * np.sqrt(n))
+    t = time.perf_counter()
+    w = knn_graph(db, k=params.k, gamma=params.gamma, mutual=params.mutual, nlist=nlist, nprobe=8)
+    res["graph_build_s"] = time.perf_counter() - t
+    res["graph_knn"] = "exact" if nlist == 0 else f"IVF{nlist}, nprobe 8"
+    res["graph_edges"] = int(w.nnz)
+    res["graph_bytes"] = graph_bytes(w)
+    sim = None
+    if n <= 20_000:
+        sim = q @ db.T
+        full = DiffusionParams(**{**params.to_dict(), "trunc": 0})
+        res["full_online_s"], _ = timed(lambda: diffusion_scores(q, db, full, graph=w, sim=q @ db.T), repeat)
+        t = time.perf_counter()
+        off = OfflineDiffusion.build(db, full, topm=200, graph=w)
+        res["offline_build_s"] = time.perf_counter() - t
+        res["offline_bytes"] = off.nbytes()
+        res["offline_online_s"], _ = timed(lambda: off.scores(q, db), repeat)
+
+    def truncated():  # the online work: search top-R, subgraph diffusion
+        s, idx = knn_search(q, db, R)
+        from cbir.rerank.diffusion import _truncated  # noqa: the region search is done above
+
+        dense = np.full((nq, n), -1.0, dtype=np.float32)
+        np.put_along_axis(dense, idx, s, axis=1)
+        return _truncated(dense, w, params)
+
+    if n <= 20_000:
+        res["trunc_online_s"], _ = timed(lambda: diffusion_scores(q, db, params, graph=w, sim=q @ db.T), repeat)
+    else:
+        res["trunc_online_s"], _ = timed(truncated, repeat)
+    for key in [k for k in res if k.endswith("_online_s")]:
+        res[key.replace("_online_s", "_ms_per_query")] = 1000 * res[key] / nq
+        res[key.replace("_online_s", "_vs_search")] = res[key] / res["baseline_search_s"]
+    del db, q, w
+    return res
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="5000,100000,1000000")
+    ap.add_argument("--dim", type=int, default=128)
+    ap.add_argument("--queries", type=int, default=70)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--k", type=int, default=50)
+    ap.add_argument("--trunc", type=int, default=1000)
+    ap.add_argument("--exact-max", type=int, default=20_000,
+                    help="build the graph by exact search up to this size, by faiss IVF above (default 20000)")
+    ap.add_argument("--json", default=None, help="also write the results here")
+    args = ap.parse_args(argv)
+    params = DiffusionParams(k=args.k, trunc=args.trunc)
+    print(f"# diffusion timing, {os.cpu_count()} CPUs, params {params.to_dict()}", flush=True)
+    rows = []
+    for n in [int(s) for s in args.sizes.split(",")]:
+        r = run(n, args.dim, args.queries, args.repeat, params, args.exact_max)
+        rows.append(r)
+        print(json.dumps(r), flush=True)
+    print()
+    print("| database | graph build | graph memory | search top-R (baseline) | truncated diffusion, 70 q | per query | full CG, 70 q | offline form: precompute / memory / online 70 q |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        full = f"{r['full_online_s']:.3f} s ({r['full_vs_search']:.1f}x)" if "full_online_s" in r else "-"
+        off = (
+            f"{r['offline_build_s']:.1f} s / {r['offline_bytes'] / 2**20:.1f} MiB / {r['offline_online_s'] * 1000:.1f} ms ({r['offline_vs_search']:.2f}x)"
+            if "offline_online_s" in r else "-"
+        )
+        print(
+            f"| {r['n']:,} x {r['dim']} | {r['graph_build_s']:.1f} s ({r['graph_knn']}) | {r['graph_bytes'] / 2**20:.1f} MiB ({r['graph_edges']:,} edges) "
+            f"| {r['baseline_search_s'] * 1000:.1f} ms | {r['trunc_online_s']:.3f} s ({r['trunc_vs_search']:.1f}x) | {r['trunc_ms_per_query']:.1f} ms | {full} | {off} |"
+        )
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(rows, fh, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
