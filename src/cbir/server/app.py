@@ -51,8 +51,11 @@ class Limits:
     thumb_cache: int = 512                      # thumbnails kept in memory
 
 
-class RequestTooLarge(Exception):
-    pass
+class RequestTooLarge(HTTPException):
+    """Raised from the body stream; an HTTPException so FastAPI's body parsing passes it on as a 413."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"request body too large (limit {limit} bytes)")
 
 
 class BodyLimit:
@@ -82,7 +85,7 @@ class BodyLimit:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.limit:
-                    raise RequestTooLarge()
+                    raise RequestTooLarge(self.limit)
             return message
 
         async def tracking_send(message):
