@@ -178,8 +178,8 @@ class IVFPQBackend(FaissBackend):
         quantizer = faiss.IndexFlatIP(self.dim)
         index = faiss.IndexIVFPQ(quantizer, self.dim, p["nlist"], p["m"], p["nbits"], faiss.METRIC_INNER_PRODUCT)
         sample = store.vectors
-        limit = 256 * max(p["nlist"], 2 ** p["nbits"])
-        if n > limit:  # faiss k-means uses at most 256 points per centroid anyway
+        limit = 64 * max(p["nlist"], 2 ** p["nbits"])
+        if n > limit:  # 64 points per centroid train k-means well (faiss asks for >= 39); more only costs time
             pick = np.random.default_rng(0).choice(n, limit, replace=False)
             sample = store.vectors[np.sort(pick)]
         index.train(np.ascontiguousarray(sample, dtype=np.float32))

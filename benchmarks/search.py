@@ -1,0 +1,156 @@
+"""Search speed and recall@k of the index types, through the cbir.index API, on clustered synthetic descriptors.
+
+For each configuration: build time, batch throughput (queries/s over --nq queries at once),
+single-query latency (ms, queries one at a time), and recall@k against the exact top-k of the
+same run (the baseline; speed-ups are reported as ratios to it).
+
+Data: unit vectors around --clusters random centres, x = normalise(c + spread * g / sqrt(d)),
+g ~ N(0, I); queries are drawn the same way (not from the database). Uniform noise would make
+ANN recall meaningless (no neighbour structure).
+
+    python benchmarks/search.py --n 1000000 --dim 512 --types exact,ivfpq
+    python benchmarks/search.py --n 100000 --dim 512 --types exact,hnsw
+    python benchmarks/search.py --n 1000000 --dim 2048 --types exact --device cuda      # GPU, fp16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+
+from cbir.index import Index
+
+
+def clustered(n: int, dim: int, clusters: int, spread: float, seed: int, chunk: int = 100_000) -> np.ndarray:
+    """(n, dim) float32 unit vectors: normalise(c_j + spread * g / sqrt(dim)), c_j unit centres, g ~ N(0, I)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((clusters, dim), dtype=np.float32)
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    out = np.empty((n, dim), np.float32)
+    for s in range(0, n, chunk):
+        m = min(chunk, n - s)
+        x = centres[rng.integers(0, clusters, m)]
+        x += (spread / np.sqrt(dim)) * rng.standard_normal((m, dim), dtype=np.float32)
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        out[s:s + m] = x
+    return out
+
+
+def recall_at(got: np.ndarray, want: np.ndarray) -> float:
+    """mean over queries of |got_i ∩ want_i| / k."""
+    k = want.shape[1]
+    return float(np.mean([len(set(a.tolist()) & set(b.tolist())) / k for a, b in zip(got, want)]))
+
+
+def timed_search(index: Index, q: np.ndarray, k: int, single: int) -> tuple[np.ndarray, float, float]:
+    index.search_vectors(q[:2], k)  # warm-up (builds caches, uploads to the GPU)
+    t = time.perf_counter()
+    _, ids = index.search_vectors(q, k)
+    batch = time.perf_counter() - t
+    t = time.perf_counter()
+    for i in range(single):
+        index.search_vectors(q[i:i + 1], k)
+    one = (time.perf_counter() - t) / max(single, 1)
+    return ids, len(q) / batch, 1000 * one
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=1_000_000, help="database size (default 1,000,000)")
+    ap.add_argument("--dim", type=int, default=512)
+    ap.add_argument("--nq", type=int, default=1000, help="queries (default 1000)")
+    ap.add_argument("--k", type=int, default=100, help="recall@k (default 100)")
+    ap.add_argument("--single", type=int, default=50, help="queries timed one at a time (default 50)")
+    ap.add_argument("--clusters", type=int, default=None, help="cluster centres (default n/1000)")
+    ap.add_argument("--spread", type=float, default=1.0, help="noise scale around the centres (default 1.0)")
+    ap.add_argument("--types", default="exact,ivfpq,hnsw")
+    ap.add_argument("--device", default="cpu", help="device of the exact search: cpu or cuda (fp16)")
+    ap.add_argument("--nlist", type=int, default=1024)
+    ap.add_argument("--m", type=int, default=64)
+    ap.add_argument("--nbits", type=int, default=8)
+    ap.add_argument("--nprobe", default="16,32,64", help="comma-separated nprobe values to measure")
+    ap.add_argument("--refine", default="0,4,10", help="comma-separated refine factors to measure")
+    ap.add_argument("--M", type=int, default=32)
+    ap.add_argument("--ef-construction", type=int, default=100)
+    ap.add_argument("--ef-search", default="128,256,512", help="comma-separated efSearch values to measure")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    args = ap.parse_args(argv)
+
+    types = [t.strip() for t in args.types.split(",") if t.strip()]
+    clusters = args.clusters or max(10, args.n // 1000)
+    t = time.perf_counter()
+    x = clustered(args.n + args.nq, args.dim, clusters, args.spread, args.seed)
+    x, q = x[:args.n], np.ascontiguousarray(x[args.n:])
+    print(f"data: {args.n:,} x {args.dim} float32 ({x.nbytes / 2**30:.1f} GiB), {clusters} clusters, spread "
+          f"{args.spread}, {args.nq} queries, k={args.k}; generated in {time.perf_counter() - t:.1f} s", flush=True)
+    import faiss
+    import torch
+
+    env = {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "faiss_threads": faiss.omp_get_max_threads(),
+           "faiss": faiss.__version__, "torch": torch.__version__, "python": platform.python_version(),
+           "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    print(f"env: {env}", flush=True)
+    paths = [str(i) for i in range(args.n)]
+    rows: list[dict] = []
+
+    def report(row: dict) -> None:
+        rows.append(row)
+        base = rows[0]
+        print(f"{row['type']:<6} {json.dumps(row['params']):<44} build {row['build_s']:8.1f} s  "
+              f"{row['qps']:10.1f} q/s  ({row['qps'] / base['qps']:6.2f}x exact)  1 query {row['single_ms']:8.2f} ms  "
+              f"recall@{args.k} {row['recall']:.4f}", flush=True)
+
+    # exact search: the baseline and the ground truth
+    t = time.perf_counter()
+    exact = Index(args.dim, "exact", device=args.device)
+    exact.add(x, paths)
+    build = time.perf_counter() - t
+    want, qps, one = timed_search(exact, q, args.k, args.single)
+    report({"type": "exact", "params": {"device": args.device}, "build_s": build, "qps": qps, "single_ms": one,
+            "recall": 1.0, "n": args.n, "dim": args.dim})
+    if "exact" not in types:
+        rows[0]["baseline_only"] = True
+    del exact
+
+    if "ivfpq" in types:
+        t = time.perf_counter()
+        ivf = Index(args.dim, "ivfpq", {"nlist": args.nlist, "m": args.m, "nbits": args.nbits}, device="cpu")
+        ivf.add(x, paths)
+        ivf.search_vectors(q[:1], 1)  # train + add now
+        build = time.perf_counter() - t
+        for nprobe in map(int, args.nprobe.split(",")):
+            for refine in map(int, args.refine.split(",")):
+                ivf.set_search_params(nprobe=nprobe, refine=refine)
+                got, qps, one = timed_search(ivf, q, args.k, args.single)
+                report({"type": "ivfpq", "params": {**ivf.params}, "build_s": build, "qps": qps, "single_ms": one,
+                        "recall": recall_at(got, want), "n": args.n, "dim": args.dim})
+        del ivf
+
+    if "hnsw" in types:
+        t = time.perf_counter()
+        hnsw = Index(args.dim, "hnsw", {"M": args.M, "efConstruction": args.ef_construction}, device="cpu")
+        hnsw.add(x, paths)
+        hnsw.search_vectors(q[:1], 1)  # builds the graph
+        build = time.perf_counter() - t
+        for ef in map(int, args.ef_search.split(",")):
+            hnsw.set_search_params(efSearch=ef)
+            got, qps, one = timed_search(hnsw, q, args.k, args.single)
+            report({"type": "hnsw", "params": {**hnsw.params}, "build_s": build, "qps": qps, "single_ms": one,
+                    "recall": recall_at(got, want), "n": args.n, "dim": args.dim})
+
+    if args.json:
+        from cbir.fileio import atomic_write_json
+
+        atomic_write_json(args.json, {"args": vars(args), "env": env, "results": rows})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
