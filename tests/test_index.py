@@ -184,6 +184,13 @@ def test_damaged_files_give_format_errors(tmp_path):
         Index.load(root)
 
 
+def test_missing_generation_is_a_format_error(tmp_path):
+    _, root = _saved(tmp_path)
+    (_gen(root) / "ids.npy").unlink()
+    with pytest.raises(FormatError, match="incomplete: index file missing"):
+        Index.load(root)
+
+
 def test_damaged_sqlite_without_checksum_check(tmp_path):
     _, root = _saved(tmp_path)
     db = _gen(root) / "meta.sqlite"

@@ -205,3 +205,37 @@ def test_page_is_self_contained(paris):
     # no CDN or other external resource: every src/href is relative or a data/blob URL
     assert not re.findall(r"""(?:src|href)\s*=\s*["']?(?:https?:)?//""", html)
     assert "@import" not in html and "http://" not in html and "https://" not in html
+
+
+def test_cbir_serve_command(tmp_path):
+    """`cbir serve INDEX --port P` starts uvicorn with the page at / and the API under /api/."""
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    from cbir.server.run import free_port
+
+    idx = Index(4, "exact", device="cpu")
+    idx.add(np.eye(4, dtype=np.float32), ["a.jpg", "b.jpg", "c.jpg", "d.jpg"])
+    idx.save(tmp_path / "ix")
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "cbir", "serve", str(tmp_path / "ix"), "--port", str(port),
+                             "--no-preload", "--read-only"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                health = httpx.get(f"http://127.0.0.1:{port}/api/health", timeout=2).json()
+                break
+            except httpx.HTTPError:
+                assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() else "timeout"
+                time.sleep(0.2)
+        assert health["images"] == 4 and health["read_only"] is True
+        assert "cbir image search" in httpx.get(f"http://127.0.0.1:{port}/").text
+        res = httpx.get(f"http://127.0.0.1:{port}/api/search/1", params={"top": 2}).json()["results"]
+        assert res[0]["name"] == "b.jpg"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -332,9 +332,9 @@ class Index:
             manifest = _read_manifest(root)
             try:
                 return cls._load_generation(root, manifest, device, verify)
-            except FileNotFoundError:
+            except FileNotFoundError as exc:
                 if attempt == 2 or _read_manifest(root).get("generation") == manifest.get("generation"):
-                    raise
+                    raise FormatError(f"{root} is incomplete: {exc}") from exc
         raise AssertionError("unreachable")
 
     @classmethod
