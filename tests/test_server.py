@@ -221,8 +221,9 @@ def test_cbir_serve_command(tmp_path):
     idx.add(np.eye(4, dtype=np.float32), ["a.jpg", "b.jpg", "c.jpg", "d.jpg"])
     idx.save(tmp_path / "ix")
     port = free_port()
+    log = open(tmp_path / "serve.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "cbir", "serve", str(tmp_path / "ix"), "--port", str(port),
-                             "--no-preload", "--read-only"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                             "--no-preload", "--read-only"], stdout=log, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -230,12 +231,13 @@ def test_cbir_serve_command(tmp_path):
                 health = httpx.get(f"http://127.0.0.1:{port}/api/health", timeout=2).json()
                 break
             except httpx.HTTPError:
-                assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() else "timeout"
+                assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
                 time.sleep(0.2)
         assert health["images"] == 4 and health["read_only"] is True
-        assert "cbir image search" in httpx.get(f"http://127.0.0.1:{port}/").text
-        res = httpx.get(f"http://127.0.0.1:{port}/api/search/1", params={"top": 2}).json()["results"]
+        assert "cbir image search" in httpx.get(f"http://127.0.0.1:{port}/", timeout=60).text
+        res = httpx.get(f"http://127.0.0.1:{port}/api/search/1", params={"top": 2}, timeout=60).json()["results"]
         assert res[0]["name"] == "b.jpg"
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+        log.close()
