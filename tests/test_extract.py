@@ -46,8 +46,12 @@ def test_failed_images_are_listed(lite0, small_images, tmp_path):
     trunc.write_bytes(small_images[0].read_bytes()[:200])
     text = tmp_path / "notes.jpg"
     text.write_text("hello")
-    res = extract(lite0, [empty, small_images[0], trunc, text], imsize=64, scales=(1.0,), progress=False)
-    assert res.ok.tolist() == [1]
+    inputs = [empty, small_images[0], trunc, text, small_images[1]]
+    # decoded in a worker process, batched: same descriptors, same failures as in-process
+    res = extract(lite0, inputs, imsize=64, scales=(1.0,), progress=False, workers=1, batch_size=4)
+    ref = extract(lite0, [small_images[0], small_images[1]], imsize=64, scales=(1.0,), progress=False, workers=0)
+    assert res.ok.tolist() == [1, 4]
+    np.testing.assert_allclose(res.vectors, ref.vectors, atol=2e-5)
     assert [f["path"] for f in res.failed] == [str(empty), str(trunc), str(text)]
     assert res.failed[0]["reason"] == "empty file"
     assert "not an image" in res.failed[2]["reason"]

@@ -177,7 +177,16 @@ class _Images(torch.utils.data.Dataset):
 
 
 def _collate(items):
-    return items
+    """In the worker: stack same-size images -> ([(indices, (B,3,H,W))], [(index, reason)], n)."""
+    groups: dict[tuple[int, int], list[tuple[int, torch.Tensor]]] = {}
+    bad = []
+    for i, x, reason in items:
+        if x is None:
+            bad.append((i, reason))
+        else:  # same size as the header said unless the file lied; group to be safe
+            groups.setdefault(tuple(x.shape[-2:]), []).append((i, x))
+    stacked = [([i for i, _ in g], torch.stack([x for _, x in g])) for g in groups.values()]
+    return stacked, bad, len(items)
 
 
 def _buckets(sizes: dict[int, tuple[int, int]], batch_size: int) -> list[list[int]]:
@@ -226,17 +235,13 @@ def _iter_batches(paths, bboxes, imsize, mean, std, batch_size, workers, failed,
         data, batch_sampler=batches, num_workers=workers, collate_fn=_collate, pin_memory=pin,
         persistent_workers=False,
     )
-    for items in loader:
-        good: dict[tuple[int, int], list[tuple[int, torch.Tensor]]] = {}
-        for i, x, reason in items:
-            if x is None:
-                if strict:
-                    raise ImageError(paths[i], reason)
-                failed.append((i, reason))
-            else:  # same header size unless the file lied; regroup to be safe
-                good.setdefault(tuple(x.shape[-2:]), []).append((i, x))
-        for group in good.values():
-            yield [i for i, _ in group], torch.stack([x for _, x in group]), len(items)
+    for stacked, bad, n_items in loader:
+        for i, reason in bad:
+            if strict:
+                raise ImageError(paths[i], reason)
+            failed.append((i, reason))
+        for idx, x in stacked:
+            yield idx, x, n_items
 
 
 def _autocast(dev: torch.device):
