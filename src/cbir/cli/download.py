@@ -18,7 +18,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     from ..datasets.download import DOWNLOADABLE
 
     p = sub.add_parser("download", help="download a benchmark (roxford5k, rparis6k, revisitop1m, ...)",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       description=__doc__.replace("``", ""), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("names", nargs="+", metavar="NAME", help=", ".join(DOWNLOADABLE))
     p.add_argument("--data-root", required=True, metavar="DIR", help="files go to DIR/datasets/NAME/")
     p.add_argument("--no-images", action="store_true", help="only ground truth / lists, no image archives")
