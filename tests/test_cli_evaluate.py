@@ -120,3 +120,21 @@ def test_demo_runs_offline_from_the_package(tmp_path, capsys):
     assert res["settings"]["cropped_queries"] is True
     # far above a random ranking (~20 % on this set): the pipeline really retrieves
     assert res["mAP"]["medium"] > 60
+
+
+def test_distractors_are_negatives(tmp_path):
+    gpath, feats = _toy(tmp_path)
+    far, near = tmp_path / "far", tmp_path / "near"
+    Descriptors(ids=["d1", "d2"], vectors=np.array([[0, 0, 1], [0, 0.1, 1]], np.float32)).save(far)
+    Descriptors(ids=["d1", "d2"], vectors=np.array([[1, 0, 0], [1, 0.01, 0]], np.float32)).save(near)
+    out = tmp_path / "r.json"
+    assert main(["evaluate", "--gnd", str(gpath), "--features", str(feats), "--distractors", str(far),
+                 "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["mAP"]["medium"] == pytest.approx(100.0) and res["settings"]["distractors"]["n"] == 2
+    # two distractors identical to the query push both positives down by two places:
+    # Medium kept ranking d1, d2, a, c -> (0 + 1/3)/2 and (1/3 + 2/4)/2, / 2 positives
+    assert main(["evaluate", "--gnd", str(gpath), "--features", str(feats), "--distractors", str(near),
+                 "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["mAP"]["medium"] == pytest.approx(100 * ((1 / 3) / 2 + (1 / 3 + 2 / 4) / 2) / 2)

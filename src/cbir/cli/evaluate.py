@@ -43,6 +43,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--features", metavar="DIR", help="descriptors from `cbir extract` (ids = image names)")
     src.add_argument("--query-features", metavar="DIR",
                      help="separate descriptors for the (cropped) queries; default: --features")
+    src.add_argument("--distractors", metavar="DIR",
+                     help="descriptors of distractor images (e.g. revisitop 1M, from `cbir extract`) appended "
+                          "to the database as negatives; use with --top-k for large sets")
     m = p.add_argument_group("model (with images)")
     m.add_argument("--model", default="efficientnet_lite0",
                    help="backbone name, or a model file saved by cbir (default efficientnet_lite0)")
@@ -163,6 +166,22 @@ def descriptors_from_images(args: argparse.Namespace, ds) -> tuple[np.ndarray, n
     return q.vectors, db.vectors, settings
 
 
+def _with_distractors(path: str, db: np.ndarray, q: np.ndarray, settings: dict) -> np.ndarray:
+    """Database rows followed by the distractors' rows: ground-truth indices are unchanged and
+    every distractor is a negative (the revisitop +1M setting). Needs N x D x 4 bytes of memory."""
+    from ..descriptors import Descriptors
+
+    dis = Descriptors.load(path, mmap=True)
+    if dis.dim != db.shape[1]:
+        raise CLIError(f"distractor descriptors are {dis.dim}-D, the database {db.shape[1]}-D")
+    out = np.empty((db.shape[0] + len(dis), db.shape[1]), dtype=np.float32)
+    out[: db.shape[0]] = db
+    for start in range(0, len(dis), 65536):  # copied in blocks from the memory-mapped file
+        out[db.shape[0] + start: db.shape[0] + start + 65536] = dis.vectors[start:start + 65536]
+    settings["distractors"] = {"dir": str(path), "n": len(dis)}
+    return out
+
+
 def _fmt(v: float) -> str:
     return "   n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:6.2f}"
 
@@ -268,6 +287,8 @@ def handler(args: argparse.Namespace) -> int:
         q, db, settings = descriptors_from_features(args, ds)
     else:
         q, db, settings = descriptors_from_images(args, ds)
+    if args.distractors:
+        db = _with_distractors(args.distractors, db, q, settings)
 
     try:
         from ..rerank.options import rerank_from_args
@@ -286,7 +307,8 @@ def handler(args: argparse.Namespace) -> int:
         what += f" {settings['pooling']}"
     if "imsize" in settings:
         what += f", {settings['imsize']} px, scales {','.join(f'{s:g}' for s in settings['scales'])}"
-    print(f"{ds.name}: {len(ds.db_ids)} database images, {len(ds.query_ids)} queries ({ds.protocol} protocol)")
+    extra = f" + {settings['distractors']['n']} distractors" if args.distractors else ""
+    print(f"{ds.name}: {len(ds.db_ids)} database images{extra}, {len(ds.query_ids)} queries ({ds.protocol} protocol)")
     print(f"descriptors: {what}" + (f"; re-ranking: {', '.join(applied)}" if applied else ""))
     print(format_table(res))
 

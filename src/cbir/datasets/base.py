@@ -57,7 +57,8 @@ class RetrievalDataset:
         """
         scores = np.asarray(scores)
         expect = (len(self.query_ids), len(self.db_ids))
-        if scores.shape[0] != expect[0] or (np.issubdtype(scores.dtype, np.floating) and scores.shape[1] != expect[1]):
+        # more columns than database images = distractors appended after them (all negatives)
+        if scores.shape[0] != expect[0] or (np.issubdtype(scores.dtype, np.floating) and scores.shape[1] < expect[1]):
             raise ValueError(f"scores have shape {scores.shape}, dataset {self.name} needs {expect}")
         if self.protocol == "revisitop":
             return ev.evaluate_revisitop(scores, self.gnd, kappas, top_k=top_k)
