@@ -69,3 +69,18 @@ def test_load_model_wrong_file(tmp_path):
         load_model(junk)
     with pytest.raises(FileNotFoundError):
         load_model(tmp_path / "missing.pt")
+
+
+def test_bow_model_round_trip(tmp_path):
+    import numpy as np
+
+    net = build_model("efficientnet_lite0", pooling="bow", weights="none", k=8)
+    rng = np.random.default_rng(0)
+    cb = rng.standard_normal((8, 1280)).astype(np.float32)
+    net.pooling.set_codebook(cb / np.linalg.norm(cb, axis=1, keepdims=True), rng.random(8).astype(np.float32))
+    save_model(net, tmp_path / "bow.pt")
+    back = load_model(tmp_path / "bow.pt")
+    x = torch.randn(1, 3, 96, 96)
+    with torch.no_grad():
+        assert torch.allclose(net(x), back(x), atol=1e-6)
+    assert back.dim == 8 and back.describe()["pooling_params"] == {"k": 8, "soft": False}

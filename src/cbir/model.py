@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbones import build_backbone
+from .backbones import OFFLINE_LITE, build_backbone
 from .fileio import FormatError, atomic_write_with
 from .pooling import _Pool, build_pooling
 
@@ -119,8 +119,12 @@ def build_model(
     pool = build_pooling(pooling, **kw)
     if isinstance(weights, (str, os.PathLike)) and weights not in ("default", "imagenet", "hub", "none"):
         weights_about = f"file:{Path(weights).name}"
+    elif weights == "default" and model in OFFLINE_LITE:
+        weights_about = "imagenet (offline: " + OFFLINE_LITE[model][0].replace("_", "-") + ")"
+    elif weights in ("default", "imagenet", "hub"):
+        weights_about = "imagenet (library download)"
     else:
-        weights_about = "none" if weights is None else str(weights)
+        weights_about = "none"
     config = {
         "model": model,
         "pooling": pool.name,

@@ -324,11 +324,11 @@ POOLINGS: dict[str, type[_Pool]] = {
 POOLING_HELP: dict[str, str] = {
     "spoc": "sum/average pooling (Babenko & Lempitsky 2015)",
     "mac": "max pooling (Tolias et al. 2016)",
-    "gem": "generalized mean, learnable p (Radenović et al. 2018); p=3; per-channel with channels=C",
+    "gem": "generalized mean, learnable p (Radenović et al. 2018): p=3; one p per channel: per_channel=1",
     "rmac": "regional MAC over L=3 scales, ~40% overlap (Tolias et al. 2016)",
-    "regional": "R-MAC regions with any base pooling (base=gem|spoc|...)",
+    "regional": "R-MAC regions with any base pooling: base=gem|spoc|crow|..., levels=3",
     "crow": "cross-dimensional weighting, a=2 b=2 (Kalantidis et al. 2016)",
-    "bow": "bag of visual words over local conv features (k-means codebook, tf-idf; soft=True: differentiable)",
+    "bow": "bag of visual words over local conv features: k=1024 k-means words, tf-idf; soft=1: differentiable",
 }
 
 
