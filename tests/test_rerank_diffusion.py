@@ -176,3 +176,15 @@ def test_diffusion_raises_medium_and_hard_on_real_oxford(oxford_fc7, roxford_gnd
     dif = evaluate_revisitop(diffusion_scores(q, db, TUNED), roxford_gnd)["mAP"]
     assert dif["medium"] > raw["medium"] + 1.0
     assert dif["hard"] > raw["hard"] + 1.0
+
+
+def test_truncated_subgraphs_both_lookups_equal_slicing():
+    from cbir.rerank.diffusion import truncated_subgraphs
+
+    x, _, _ = _clustered(5, n=90)
+    w = knn_graph(x, k=6)
+    rng = np.random.default_rng(0)
+    regions = np.stack([rng.permutation(90)[:25] for _ in range(4)])
+    expected = sp.block_diag([w[r][:, r] for r in regions]).toarray()
+    np.testing.assert_array_equal(truncated_subgraphs(w, regions).toarray(), expected)  # lookup table
+    np.testing.assert_array_equal(truncated_subgraphs(w, regions, max_table=10).toarray(), expected)  # binary search

@@ -283,8 +283,9 @@ def truncated_subgraphs(graph: sp.spmatrix, regions: np.ndarray, max_table: int 
 
     Block j (rows/columns ``j*R .. j*R+R-1``) is W restricted to region j, in the region's order.
     Vectorised over regions: their rows are gathered at once and each edge's column is mapped to
-    its position in the region through a (group, n) lookup table (groups of regions sized so the
-    table has at most ``max_table`` entries). Returns (nq*R, nq*R) csr.
+    its position in its region, through a (group, n) lookup table when n is small enough (groups
+    of regions with at most ``max_table`` entries, at least 16 regions), else through a binary
+    search in the sorted (region, node) keys. Returns (nq*R, nq*R) csr.
     """
     graph = sp.csr_matrix(graph)
     n = graph.shape[0]
@@ -292,47 +293,65 @@ def truncated_subgraphs(graph: sp.spmatrix, regions: np.ndarray, max_table: int 
     regions = np.asarray(regions, dtype=np.int64)
     rows = graph[regions.ravel()]  # (nq*R, n): every region's rows, in order
     q_of_edge = np.repeat(np.arange(nq * r, dtype=np.int64) // r, np.diff(rows.indptr))
-    local = np.empty(len(rows.indices), dtype=np.int64)
-    group = max(1, max_table // max(n, 1))
-    pos = np.arange(r, dtype=np.int64)[None, :]
-    for g0 in range(0, nq, group):
-        g1 = min(g0 + group, nq)
-        table = np.full((g1 - g0, n), -1, dtype=np.int64)
-        np.put_along_axis(table, regions[g0:g1], pos, axis=1)
-        e0, e1 = rows.indptr[g0 * r], rows.indptr[g1 * r]
-        local[e0:e1] = table[q_of_edge[e0:e1] - g0, rows.indices[e0:e1]]
-    hit = local >= 0
-    cols = q_of_edge[hit] * r + local[hit]
+    group = max_table // max(n, 1)
+    if group >= min(16, nq):
+        local = np.empty(len(rows.indices), dtype=np.int64)
+        pos = np.arange(r, dtype=np.int64)[None, :]
+        for g0 in range(0, nq, group):
+            g1 = min(g0 + group, nq)
+            table = np.full((g1 - g0, n), -1, dtype=np.int64)
+            np.put_along_axis(table, regions[g0:g1], pos, axis=1)
+            e0, e1 = rows.indptr[g0 * r], rows.indptr[g1 * r]
+            local[e0:e1] = table[q_of_edge[e0:e1] - g0, rows.indices[e0:e1]]
+        hit = local >= 0
+        cols = q_of_edge[hit] * r + local[hit]
+    else:
+        region_key = regions.ravel() + (np.arange(nq * r, dtype=np.int64) // r) * n  # j*n + node
+        order = np.argsort(region_key)
+        sorted_keys = region_key[order]
+        edge_key = q_of_edge * n + rows.indices
+        loc = np.minimum(np.searchsorted(sorted_keys, edge_key), len(sorted_keys) - 1)
+        hit = sorted_keys[loc] == edge_key
+        cols = order[loc[hit]]
     kept = np.zeros(len(hit) + 1, dtype=np.int64)
     np.cumsum(hit, out=kept[1:])
     indptr = kept[rows.indptr]
     return sp.csr_matrix((rows.data[hit], cols, indptr), shape=(nq * r, nq * r))
 
 
-def _truncated(sim: np.ndarray, graph: sp.spmatrix, params: DiffusionParams) -> np.ndarray:
-    """Diffusion of each query on the subgraph of its top-R database items -> f (nq, n).
+def truncated_diffusion(
+    sims: np.ndarray, regions: np.ndarray, graph: sp.spmatrix, params: DiffusionParams = DiffusionParams()
+) -> np.ndarray:
+    """Diffusion of each query on the subgraph of its region -> f (nq, R) float64.
 
-    All queries' subgraphs form one block-diagonal matrix, normalised at once (degrees are
-    per block) and solved by one batched CG whose column j lives on block j.
+    ``regions`` (nq, R): each query's top-R database indices, best first, and ``sims`` (nq, R)
+    their similarities (the first ``params.kq`` make the start vector). All queries' subgraphs
+    form one block-diagonal matrix, normalised at once (degrees are per block, i.e. on the
+    subgraph) and solved by one batched CG whose column j lives on block j. This is the whole
+    online cost apart from the top-R search; it does not depend on the database size.
     """
-    from .qe import topk
-
-    nq, n = sim.shape
-    r = params.trunc
-    s, idx = topk(sim, r)  # (nq, R), best first: the query's kq neighbours are the first kq
-    big = normalize_graph(truncated_subgraphs(graph, idx))
+    nq, r = regions.shape
+    big = normalize_graph(truncated_subgraphs(graph, regions))
     big.sort_indices()  # sorted columns make the 20 products below ~3x faster
     y = np.zeros((r, nq), dtype=np.float64)
     kq = min(params.kq, r)
-    y[:kq] = (np.maximum(s[:, :kq], 0.0).astype(np.float64) ** params.gamma).T
+    y[:kq] = (np.maximum(sims[:, :kq], 0.0).astype(np.float64) ** params.gamma).T
     alpha = params.alpha
 
     def matvec(p: np.ndarray) -> np.ndarray:  # p (R, nq): column j lives on block j
         return p - alpha * (big @ p.T.reshape(-1)).reshape(nq, r).T
 
     x, _ = cg(matvec, y, tol=params.tol, maxiter=params.maxiter)
-    f = np.zeros((nq, n), dtype=np.float64)
-    np.put_along_axis(f, idx, (1.0 - alpha) * x.T, axis=1)
+    return (1.0 - alpha) * x.T
+
+
+def _truncated(sim: np.ndarray, graph: sp.spmatrix, params: DiffusionParams) -> np.ndarray:
+    """Truncated diffusion from the full similarity matrix (nq, n) -> f (nq, n), 0 outside regions."""
+    from .qe import topk
+
+    s, idx = topk(sim, params.trunc)  # (nq, R), best first: the query's kq neighbours come first
+    f = np.zeros(sim.shape, dtype=np.float64)
+    np.put_along_axis(f, idx, truncated_diffusion(s, idx, graph, params), axis=1)
     return f
 
 
