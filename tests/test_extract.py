@@ -105,7 +105,10 @@ def test_single_scale_equals_direct_forward(lite0, small_images):
 
     from cbir.extract import image_tensor
 
+    lite0.train()  # e.g. called from a training loop: described in eval mode, mode given back
     res = extract(lite0, small_images[:1], imsize=80, scales=(1.0,), progress=False, channels_last=False)
+    assert lite0.training
+    lite0.eval()
     x = image_tensor(load_image(small_images[0]), 80, lite0.mean, lite0.std)[None]
     with torch.no_grad():
         direct = lite0(x).numpy()

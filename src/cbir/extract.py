@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageFile, ImageOps
 
 from .descriptors import Descriptors
-from .fileio import FormatError, atomic_save_npy, atomic_write_json, atomic_open, read_json
+from .fileio import FormatError, atomic_open, atomic_write_json, read_json
 
 __all__ = [
     "ImageError", "ExtractResult", "load_image", "image_size", "resized_size", "image_tensor",
@@ -276,7 +276,8 @@ def extract(
 
     Returns ExtractResult(vectors (N_ok, D) float32 L2-normalised, ok (N_ok,) input indices,
     failed [{"path", "reason"}]). ``strict=True`` raises ImageError at the first unreadable image.
-    ``on_progress(n)`` is called with the number of images just finished (read or failed).
+    ``on_progress(n)`` is called with the number of images just described. The model is left on
+    ``device`` (in channels_last when that is on) and in the train/eval mode it came in.
     """
     paths = [Path(p) for p in images]
     if bboxes is None:
@@ -290,6 +291,7 @@ def extract(
         raise ValueError("BoW pooling needs a codebook: fit_bow(model, images) first or pass --codebook FILE")
     dev = _device(device)
     batch_size, workers = _defaults(dev, batch_size, workers)
+    was_training = model.training
     _prepare(model, dev, channels_last)
     p = model.multiscale_p()
     failed_idx: list[tuple[int, str]] = []
@@ -320,6 +322,7 @@ def extract(
                 if on_progress is not None:
                     on_progress(len(idx))
     finally:
+        model.train(was_training)
         if bar is not None:
             bar.update(len(paths) - bar.n)
             bar.close()

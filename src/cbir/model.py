@@ -17,7 +17,7 @@ from torch import nn
 
 from .backbones import OFFLINE_LITE, build_backbone
 from .fileio import FormatError, atomic_write_with
-from .pooling import _Pool, build_pooling
+from .pooling import Pooling, build_pooling
 
 __all__ = ["RetrievalNet", "build_model", "save_model", "load_model", "MODEL_FORMAT", "MODEL_FORMAT_VERSION"]
 
@@ -36,7 +36,7 @@ class RetrievalNet(nn.Module):
     ``head(v)``: optional ``whiten`` (nn.Linear) then L2; ``forward = head ∘ pool``.
     """
 
-    def __init__(self, backbone: nn.Module, pooling: _Pool, channels: int, config: dict[str, Any], whiten: nn.Linear | None = None):
+    def __init__(self, backbone: nn.Module, pooling: Pooling, channels: int, config: dict[str, Any], whiten: nn.Linear | None = None):
         super().__init__()
         self.backbone = backbone
         self.pooling = pooling

@@ -22,7 +22,7 @@ from torch import nn
 __all__ = [
     "spoc", "mac", "gem", "rmac_regions", "regional", "rmac", "crow_spatial_weights",
     "crow_channel_weights", "crow", "local_features", "bow_hard", "bow_soft", "fit_codebook",
-    "SPoC", "MAC", "GeM", "RMAC", "Regional", "CroW", "BoW", "POOLINGS", "build_pooling",
+    "Pooling", "SPoC", "MAC", "GeM", "RMAC", "Regional", "CroW", "BoW", "POOLINGS", "build_pooling", "bow_idf",
 ]
 
 
@@ -171,7 +171,7 @@ def fit_codebook(local: np.ndarray, k: int, *, iters: int = 20, seed: int = 0) -
 # Modules
 
 
-class _Pool(nn.Module):
+class Pooling(nn.Module):
     name = ""
 
     def params(self) -> dict:
@@ -183,21 +183,21 @@ class _Pool(nn.Module):
         return 1.0
 
 
-class SPoC(_Pool):
+class SPoC(Pooling):
     name = "spoc"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return spoc(x)
 
 
-class MAC(_Pool):
+class MAC(Pooling):
     name = "mac"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return mac(x)
 
 
-class GeM(_Pool):
+class GeM(Pooling):
     """GeM with a learnable p: scalar (``channels=None``) or one p per channel."""
 
     name = "gem"
@@ -222,7 +222,7 @@ class GeM(_Pool):
         return float(self.p.detach().mean())
 
 
-class Regional(_Pool):
+class Regional(Pooling):
     """Regional pooling over R-MAC regions with any base pooling (``base``: a registry name)."""
 
     name = "regional"
@@ -239,7 +239,7 @@ class Regional(_Pool):
         return {"base": self.base.name, "levels": self.levels, "overlap": self.overlap, **self.base.params()}
 
 
-class RMAC(_Pool):
+class RMAC(Pooling):
     name = "rmac"
 
     def __init__(self, levels: int = 3, overlap: float = 0.4):
@@ -253,7 +253,7 @@ class RMAC(_Pool):
         return {"levels": self.levels, "overlap": self.overlap}
 
 
-class CroW(_Pool):
+class CroW(Pooling):
     name = "crow"
 
     def __init__(self, a: float = 2.0, b: float = 2.0):
@@ -267,7 +267,7 @@ class CroW(_Pool):
         return {"a": self.a, "b": self.b}
 
 
-class BoW(_Pool):
+class BoW(Pooling):
     """Bag of visual words over local conv features; ``codebook`` (K,C) and ``idf`` (K,) buffers.
 
     ``soft=True`` uses the differentiable soft assignment (``temperature``). Until a codebook is
@@ -311,7 +311,7 @@ class BoW(_Pool):
         return {"k": self.k, "soft": self.soft, **({"temperature": self.temperature} if self.soft else {})}
 
 
-POOLINGS: dict[str, type[_Pool]] = {
+POOLINGS: dict[str, type[Pooling]] = {
     "spoc": SPoC,
     "mac": MAC,
     "gem": GeM,
@@ -332,7 +332,7 @@ POOLING_HELP: dict[str, str] = {
 }
 
 
-def build_pooling(name: str, **kw) -> _Pool:
+def build_pooling(name: str, **kw) -> Pooling:
     """Pooling module by registry name with its keyword parameters."""
     key = name.lower()
     if key not in POOLINGS:
