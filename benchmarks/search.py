@@ -67,7 +67,7 @@ def main(argv=None) -> int:
     ap.add_argument("--nq", type=int, default=1000, help="queries (default 1000)")
     ap.add_argument("--k", type=int, default=100, help="recall@k (default 100)")
     ap.add_argument("--single", type=int, default=50, help="queries timed one at a time (default 50)")
-    ap.add_argument("--clusters", type=int, default=None, help="cluster centres (default n/1000)")
+    ap.add_argument("--clusters", type=int, default=None, help="cluster centres (default n/100: ~100 images per place)")
     ap.add_argument("--spread", type=float, default=1.0, help="noise scale around the centres (default 1.0)")
     ap.add_argument("--types", default="exact,ivfpq,hnsw")
     ap.add_argument("--device", default="cpu", help="device of the exact search: cpu or cuda (fp16)")
@@ -84,7 +84,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     types = [t.strip() for t in args.types.split(",") if t.strip()]
-    clusters = args.clusters or max(10, args.n // 1000)
+    clusters = args.clusters or max(10, args.n // 100)
     t = time.perf_counter()
     x = clustered(args.n + args.nq, args.dim, clusters, args.spread, args.seed)
     x, q = x[:args.n], np.ascontiguousarray(x[args.n:])

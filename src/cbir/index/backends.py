@@ -152,7 +152,11 @@ def refine_exact(store: VectorStore, queries: np.ndarray, cand: np.ndarray, k: i
     """Re-score candidate ids (nq, c) with the exact stored vectors: s_ij = <q_i, x_cand_ij>; keep the best k."""
     valid = cand >= 0
     rows = store.rows_of(np.where(valid, cand, store.ids[0]))
-    exact = np.einsum("qd,qcd->qc", queries, store.vectors[rows])
+    exact = np.empty(cand.shape, np.float32)
+    step = max(1, (1 << 22) // max(cand.shape[1] * store.dim, 1))  # gather at most ~16 MB of vectors at once
+    for s in range(0, len(queries), step):
+        gathered = store.vectors[rows[s:s + step]]  # (b, c, D)
+        exact[s:s + step] = np.matmul(gathered, queries[s:s + step, :, None])[..., 0]
     exact = np.where(valid, exact, -np.inf).astype(np.float32)
     order = np.argsort(-exact, axis=1, kind="stable")[:, :k]
     ids = np.take_along_axis(np.where(valid, cand, -1), order, axis=1)
