@@ -201,3 +201,20 @@ def test_registry():
     x = torch.rand(2, 5, 4, 6)
     for name in ("spoc", "mac", "gem", "rmac", "crow"):
         assert build_pooling(name)(x).shape == (2, 5)
+
+
+@settings(max_examples=25, deadline=None)
+@given(maps(), st.floats(0.1, 10.0))
+def test_crow_weights_scale_free(x, c):
+    # S' and Ω depend only on the pattern of X, so CroW is homogeneous of degree 1
+    torch.testing.assert_close(crow_spatial_weights(c * x), crow_spatial_weights(x))
+    torch.testing.assert_close(crow(c * x), c * crow(x))
+
+
+@settings(max_examples=25, deadline=None)
+@given(maps(), st.integers(1, 6), st.integers(0, 1000))
+def test_bow_histograms_are_distributions(x, k, seed):
+    cb = torch.randn(k, x.shape[1], generator=torch.Generator().manual_seed(seed), dtype=x.dtype)
+    for h in (bow_hard(x, cb), bow_soft(x, cb, temperature=0.3)):
+        assert h.shape == (x.shape[0], k) and torch.all(h >= 0)
+        torch.testing.assert_close(h.sum(dim=1), torch.ones(x.shape[0], dtype=x.dtype))
