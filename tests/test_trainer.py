@@ -1,0 +1,231 @@
+"""The trainer: config handling, frozen BN, param groups, accumulation, checkpoints/resume, whitening,
+validation, CLI. A tiny timm network (``test_efficientnet``, random init) on tiny synthetic photos
+keeps each run to a second or two; learning on real photos is tested in test_train_learns.py."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cbir.fileio import FormatError
+from cbir.model import build_model, load_model
+from cbir.training.trainer import (
+    CHECKPOINT_FORMAT,
+    load_config,
+    lr_factor,
+    param_groups,
+    parse_overrides,
+    train,
+)
+
+
+def make_class_images(root: Path, n_classes: int = 4, per: int = 4, size: int = 32, seed: int = 0) -> Path:
+    """A folder per class; each class a random 8x8 colour pattern, members noisy copies of it."""
+    rng = np.random.default_rng(seed)
+    for c in range(n_classes):
+        base = rng.integers(0, 255, (8, 8, 3))
+        for j in range(per):
+            im = np.clip(base + rng.integers(-40, 40, (8, 8, 3)), 0, 255).astype(np.uint8)
+            d = root / f"class{c}"
+            d.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(im).resize((size, size), Image.NEAREST).save(d / f"{j}.png")
+    return root
+
+
+def tiny_model(seed: int = 0):
+    torch.manual_seed(seed)
+    return build_model("test_efficientnet", pooling="gem", weights="none")
+
+
+def base_cfg(root: Path, out: Path, **optim) -> dict:
+    return {
+        "data": {"kind": "folder", "root": str(root), "imsize": 32},
+        "mining": {"queries_per_epoch": 8, "pool_size": 16, "negatives": 2, "batch_size": 16},
+        "loss": {"name": "contrastive", "margin": 0.75},
+        "optim": {"name": "adamw", "lr": 1e-3, "epochs": 2, "batch_tuples": 4, **optim},
+        "out": str(out),
+        "tensorboard": False,
+        "seed": 0,
+    }
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    return make_class_images(tmp_path_factory.mktemp("cls"))
+
+
+def _state(m):
+    return {k: v.detach().clone() for k, v in m.state_dict().items()}
+
+
+def test_config_yaml_toml_overrides(tmp_path):
+    y = tmp_path / "c.yaml"
+    y.write_text("optim:\n  lr: 0.001\n  epochs: 3\nloss:\n  name: triplet\n  margin: 0.2\n")
+    cfg = load_config(y, ["optim.lr=2e-5", "data.imsize=128", "mining.hard_positives=true"])
+    assert cfg["optim"]["lr"] == pytest.approx(2e-5) and cfg["optim"]["epochs"] == 3
+    assert cfg["optim"]["batch_tuples"] == 5  # default kept
+    assert cfg["data"]["imsize"] == 128 and cfg["mining"]["hard_positives"] is True
+    assert cfg["loss"] == {"name": "triplet", "margin": 0.2}
+    t = tmp_path / "c.toml"
+    t.write_text('out = "runs/x"\n[optim]\nname = "sgd"\nlr = 0.01\n')
+    ct = load_config(t)
+    assert ct["optim"]["name"] == "sgd" and ct["out"] == "runs/x"
+    with pytest.raises(ValueError, match="unknown config keys"):
+        load_config(None, ["optimizer.lr=1"])
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        parse_overrides(["lr"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim: [1, 2\n")
+    with pytest.raises(FormatError, match="bad YAML"):
+        load_config(bad)
+    with pytest.raises(FileNotFoundError):
+        load_config(tmp_path / "none.yaml")
+
+
+def test_lr_schedules():
+    assert lr_factor("exponential", 3, 10, 0.5) == pytest.approx(0.125)
+    assert lr_factor("cosine", 0, 10) == pytest.approx(1.0)
+    assert lr_factor("cosine", 5, 10) == pytest.approx(0.5)
+    assert lr_factor("constant", 7, 10) == 1.0
+    with pytest.raises(ValueError, match="schedule"):
+        lr_factor("step", 1, 2)
+
+
+def test_param_groups_give_gem_p_its_own_rate():
+    m = tiny_model()
+    groups = param_groups(m, 1e-4, 1e-2, pool_lr_mult=10, freeze=["backbone.net.conv_stem"])
+    by = {g["name"]: g for g in groups}
+    assert by["pooling"]["lr"] == pytest.approx(1e-3) and by["pooling"]["weight_decay"] == 0
+    assert any(p is m.pooling.p for p in by["pooling"]["params"])
+    assert by["backbone"]["lr"] == pytest.approx(1e-4)
+    assert not m.backbone.net.conv_stem.weight.requires_grad
+    assert not any(p is m.backbone.net.conv_stem.weight for g in groups for p in g["params"])
+
+
+def test_training_freezes_bn_learns_p_and_resumes_exactly(images, tmp_path):
+    m0 = tiny_model()
+    bn_before = {k: v.clone() for k, v in m0.state_dict().items() if "running_mean" in k}
+    p_before = float(m0.pooling.p.detach())
+    w_before = m0.backbone.net.conv_head.weight.detach().clone()
+    full = train(base_cfg(images, tmp_path / "full"), model=m0)
+    m_full = full["model"]
+    # BN statistics frozen, weights and GeM p trained
+    for k, v in bn_before.items():
+        assert torch.equal(m_full.state_dict()[k], v), k
+    assert not torch.equal(m_full.backbone.net.conv_head.weight, w_before)
+    assert float(m_full.pooling.p.detach()) != p_before
+    h = full["history"]
+    assert [r["epoch"] for r in h] == [1, 2] and all(np.isfinite(r["loss"]) for r in h)
+    assert h[1]["lr"][1] == pytest.approx(10 * h[1]["lr"][0])  # p's group at 10x
+
+    # checkpoint + model file written, versioned; model.pt loads as a RetrievalNet
+    ck = torch.load(tmp_path / "full" / "last.pt", weights_only=False)
+    assert ck["format"] == CHECKPOINT_FORMAT and ck["epoch"] == 2
+    reloaded = load_model(tmp_path / "full" / "model.pt")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(reloaded(x), m_full.eval()(x), atol=1e-5)
+    assert json.loads((tmp_path / "full" / "history.json").read_text())["history"][-1]["epoch"] == 2
+
+    # one epoch, then --resume to two: the same weights as two epochs in one go
+    # real interruption: a run of 2 epochs, rewound to its epoch-1 checkpoint
+    ck_dir = tmp_path / "resume"
+    cfg_r = base_cfg(images, ck_dir)
+    cfg_r["keep_epochs"] = True
+    train(cfg_r, model=tiny_model())
+    (ck_dir / "last.pt").write_bytes((ck_dir / "epoch_001.pt").read_bytes())
+    resumed = train(cfg_r, model=tiny_model(seed=123), resume=True)
+    for k, v in _state(m_full).items():
+        assert torch.allclose(resumed["model"].state_dict()[k], v, atol=1e-6), k
+    assert resumed["history"][-1]["loss"] == pytest.approx(h[-1]["loss"], rel=1e-5)
+
+
+def test_unfrozen_bn_moves_statistics(images, tmp_path):
+    m0 = tiny_model()
+    before = {k: v.clone() for k, v in m0.state_dict().items() if "running_mean" in k}
+    out = train(base_cfg(images, tmp_path / "o", freeze_bn=False, epochs=1), model=m0)["model"]
+    assert any(not torch.equal(out.state_dict()[k], v) for k, v in before.items())
+
+
+def test_gradient_accumulation_equals_larger_batch(images, tmp_path):
+    a = train(base_cfg(images, tmp_path / "a", name="sgd", lr=0.05, epochs=1, batch_tuples=4, accumulate=1),
+              model=tiny_model())["model"]
+    b = train(base_cfg(images, tmp_path / "b", name="sgd", lr=0.05, epochs=1, batch_tuples=2, accumulate=2),
+              model=tiny_model())["model"]
+    for k, v in a.state_dict().items():
+        assert torch.allclose(b.state_dict()[k], v, atol=1e-6), k
+    moved = tiny_model().state_dict()
+    assert any(not torch.equal(moved[k], v) for k, v in a.state_dict().items())
+
+
+@pytest.mark.parametrize("loss", [{"name": "triplet", "margin": 0.1}, {"name": "ap", "nbins": 20}])
+def test_other_losses_train(images, tmp_path, loss):
+    cfg = base_cfg(images, tmp_path / "l", epochs=1)
+    cfg["loss"] = loss
+    r = train(cfg, model=tiny_model())
+    assert np.isfinite(r["history"][-1]["loss"])
+
+
+def test_whitening_layer_initialised_from_learned_whitening(images, tmp_path):
+    cfg = base_cfg(images, tmp_path / "w", epochs=1)
+    cfg["whitening"] = {"init": "pca", "dim": 16}
+    r = train(cfg, model=tiny_model())
+    w = r["model"].whiten
+    assert isinstance(w, torch.nn.Linear) and (w.in_features, w.out_features) == (r["model"].pooled_dim, 16)
+    assert r["setup"]["whitening"] == "pca"
+    # the saved model keeps the (trained) whitening; resume rebuilds it
+    assert load_model(tmp_path / "w" / "model.pt").dim == 16
+    cfg["optim"]["epochs"] = 2
+    r2 = train(cfg, model=tiny_model(), resume=True)
+    assert r2["model"].whiten.out_features == 16 and r2["history"][-1]["epoch"] == 2
+
+
+def test_validation_and_cleaning_are_recorded(images, tmp_path):
+    # a 2-query revisitop ground truth over the class images themselves
+    names = sorted(str(p.relative_to(images).with_suffix("")) for p in images.rglob("*.png"))
+    gnd = {"imlist": names, "qimlist": [names[0], names[4]],
+           "gnd": [{"bbx": [0, 0, 32, 32], "easy": [1, 2, 3], "hard": [], "junk": [0]},
+                   {"bbx": [0, 0, 32, 32], "easy": [5, 6, 7], "hard": [], "junk": [4]}]}
+    gp = tmp_path / "gnd.pkl"
+    gp.write_bytes(pickle.dumps(gnd))
+    cfg = base_cfg(images, tmp_path / "v", epochs=2)
+    cfg["validation"] = {"gnd": str(gp), "images": str(images), "ext": ".png", "imsize": 32, "every": 2}
+    cfg["data"]["clean"] = {"k": 3.0}
+    cfg["tensorboard"] = True
+    r = train(cfg, model=tiny_model())
+    h = r["history"]
+    assert h[0]["epoch"] == 0 and set(h[0]["val"]) == {"easy", "medium", "hard"}
+    assert "val" not in h[1] and "val" in h[2]
+    assert r["setup"]["cleaning_dropped"] >= 0
+    assert list((tmp_path / "v" / "tb").glob("events.out.tfevents*"))
+
+
+def test_cli_train(images, tmp_path, capsys):
+    from cbir.cli import main
+
+    cfg = tmp_path / "t.yaml"
+    cfg.write_text(
+        f"model: {{name: test_efficientnet, weights: none}}\n"
+        f"data: {{root: {images}, imsize: 32}}\n"
+        "mining: {queries_per_epoch: 8, pool_size: 16, negatives: 2}\n"
+        "optim: {epochs: 1, batch_tuples: 4}\n"
+        "tensorboard: false\n"
+    )
+    assert main(["train", str(cfg), "optim.lr=1e-3", "--out", str(tmp_path / "cli"), "--no-progress"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["epochs"] == 1 and (tmp_path / "cli" / "model.pt").is_file()
+    assert main(["train", str(cfg), "--print-config"]) == 0
+    assert json.loads(capsys.readouterr().out)["model"]["name"] == "test_efficientnet"
+    assert main(["train", str(tmp_path / "missing.yaml")]) == 2
+    assert main(["train", str(cfg), "--resume", "--out", str(tmp_path / "nothing")]) == 2
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    (tmp_path / "j").mkdir()
+    (tmp_path / "j" / "last.pt").write_bytes(b"junk")
+    assert main(["train", str(cfg), "--resume", "--out", str(tmp_path / "j")]) == 2
+    assert "not a readable checkpoint" in capsys.readouterr().err
