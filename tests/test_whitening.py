@@ -153,3 +153,23 @@ def test_cli_whiten_pca_and_lw(tmp_path, capsys):
     (tmp_path / "bad.csv").write_text("query,positive\nimg000,nope\n")
     assert main(["whiten", "--features", str(tmp_path / "feats"), "--out", str(tmp_path / "x.npz"), "--method", "lw", "--pairs", str(tmp_path / "bad.csv")]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+def test_cli_whiten_lw_from_ground_truth(tmp_path):
+    import pickle
+
+    from cbir.cli import main
+
+    rng = np.random.default_rng(8)
+    x = l2_normalize(_correlated(rng, n=60, d=6))
+    ids = [f"jpg/im{i:02d}.jpg" for i in range(60)]  # ids with folders: matched by file stem
+    Descriptors(ids=ids, vectors=x).save(tmp_path / "feats")
+    gnd = {"qimlist": ["im00", "im01"], "imlist": [f"im{i:02d}" for i in range(2, 60)],
+           "gnd": [{"easy": list(range(0, 20)), "hard": [40], "junk": []}, {"easy": [], "hard": list(range(25, 35)), "junk": []}]}
+    with open(tmp_path / "gnd.pkl", "wb") as fh:
+        pickle.dump(gnd, fh)
+    assert main(["whiten", "--features", str(tmp_path / "feats"), "--out", str(tmp_path / "lw.npz"), "--method", "lw", "--gnd", str(tmp_path / "gnd.pkl")]) == 0
+    pairs = [(0, j + 2) for j in list(range(20)) + [40]] + [(1, j + 2) for j in range(25, 35)]
+    lw = Whitening.load(tmp_path / "lw.npz")
+    assert lw.meta["n_pairs"] == 31
+    np.testing.assert_allclose(lw.proj, learn_lw(x, np.array(pairs)).proj, rtol=1e-6, atol=1e-8)
