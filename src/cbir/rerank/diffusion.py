@@ -6,13 +6,13 @@ Notation (Zhou et al. NIPS'03 "ranking on data manifolds", as used by Iscen et a
   ``x_j`` is among the k nearest neighbours of ``x_i`` *and* ``x_i`` among those of ``x_j``
   (mutual / reciprocal neighbours; ``mutual=False`` keeps an edge found from either side);
 - ``S = D^-1/2 W D^-1/2`` with ``D = diag(W 1)`` (isolated nodes keep a zero row);
-- the query's start vector ``y`` (n,): ``y_i = max(q.x_i, 0)^gamma`` for the query's k nearest
+- the query's start vector ``y`` (n,): ``y_i = max(q.x_i, 0)^gamma`` for the query's kq nearest
   database vectors, 0 elsewhere;
 - the ranking ``f = (1 - alpha) (I - alpha S)^-1 y``, the fixed point of
   ``f_t = alpha S f_{t-1} + (1 - alpha) y``; ``I - alpha S`` is symmetric positive definite for
   ``0 <= alpha < 1`` (the eigenvalues of S lie in [-1, 1]), so it is solved by conjugate gradient,
   batched over queries (one sparse-times-dense product per iteration for all of them).
-- Truncation (Iscen et al., Sec. 4): for a large database each query is diffused only on the
+- Truncation (Iscen et al.): for a large database each query is diffused only on the
   subgraph of its top-R database vectors (W restricted to them, normalised again on the subgraph).
 - Offline form (Yang et al. AAAI'19, "decoupling diffusion into online and offline"): because f
   is linear in y, ``f = sum_i y_i L[:, i]`` with ``L = (1 - alpha)(I - alpha S)^-1``. The columns
@@ -22,7 +22,7 @@ Notation (Zhou et al. NIPS'03 "ranking on data manifolds", as used by Iscen et a
 Final scores: database items reached by the diffusion (f > 0) rank by f; the others (f = 0: not
 connected to the query's neighbours, or outside the truncated region) rank after them by the
 original similarity (score = similarity - 3, below every f > 0). The diffusion score itself is not
-mixed with the original similarity (neither paper does so for global descriptors).
+mixed with the original similarity.
 
 Defaults follow Iscen et al.: k = 50 for the graph, k = 10 for the query, gamma = 3,
 alpha = 0.99, 20 CG iterations, truncation R = 1000 (used when the database is larger than R).
