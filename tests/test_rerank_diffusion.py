@@ -188,3 +188,19 @@ def test_truncated_subgraphs_both_lookups_equal_slicing():
     expected = sp.block_diag([w[r][:, r] for r in regions]).toarray()
     np.testing.assert_array_equal(truncated_subgraphs(w, regions).toarray(), expected)  # lookup table
     np.testing.assert_array_equal(truncated_subgraphs(w, regions, max_table=10).toarray(), expected)  # binary search
+
+
+@pytest.mark.slow
+@pytest.mark.shared
+def test_qe_and_diffusion_raise_medium_and_hard_on_rparis250_lite0(rparis250_lite0, rparis250_gnd):
+    """Default model (Lite0 + GeM, 512 px): 238 database images, so a small graph (k = 10)."""
+    from cbir.evaluation import evaluate_revisitop
+    from cbir.rerank.options import rerank
+
+    q, db = rparis250_lite0["q"], rparis250_lite0["db"]
+    raw = evaluate_revisitop(rerank(q, db)[0], rparis250_gnd)["mAP"]
+    qe = evaluate_revisitop(rerank(q, db, qe_k=2, qe_alpha=3.0)[0], rparis250_gnd)["mAP"]
+    dif = evaluate_revisitop(rerank(q, db, diffusion=DiffusionParams(k=10))[0], rparis250_gnd)["mAP"]
+    for res in (qe, dif):
+        assert res["medium"] > raw["medium"] + 2.0
+        assert res["hard"] > raw["hard"] + 2.0
