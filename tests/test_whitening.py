@@ -173,3 +173,25 @@ def test_cli_whiten_lw_from_ground_truth(tmp_path):
     lw = Whitening.load(tmp_path / "lw.npz")
     assert lw.meta["n_pairs"] == 31
     np.testing.assert_allclose(lw.proj, learn_lw(x, np.array(pairs)).proj, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.slow
+def test_whitening_carried_by_retrieval_net_and_saved_with_it(tmp_path):
+    """Learned on one set, attached to the model (nn.Linear), saved with it, applied to another set."""
+    torch = pytest.importorskip("torch")
+    from cbir.model import build_model, load_model, save_model
+
+    net = build_model("efficientnet_lite0", pooling="gem", weights="none")
+    rng = np.random.default_rng(9)
+    learn = l2_normalize(rng.normal(size=(3000, net.pooled_dim)))
+    other = l2_normalize(rng.normal(size=(5, net.pooled_dim)))
+    w = learn_pca_whitening(learn, power=0.5, dim=64)
+    net.set_whitening(w.to_linear(), description=w.meta)
+    with torch.no_grad():
+        out = net.head(torch.from_numpy(other).float()).numpy()
+    np.testing.assert_allclose(out, w.apply(other), atol=1e-5)
+    save_model(net, tmp_path / "net.pt")
+    back = load_model(tmp_path / "net.pt")
+    with torch.no_grad():
+        np.testing.assert_allclose(back.head(torch.from_numpy(other).float()).numpy(), out, atol=1e-6)
+    assert back.describe()["whitening"] is not None
