@@ -6,8 +6,9 @@ the class-consistency rule, diverse hard negatives re-mined every epoch), then e
 queries of L against the whole 238-image database (gnd_rparis6k_subset250.pkl, queries cropped to
 their boxes), before and after fine-tuning. Prints and writes a JSON table (E/M/H mAP, percent).
 
-CPU-sized budget, set by the flags (defaults: train at 160 px square, last blocks trainable,
-3 epochs × 32 tuples of 1 query + 1 positive + 3 negatives, evaluation at 384 px single scale).
+CPU-sized budget, set by the flags (defaults: train at 128 px square, blocks 4-6 + head + GeM p
+trainable, 2 epochs × 16 tuples of 1 query + 1 positive + 3 negatives mined from a pool of 64,
+evaluation at 224 px single scale).
 Usage:  .venv/bin/python benchmarks/loo_rparis.py [--out loo.json] [--epochs 3] ...
 """
 
@@ -48,11 +49,13 @@ def describe(model, gnd, jpg: Path, imsize: int, qsel: list[int]):
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="loo_rparis.json")
-    ap.add_argument("--epochs", type=int, default=3)
-    ap.add_argument("--tuples", type=int, default=32, help="queries (tuples) per epoch")
+    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--tuples", type=int, default=16, help="queries (tuples) per epoch")
     ap.add_argument("--negatives", type=int, default=3)
-    ap.add_argument("--train-size", type=int, default=160)
-    ap.add_argument("--eval-size", type=int, default=384)
+    ap.add_argument("--pool", type=int, default=64, help="random pool the negatives are mined from, per epoch")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    ap.add_argument("--train-size", type=int, default=128)
+    ap.add_argument("--eval-size", type=int, default=224)
     ap.add_argument("--lr", type=float, default=5e-5)
     ap.add_argument("--loss", default="contrastive")
     ap.add_argument("--train-all", action="store_true", help="train every layer (default: blocks 4-6, head, GeM p)")
@@ -61,6 +64,8 @@ def main() -> int:
 
     import torch
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     from cbir.evaluation import evaluate_revisitop
     from cbir.model import build_model
     from cbir.training.trainer import train
@@ -77,7 +82,7 @@ def main() -> int:
     base = build_model("efficientnet_lite0", pooling="gem")
     q0, db0 = describe(base, gnd, jpg, args.eval_size, allq)
     before_s = time.time() - t0
-    budget = {k: getattr(args, k) for k in ("epochs", "tuples", "negatives", "train_size", "eval_size", "lr", "loss", "train_all")}
+    budget = {k: getattr(args, k) for k in ("epochs", "tuples", "negatives", "pool", "train_size", "eval_size", "lr", "loss", "train_all")}
     results = {"budget": budget, "torch_threads": torch.get_num_threads(), "folds": {}}
     for lm in args.folds.split(","):
         qsel = [i for i in allq if landmark(gnd["qimlist"][i]) == lm]
@@ -92,7 +97,7 @@ def main() -> int:
             cfg = {
                 "data": {"kind": "csv", "csv": str(csv), "root": str(jpg), "imsize": args.train_size,
                          "clean": {"k": 3.0}, "augment": True},
-                "mining": {"queries_per_epoch": args.tuples, "pool_size": 200, "negatives": args.negatives},
+                "mining": {"queries_per_epoch": args.tuples, "pool_size": args.pool, "negatives": args.negatives},
                 "loss": {"name": args.loss} if args.loss == "ap" else {"name": args.loss, "margin": 0.75 if args.loss == "contrastive" else 0.1},
                 "optim": {"epochs": args.epochs, "batch_tuples": 4, "lr": args.lr, "schedule": "cosine",
                           "freeze": [] if args.train_all else FROZEN_LITE0},
