@@ -155,8 +155,9 @@ def refine_exact(store: VectorStore, queries: np.ndarray, cand: np.ndarray, k: i
     exact = np.empty(cand.shape, np.float32)
     step = max(1, (1 << 22) // max(cand.shape[1] * store.dim, 1))  # gather at most ~16 MB of vectors at once
     for s in range(0, len(queries), step):
-        gathered = store.vectors[rows[s:s + step]]  # (b, c, D)
-        exact[s:s + step] = np.matmul(gathered, queries[s:s + step, :, None])[..., 0]
+        part = rows[s:s + step]
+        gathered = store.vectors[part.ravel()].reshape(part.shape + (store.dim,))  # (b, c, D)
+        exact[s:s + step] = np.einsum("bcd,bd->bc", gathered, queries[s:s + step])
     exact = np.where(valid, exact, -np.inf).astype(np.float32)
     order = np.argsort(-exact, axis=1, kind="stable")[:, :k]
     ids = np.take_along_axis(np.where(valid, cand, -1), order, axis=1)
