@@ -5,8 +5,8 @@
   the query's own cluster, until ``k`` are found.
 * Hard positives: the least similar candidate positive under the current model.
 * Class cleaning (for class-labelled data such as Google Landmarks, whose classes hold
-  unrelated photos): a robust outlier rule on the leave-one-out similarity of each image to its
-  own class, see :func:`class_consistency_mask`.
+  unrelated photos): drop an image whose leave-one-out similarity to its own class is a robust
+  outlier, or lower than its mean similarity to another class, see :func:`class_consistency_mask`.
 
 Descriptors are L2-normalised rows, similarity is the dot product.
 """
@@ -15,7 +15,13 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["mine_diverse_negatives", "hardest_positive", "leave_one_out_class_similarity", "class_consistency_mask"]
+__all__ = [
+    "mine_diverse_negatives",
+    "hardest_positive",
+    "leave_one_out_class_similarity",
+    "mean_class_similarities",
+    "class_consistency_mask",
+]
 
 
 def mine_diverse_negatives(
@@ -91,21 +97,49 @@ def leave_one_out_class_similarity(vectors: np.ndarray, labels: np.ndarray) -> n
         return np.where(n > 1, own / (n - 1), np.nan)
 
 
+def mean_class_similarities(vectors: np.ndarray, labels: np.ndarray, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """Mean similarity of every image to every class, (N, C), its own class leave-one-out
+    (NaN for a singleton's own class), and the sorted class ids (C,).
+    ``m[i, c] = (x_iᵀ Σ_{j∈c} x_j − [c = c(i)]·x_iᵀx_i) / (n_c − [c = c(i)])``."""
+    x = np.asarray(vectors, dtype=np.float64)
+    y = np.asarray(labels)
+    classes, inv, counts = np.unique(y, return_inverse=True, return_counts=True)
+    sums = np.zeros((len(classes), x.shape[1]))
+    np.add.at(sums, inv, x)
+    out = np.empty((len(x), len(classes)))
+    for s in range(0, len(x), chunk):
+        xs = x[s : s + chunk]
+        m = xs @ sums.T
+        n = np.broadcast_to(counts.astype(np.float64), m.shape).copy()
+        rows = np.arange(len(xs))
+        m[rows, inv[s : s + chunk]] -= (xs * xs).sum(1)
+        n[rows, inv[s : s + chunk]] -= 1
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out[s : s + chunk] = np.where(n > 0, m / np.maximum(n, 1), np.nan)
+    return out, classes
+
+
 def class_consistency_mask(
     vectors: np.ndarray,
     labels: np.ndarray,
     k: float = 3.0,
     min_size: int = 4,
     min_spread: float = 0.02,
+    nearest_class: bool = True,
 ) -> np.ndarray:
     """Keep-mask (N,) bool of the class-cleaning rule.
 
     For every class c with at least ``min_size`` members, let ``s_i`` be the leave-one-out mean
     similarity of member i to the rest of c (:func:`leave_one_out_class_similarity`) and
     ``MAD_c = median_i |s_i − median(s)|``. Member i is dropped when
-    ``s_i < median(s) − k · max(1.4826·MAD_c, min_spread)`` — a robust z-score below −k
-    (1.4826·MAD estimates σ for Gaussian data; ``min_spread`` keeps a tight class from losing
-    members to rounding noise). Smaller classes are kept whole.
+
+    1. ``s_i < median(s) − k · max(1.4826·MAD_c, min_spread)`` — a robust z-score below −k
+       (1.4826·MAD estimates σ for Gaussian data; ``min_spread`` keeps a tight class from losing
+       members to rounding noise), or
+    2. (``nearest_class``) its mean similarity to some other class exceeds ``s_i``: on average it
+       looks more like another class than like its own (costs an (N, C) product, chunked).
+
+    Smaller classes are kept whole.
     """
     s = leave_one_out_class_similarity(vectors, labels)
     y = np.asarray(labels)
@@ -118,4 +152,12 @@ def class_consistency_mask(
         med = np.median(sc)
         spread = max(1.4826 * np.median(np.abs(sc - med)), min_spread)
         keep[idx] = sc >= med - k * spread
+    if nearest_class:
+        m, classes = mean_class_similarities(vectors, y)
+        own = np.searchsorted(classes, y)
+        other = m.copy()
+        other[np.arange(len(y)), own] = -np.inf
+        best_other = other.max(axis=1) if len(classes) > 1 else np.full(len(y), -np.inf)
+        sizes = np.unique(y, return_counts=True)[1][own]
+        keep &= ~((sizes >= min_size) & (best_other > s))
     return keep
