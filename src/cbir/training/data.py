@@ -213,11 +213,12 @@ def load_training_images(cfg: dict) -> TrainingImages:
     raise ValueError(f"unknown data kind {kind!r}; choose sfm, folder or csv")
 
 
-def clean_classes(data: TrainingImages, vectors: np.ndarray, k: float = 3.0, min_size: int = 4) -> tuple[TrainingImages, np.ndarray]:
+def clean_classes(data: TrainingImages, vectors: np.ndarray, k: float = 3.0, min_size: int = 4,
+                  nearest_class: bool = True) -> tuple[TrainingImages, np.ndarray]:
     """Drop images inconsistent with their class (:func:`~cbir.training.mining.class_consistency_mask`)
     and rebuild queries/positives. vectors: (N, D) descriptors of ``data.paths``. Returns the
     cleaned data and the keep-mask."""
-    keep = class_consistency_mask(vectors, data.clusters, k=k, min_size=min_size)
+    keep = class_consistency_mask(vectors, data.clusters, k=k, min_size=min_size, nearest_class=nearest_class)
     idx = np.flatnonzero(keep)
     cleaned = from_labels([data.paths[i] for i in idx], data.clusters[idx].tolist(), class_names=data.class_names)
     return cleaned, keep

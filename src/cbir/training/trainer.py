@@ -404,7 +404,8 @@ def train(
             vecs = embed_images(model, data.paths, np.arange(len(data.paths)), size, device=device,
                                 batch_size=mc["batch_size"], workers=workers, bf16=bf16)
             full = data
-            data, keep = clean_classes(data, vecs, k=float(cl.get("k", 3.0)), min_size=int(cl.get("min_size", 4)))
+            data, keep = clean_classes(data, vecs, k=float(cl.get("k", 3.0)), min_size=int(cl.get("min_size", 4)),
+                                       nearest_class=bool(cl.get("nearest_class", True)))
             setup["cleaning_dropped"] = int((~keep).sum())
             setup["dropped_paths"] = [str(p) for p, k in zip(full.paths, keep) if not k]
             say(f"cleaning: dropped {int((~keep).sum())} of {len(keep)} images inconsistent with their class")
