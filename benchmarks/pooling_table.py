@@ -39,11 +39,13 @@ METHODS = ("spoc", "mac", "gem", "rmac", "crow", "bow")
 MULTI = (1.0, 1.0 / math.sqrt(2.0), 0.5)
 
 
-def feature_maps(model, paths, boxes, imsize, scales):
+def feature_maps(model, paths, boxes, imsize, scales, what="images"):
     """Per image, the backbone maps at each scale (float16 to keep memory small)."""
     out = []
     with torch.inference_mode():
-        for path, box in zip(paths, boxes):
+        for i, (path, box) in enumerate(zip(paths, boxes)):
+            if i % 25 == 0:
+                print(f"{what}: {i}/{len(paths)}", file=sys.stderr, flush=True)
             x = image_tensor(load_image(path, box), imsize, model.mean, model.std)[None]
             maps = []
             for s in scales:
@@ -96,8 +98,8 @@ def main() -> int:
     ds = from_gnd_file(gnd)
     model = build_model(args.model, pooling="gem")
     t0 = time.perf_counter()
-    db_maps = feature_maps(model, ds.db_paths, [None] * len(ds.db_paths), args.imsize, MULTI)
-    q_maps = feature_maps(model, ds.query_paths, ds.query_bboxes, args.imsize, MULTI)
+    db_maps = feature_maps(model, ds.db_paths, [None] * len(ds.db_paths), args.imsize, MULTI, "database")
+    q_maps = feature_maps(model, ds.query_paths, ds.query_bboxes, args.imsize, MULTI, "queries")
     t_maps = time.perf_counter() - t0
 
     rows, record = [], {"dataset": ds.name, "model": args.model, "imsize": args.imsize, "scales_multi": list(MULTI),
@@ -105,6 +107,7 @@ def main() -> int:
     for name in METHODS:
         kw = {"k": args.bow_k, "channels": model.channels} if name == "bow" else {}
         pool = build_pooling(name, **kw).eval()
+        print(f"pooling: {name}", file=sys.stderr, flush=True)
         if name == "bow":
             fit_bow_from_maps(pool, db_maps)
         res = {}
