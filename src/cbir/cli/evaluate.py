@@ -96,9 +96,17 @@ def load_benchmark(args: argparse.Namespace):
         raise CLIError("give either --dataset or --gnd, not both")
     if args.dataset:
         ds = datasets.load_dataset(args.dataset, args.data_root)
-        if args.images:
-            ds.db_paths = [Path(args.images) / p.name for p in ds.db_paths]
-            ds.query_paths = [Path(args.images) / p.name for p in ds.query_paths]
+        if args.images:  # same relative layout, another folder
+            base = Path(ds.info.get("images") or ds.info.get("root") or ".")
+
+            def move(p: Path) -> Path:
+                try:
+                    return Path(args.images) / p.relative_to(base)
+                except ValueError:
+                    return Path(args.images) / p.name
+
+            ds.db_paths = [move(p) for p in ds.db_paths]
+            ds.query_paths = [move(p) for p in ds.query_paths]
         return ds
     if not args.gnd:
         raise CLIError("say what to evaluate on: --dataset NAME (e.g. --dataset demo) or --gnd FILE")

@@ -95,7 +95,7 @@ def from_original_gt(
         query_paths=[img_dir / f"{q['image']}{ext}" for q in queries],
         query_bboxes=[q["bbox"] for q in queries],
         gnd=gnd,
-        info={"gt_dir": str(gt_dir), "queries": [q["query"] for q in queries], "missing": missing},
+        info={"gt_dir": str(gt_dir), "images": str(img_dir), "queries": [q["query"] for q in queries], "missing": missing},
     )
 
 
