@@ -296,4 +296,4 @@ def test_short_cpu_training_raises_heldout_map(rparis250, tmp_path):
     trained = train(cfg, model=model)["model"]
     after = _heldout_map(trained, heldout, size)
     assert before < 0.65, before  # the off-the-shelf model is weak here
-    assert after > before + 0.05, (before, after)  # measured: 0.567 -> 0.662
+    assert after > before + 0.05, (before, after)  # measured: 0.513 -> 0.606
