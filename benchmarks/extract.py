@@ -81,6 +81,8 @@ def main() -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--workers", type=int, default=None)
+    ap.add_argument("--precision", default="auto", help="cbir precision: auto (bf16 on CUDA and on CPUs with "
+                    "native bf16), fp32, bf16")
     ap.add_argument("--rounds", type=int, default=1, help="alternate baseline/cbir this many times")
     ap.add_argument("--sweep", action="store_true", help="also time other batch sizes / memory formats / workers")
     args = ap.parse_args()
@@ -102,25 +104,38 @@ def main() -> int:
 
     def run_cbir(**kw):
         opts = dict(imsize=args.imsize, scales=scales, device=dev, progress=False,
-                    batch_size=args.batch_size, workers=args.workers)
+                    batch_size=args.batch_size, workers=args.workers, precision=args.precision)
         opts.update(kw)
         return extract(model, paths, **opts).vectors
 
     # warm-up (allocator, kernels, cudnn autotune) on two images for both
     baseline(model, paths[:2], args.imsize, scales, dev)
     extract(model, paths[:2], imsize=args.imsize, scales=scales, device=dev, progress=False)
-    t_base = t_cbir = 0.0
+    from cbir.extract import _device, _precision
+
+    amp = _precision(_device(dev), args.precision)
+    also_fp32 = amp == "bf16"  # then also time cbir in fp32, to show what bf16 adds
+    t_base = t_cbir = t_fp32 = 0.0
     for r in range(args.rounds):
         tb, vb = timed(lambda: baseline(model, paths, args.imsize, scales, dev))
         tc, vc = timed(run_cbir)
         t_base += tb
         t_cbir += tc
-        print(f"round {r + 1}: baseline {len(paths) / tb:.2f} img/s, cbir {len(paths) / tc:.2f} img/s")
+        line = f"round {r + 1}: baseline {len(paths) / tb:.2f} img/s, cbir {len(paths) / tc:.2f} img/s"
+        if also_fp32:
+            tf, vf = timed(lambda: run_cbir(precision="fp32"))
+            t_fp32 += tf
+            line += f", cbir fp32 {len(paths) / tf:.2f} img/s"
+        print(line)
     n = len(paths) * args.rounds
     cos = (vb * vc).sum(axis=1)
     print(f"baseline (1 image, fp32, NCHW, 1 pass per scale): {n / t_base:.2f} descriptors/s")
-    print(f"cbir extract (defaults for {dev}):                {n / t_cbir:.2f} descriptors/s")
+    print(f"cbir extract (defaults for {dev}, {amp}):        {n / t_cbir:.2f} descriptors/s")
     print(f"speed-up: {t_base / t_cbir:.2f}x   (descriptor agreement: min cosine {cos.min():.4f})")
+    if also_fp32:
+        cos32 = (vb * vf).sum(axis=1)
+        print(f"cbir extract in fp32: {n / t_fp32:.2f} descriptors/s, {t_base / t_fp32:.2f}x the baseline "
+              f"(min cosine {cos32.min():.4f})")
 
     if args.sweep:
         print("sweep (each against a fresh baseline run right before it):")

@@ -31,7 +31,7 @@ def small_images(tmp_path) -> list[Path]:
 
 
 def test_batched_equals_alone(lite0, small_images):
-    kw = dict(imsize=96, scales=(1.0, 0.75), progress=False, device="cpu", workers=0)
+    kw = dict(imsize=96, scales=(1.0, 0.75), progress=False, device="cpu", workers=0, precision="fp32")
     batched = extract(lite0, small_images, batch_size=3, **kw)
     alone = [extract(lite0, [p], batch_size=1, **kw).vectors[0] for p in small_images]
     assert batched.ok.tolist() == [0, 1, 2, 3]
@@ -48,8 +48,9 @@ def test_failed_images_are_listed(lite0, small_images, tmp_path):
     text.write_text("hello")
     inputs = [empty, small_images[0], trunc, text, small_images[1]]
     # decoded in a worker process, batched: same descriptors, same failures as in-process
-    res = extract(lite0, inputs, imsize=64, scales=(1.0,), progress=False, workers=1, batch_size=4)
-    ref = extract(lite0, [small_images[0], small_images[1]], imsize=64, scales=(1.0,), progress=False, workers=0)
+    kw = dict(imsize=64, scales=(1.0,), progress=False, precision="fp32")
+    res = extract(lite0, inputs, workers=1, batch_size=4, **kw)
+    ref = extract(lite0, [small_images[0], small_images[1]], workers=0, **kw)
     assert res.ok.tolist() == [1, 4]
     np.testing.assert_allclose(res.vectors, ref.vectors, atol=2e-5)
     assert [f["path"] for f in res.failed] == [str(empty), str(trunc), str(text)]
@@ -106,9 +107,14 @@ def test_single_scale_equals_direct_forward(lite0, small_images):
     from cbir.extract import image_tensor
 
     lite0.train()  # e.g. called from a training loop: described in eval mode, mode given back
-    res = extract(lite0, small_images[:1], imsize=80, scales=(1.0,), progress=False, channels_last=False)
+    res = extract(lite0, small_images[:1], imsize=80, scales=(1.0,), progress=False, channels_last=False,
+                  precision="fp32")
     assert lite0.training
     lite0.eval()
+    bf16 = extract(lite0, small_images[:1], imsize=80, scales=(1.0,), progress=False, precision="bf16")
+    assert float(bf16.vectors[0] @ res.vectors[0]) > 0.99  # bf16 autocast: same descriptor up to rounding
+    with pytest.raises(ValueError, match="precision"):
+        extract(lite0, small_images[:1], progress=False, precision="fp8")
     x = image_tensor(load_image(small_images[0]), 80, lite0.mean, lite0.std)[None]
     with torch.no_grad():
         direct = lite0(x).numpy()
@@ -135,7 +141,7 @@ def test_extract_to_dir_resumes_after_interruption(lite0, small_images, tmp_path
         return real(model, images, **kw)
 
     monkeypatch.setattr(ex, "extract", flaky)
-    kw = dict(imsize=64, scales=(1.0,), chunk=2, progress=False, dtype="float16")
+    kw = dict(imsize=64, scales=(1.0,), chunk=2, progress=False, dtype="float16", precision="fp32")
     with pytest.raises(RuntimeError, match="power cut"):
         ex.extract_to_dir(lite0, small_images, out, **kw)
     assert not (out / "meta.json").exists() and len(list((out / ex.PARTIAL).glob("chunk_*.npz"))) == 1
@@ -145,7 +151,7 @@ def test_extract_to_dir_resumes_after_interruption(lite0, small_images, tmp_path
     assert calls == [["im2.png", "im3.png"]]  # only the unfinished chunk
     assert desc.ids == ["im0", "im1", "im2", "im3"] and desc.vectors.dtype == np.float16
     assert not (out / ex.PARTIAL).exists()
-    fresh = real(lite0, small_images, imsize=64, scales=(1.0,), progress=False).vectors
+    fresh = real(lite0, small_images, imsize=64, scales=(1.0,), progress=False, precision="fp32").vectors
     np.testing.assert_allclose(Descriptors.load(out).vectors.astype(np.float32), fresh, atol=2e-3)
     # a complete folder with the same job: nothing to do
     calls.clear()

@@ -56,6 +56,9 @@ def register(subparsers) -> None:
     e.add_argument("--batch-size", type=int, default=None, help="images per forward pass (default: 1 on CPU, 16 on GPU)")
     e.add_argument("--workers", type=int, default=None, help="image-decoding processes (default: 0 on a 2-core CPU, "
                                                             "up to 8 with a GPU)")
+    e.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="compute precision: auto = bf16 autocast on CUDA and on CPUs with native bf16 (AMX, "
+                        "AVX512-BF16), else fp32 (default: auto)")
     e.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="stored precision (default: float32)")
     e.add_argument("--strict", action="store_true", help="stop at the first unreadable image instead of skipping it")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -161,7 +164,7 @@ def handler(args: argparse.Namespace) -> int:
     desc = extract_to_dir(
         model, files, out, ids=ids, imsize=args.imsize, scales=scales, dtype=args.dtype,
         batch_size=args.batch_size, device=args.device, workers=args.workers, strict=args.strict,
-        progress=not args.quiet, extra_meta=extra,
+        precision=args.precision, progress=not args.quiet, extra_meta=extra,
     )
     for f in desc.failed:
         print(f"failed: {f['path']}: {f['reason']}", file=sys.stderr)
