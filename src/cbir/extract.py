@@ -257,7 +257,8 @@ def cpu_has_native_bf16() -> bool:
 
 
 def _precision(dev: torch.device, precision: str) -> str:
-    """"auto": bf16 on CUDA and on CPUs with native bf16 (measured 1.4x faster, cosine 0.9996 to fp32), else fp32."""
+    """"auto": bf16 on CUDA and on CPUs with native bf16, else fp32. On this project's AMX CPU bf16 was
+    1.12x faster than fp32 in benchmarks/extract.py, descriptors at cosine >= 0.998 to fp32."""
     if precision not in ("auto", "fp32", "bf16"):
         raise ValueError(f"precision must be auto, fp32 or bf16, got {precision!r}")
     if precision == "auto":
