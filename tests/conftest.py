@@ -57,6 +57,16 @@ def rparis250_gnd(rparis250: Path) -> dict:
         return pickle.load(fh)
 
 
+def _code_version() -> str:
+    """Hash of the code that makes descriptors, so a cache never outlives a change to it."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name in ("backbones.py", "pooling.py", "model.py", "extract.py"):
+        digest.update((REPO / "src" / "cbir" / name).read_bytes())
+    return digest.hexdigest()[:12]
+
+
 def _cached_extract(tmp_path_factory, rparis250: Path, gnd: dict, imsize: int) -> dict:
     """Lite0 + GeM, single scale: database rows (imlist order) and cropped queries (qimlist order).
 
@@ -67,8 +77,8 @@ def _cached_extract(tmp_path_factory, rparis250: Path, gnd: dict, imsize: int) -
     from cbir.extract import extract
     from cbir.model import build_model
 
-    root = tmp_path_factory.getbasetemp().parent  # shared by xdist workers
-    cache = root / f"rparis250_lite0_gem_{imsize}.npz"
+    root = tmp_path_factory.getbasetemp().parent  # shared by xdist workers (and kept between runs)
+    cache = root / f"rparis250_lite0_gem_{imsize}_{_code_version()}.npz"
     with FileLock(str(cache) + ".lock"):
         if not cache.exists():
             model = build_model("efficientnet_lite0", pooling="gem")
