@@ -40,6 +40,7 @@ FORMAT = "cbir-index"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 _GEN_DIR = re.compile(r"^(\.tmp-)?g\d{6}-[0-9a-f]{6}$")
+_TMP_MANIFEST = re.compile(r"^\.manifest\.json\..+\.tmp$")  # cbir.fileio.atomic_open's temporary name
 VECTORS, IDS, SQLITE = "vectors.npy", "ids.npy", "meta.sqlite"
 
 # Descriptor settings that must agree between the index and a query (see cbir.descriptors.COMPAT_KEYS).
@@ -319,9 +320,11 @@ class Index:
                 "cbir_version": __version__,
             }
         atomic_write_json(root / MANIFEST, manifest)
-        for old in root.iterdir():  # best effort: older generations and abandoned temporary folders
+        for old in root.iterdir():  # best effort: older generations, abandoned temporary folders/files
             if old.is_dir() and old.name != gen and _GEN_DIR.match(old.name):
                 shutil.rmtree(old, ignore_errors=True)
+            elif old.is_file() and _TMP_MANIFEST.match(old.name):  # a killed manifest switch
+                old.unlink(missing_ok=True)
         return root
 
     @classmethod
