@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from . import CLIError
+from .extract import parse_scales
 
 PROTO_LABEL = {"easy": "Easy", "medium": "Medium", "hard": "Hard", "all": "all"}
 
@@ -76,16 +77,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-
-
-def _parse_scales(text: str) -> tuple[float, ...]:
-    try:
-        scales = tuple(float(s) for s in text.replace(" ", ",").split(",") if s)
-    except ValueError as exc:
-        raise CLIError(f"--scales must be comma-separated numbers, got {text!r}") from exc
-    if not scales or any(s <= 0 for s in scales):
-        raise CLIError(f"--scales must be positive numbers, got {text!r}")
-    return scales
 
 
 def load_benchmark(args: argparse.Namespace):
@@ -151,7 +142,7 @@ def descriptors_from_images(args: argparse.Namespace, ds) -> tuple[np.ndarray, n
     small = ds.name == "demo"
     if args.imsize is None:
         args.imsize = 512 if small else 1024
-    scales = _parse_scales(args.scales or ("1" if small else "1,0.7071,0.5"))
+    scales = parse_scales(args.scales or ("1" if small else "1,0.7071,0.5"))
     if Path(args.model).is_file():
         model = load_model(args.model)
     else:

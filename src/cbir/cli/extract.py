@@ -93,7 +93,7 @@ def _value(v: str):
 
 def parse_scales(text: str) -> tuple[float, ...]:
     try:
-        scales = tuple(float(s) for s in text.split(",") if s.strip())
+        scales = tuple(float(s) for s in text.replace(" ", ",").split(",") if s)
     except ValueError:
         raise CLIError(f"--scales must be comma-separated numbers, got {text!r}") from None
     if not scales or any(s <= 0 for s in scales):

@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from .extract import parse_scales
+
 BUILD_EPILOG = """\
 examples:
   cbir index build photos/ --out photos.index
@@ -107,16 +109,6 @@ def type_params(args: argparse.Namespace) -> dict:
 
         raise CLIError(f"--{wrong[0]} does not apply to --type {args.type}")
     return given
-
-
-def parse_scales(text: str) -> tuple[float, ...]:
-    try:
-        scales = tuple(float(s) for s in text.split(",") if s.strip())
-    except ValueError:
-        raise ValueError(f"--scales must be comma-separated numbers, got {text!r}") from None
-    if not scales or any(s <= 0 for s in scales):
-        raise ValueError(f"--scales must be positive numbers, got {text!r}")
-    return scales
 
 
 def _report_failed(failed: list[dict]) -> None:
