@@ -8,8 +8,8 @@ the descriptors stacked for one loss — with cbir's trainer step: the whole bat
 Reports images/s and the ratio to the baseline. Inputs are random tensors, so decoding is not
 timed (see benchmarks/extract.py for that).
 
-Usage:  .venv/bin/python benchmarks/train.py [--device cpu|cuda] [--imsize 224] [--tuples 4]
-        [--negatives 5] [--steps 3] [--json out.json]
+Usage:  .venv/bin/python benchmarks/train.py [--device cpu|cuda] [--imsize 128] [--tuples 2]
+        [--negatives 2] [--steps 2] [--json out.json]   (defaults: a CPU run of a few minutes)
 """
 
 from __future__ import annotations
@@ -26,10 +26,10 @@ def main() -> int:
     ap.add_argument("--model", default="efficientnet_lite0")
     ap.add_argument("--weights", default="default", help="\"none\" for random weights (speed does not depend on them)")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--imsize", type=int, default=224)
-    ap.add_argument("--tuples", type=int, default=4, help="tuples per step")
-    ap.add_argument("--negatives", type=int, default=5)
-    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--imsize", type=int, default=128)
+    ap.add_argument("--tuples", type=int, default=2, help="tuples per step")
+    ap.add_argument("--negatives", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--json")
