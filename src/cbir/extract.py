@@ -79,16 +79,22 @@ def _check_box(path: Path, bbox: Box, w: int, h: int) -> tuple[int, int, int, in
     return x1, y1, x2, y2
 
 
-def load_image(path: str | os.PathLike[str], bbox: Box | None = None) -> Image.Image:
-    """Decode ``path`` fully as RGB, EXIF orientation applied, cropped to ``bbox`` (x1,y1,x2,y2).
-
-    Raises ImageError (naming the file) for a missing, empty, truncated or non-image file.
-    """
+def _readable_file(path: str | os.PathLike[str]) -> Path:
+    """``path`` as a Path; ImageError naming it when it is missing or empty."""
     path = Path(path)
     if not path.is_file():
         raise ImageError(path, "file not found")
     if path.stat().st_size == 0:
         raise ImageError(path, "empty file")
+    return path
+
+
+def load_image(path: str | os.PathLike[str], bbox: Box | None = None) -> Image.Image:
+    """Decode ``path`` fully as RGB, EXIF orientation applied, cropped to ``bbox`` (x1,y1,x2,y2).
+
+    Raises ImageError (naming the file) for a missing, empty, truncated or non-image file.
+    """
+    path = _readable_file(path)
     try:
         with Image.open(path) as im:
             im.load()
@@ -105,11 +111,7 @@ def load_image(path: str | os.PathLike[str], bbox: Box | None = None) -> Image.I
 
 def image_size(path: str | os.PathLike[str], bbox: Box | None = None) -> tuple[int, int]:
     """(width, height) the decoded image will have, from the header only (EXIF rotation and crop included)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ImageError(path, "file not found")
-    if path.stat().st_size == 0:
-        raise ImageError(path, "empty file")
+    path = _readable_file(path)
     try:
         with Image.open(path) as im:
             w, h = im.size

@@ -108,6 +108,10 @@ class FaissBackend(Backend):
             self._db = self._build(store)
         return self._db
 
+    def on_add(self, store: VectorStore, ids: np.ndarray, vectors: np.ndarray) -> None:
+        if self._db is not None:
+            self._db.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), ids.astype(np.int64))
+
     def save(self, store: VectorStore, path: Path) -> list[str]:
         import faiss
 
@@ -191,10 +195,6 @@ class IVFPQBackend(FaissBackend):
         index.add_with_ids(np.ascontiguousarray(store.vectors, dtype=np.float32), store.ids)
         return index
 
-    def on_add(self, store: VectorStore, ids: np.ndarray, vectors: np.ndarray) -> None:
-        if self._db is not None:
-            self._db.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), ids.astype(np.int64))
-
     def on_remove(self, store: VectorStore, ids: np.ndarray) -> None:
         if self._db is not None:
             self._db.remove_ids(ids.astype(np.int64))
@@ -218,10 +218,6 @@ class HNSWBackend(FaissBackend):
         if len(store):
             index.add_with_ids(np.ascontiguousarray(store.vectors, dtype=np.float32), store.ids)
         return index
-
-    def on_add(self, store: VectorStore, ids: np.ndarray, vectors: np.ndarray) -> None:
-        if self._db is not None:
-            self._db.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), ids.astype(np.int64))
 
     def on_remove(self, store: VectorStore, ids: np.ndarray) -> None:
         self._db = None  # HNSW graphs cannot drop nodes: rebuild on next use
