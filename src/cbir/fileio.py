@@ -98,12 +98,16 @@ def read_json(path: str | os.PathLike[str], what: str = "file") -> Any:
         raise FormatError(f"{what} {path} is damaged or not JSON: {exc}") from exc
 
 
-def check_format(meta: dict, kind: str, supported: tuple[int, ...], path: Path | str) -> None:
-    """Check the ``format``/``format_version`` stamp of a saved artefact."""
-    if meta.get("format") != kind:
-        raise FormatError(f"{path} is not a cbir {kind} file (format={meta.get('format')!r})")
+def check_format(
+    meta: object, kind: str, supported: tuple[int, ...], path: Path | str, what: str | None = None
+) -> None:
+    """Check the ``format``/``format_version`` stamp of a saved artefact (``what`` names it in errors)."""
+    what = what or f"cbir {kind}"
+    if not isinstance(meta, dict) or meta.get("format") != kind:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise FormatError(f"{path} is not a {what} file (format={found!r})")
     version = meta.get("format_version")
     if version not in supported:
         raise FormatError(
-            f"{path}: {kind} format version {version!r} is not supported (this cbir reads {supported})"
+            f"{path}: {what} format version {version!r} is not supported (this cbir reads {supported})"
         )

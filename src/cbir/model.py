@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .backbones import OFFLINE_LITE, build_backbone
-from .fileio import FormatError, atomic_write_with
+from .fileio import FormatError, atomic_write_with, check_format
 from .pooling import Pooling, build_pooling
 
 __all__ = ["RetrievalNet", "build_model", "save_model", "load_model", "MODEL_FORMAT", "MODEL_FORMAT_VERSION"]
@@ -158,11 +158,7 @@ def load_model(path: str | os.PathLike[str], map_location: str | torch.device = 
         blob = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:
         raise FormatError(f"{path} is not a cbir model file (unreadable: {exc})") from exc
-    if not isinstance(blob, dict) or blob.get("format") != MODEL_FORMAT:
-        raise FormatError(f"{path} is not a cbir model file (expected format {MODEL_FORMAT!r})")
-    if blob.get("format_version") != MODEL_FORMAT_VERSION:
-        raise FormatError(f"{path}: model format version {blob.get('format_version')!r} is not supported "
-                          f"(this cbir reads {MODEL_FORMAT_VERSION})")
+    check_format(blob, MODEL_FORMAT, (MODEL_FORMAT_VERSION,), path, what="cbir model")
     cfg = blob["config"]
     kw = dict(cfg.get("pooling_kw", {}))
     kw.pop("channels", None) if cfg["pooling"] in ("bow",) else None

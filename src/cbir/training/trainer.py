@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..fileio import FormatError, atomic_write_json, atomic_write_with
+from ..fileio import FormatError, atomic_write_json, atomic_write_with, check_format
 from .data import (
     ImageDataset,
     TrainingImages,
@@ -343,11 +343,7 @@ def _load_checkpoint(path: Path) -> dict:
         ck = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:
         raise FormatError(f"{path} is not a readable checkpoint: {exc}") from exc
-    if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT:
-        raise FormatError(f"{path} is not a cbir training checkpoint")
-    if ck.get("format_version") != CHECKPOINT_VERSION:
-        raise FormatError(f"{path}: checkpoint version {ck.get('format_version')!r} is not supported "
-                          f"(this cbir reads {CHECKPOINT_VERSION})")
+    check_format(ck, CHECKPOINT_FORMAT, (CHECKPOINT_VERSION,), path, what="cbir training checkpoint")
     return ck
 
 
