@@ -13,6 +13,7 @@ Callers::
 from __future__ import annotations
 
 import argparse
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -97,44 +98,90 @@ def rerank(
     return np.ascontiguousarray(scores, dtype=np.float32), applied
 
 
+@dataclass(frozen=True)
+class Rerank:
+    """One settings object for the post-search stage: whiten -> DBA -> search -> QE -> diffusion.
+
+    ``whiten``: path of a whitening file (``cbir whiten``) or None; ``qe``/``dba``: K (0 = off);
+    ``alpha_qe``/``dba_alpha``: weights s^A (None = average / the alpha_qe value);
+    ``diffusion``: :class:`DiffusionParams` or None. ``apply(q, db)`` -> (scores, applied).
+    """
+
+    whiten: str | None = None
+    dba: int = 0
+    dba_alpha: float | None = None
+    qe: int = 0
+    alpha_qe: float | None = None
+    diffusion: DiffusionParams | None = None
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "Rerank":
+        """The settings given by the options of :func:`add_arguments` (missing ones: off)."""
+        diffusion = None
+        if getattr(args, "diffusion", False):
+            diffusion = DiffusionParams(
+                k=getattr(args, "diffusion_k", _DEF.k),
+                kq=getattr(args, "diffusion_kq", _DEF.kq),
+                gamma=getattr(args, "diffusion_gamma", _DEF.gamma),
+                alpha=getattr(args, "diffusion_alpha", _DEF.alpha),
+                trunc=getattr(args, "diffusion_trunc", _DEF.trunc),
+            )
+        return cls(
+            whiten=getattr(args, "whiten", None) or None,
+            dba=int(getattr(args, "dba", 0) or 0),
+            dba_alpha=getattr(args, "dba_alpha", None),
+            qe=int(getattr(args, "qe", 0) or 0),
+            alpha_qe=getattr(args, "alpha_qe", None),
+            diffusion=diffusion,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form; ``Rerank.from_dict(r.to_dict()) == r``."""
+        d = asdict(self)
+        d["diffusion"] = None if self.diffusion is None else self.diffusion.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Rerank":
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown re-ranking settings: {sorted(unknown)}")
+        d = dict(d)
+        if d.get("diffusion") is not None:
+            d["diffusion"] = DiffusionParams(**d["diffusion"])
+        return cls(**d)
+
+    def apply(self, q: np.ndarray, db: np.ndarray) -> tuple[np.ndarray, dict]:
+        """q (nq, D), db (n, D) -> (scores (nq, n) float32, applied JSON-ready dict)."""
+        if self.alpha_qe is not None and self.qe == 0:
+            raise ValueError("--alpha-qe needs --qe K (the number of neighbours to expand with)")
+        whitening = None
+        if self.whiten:
+            from ..whitening import Whitening
+
+            whitening = Whitening.load(self.whiten)
+        dba_alpha = self.dba_alpha
+        if dba_alpha is None:
+            dba_alpha = self.alpha_qe or 0.0
+        scores, applied = rerank(
+            q,
+            db,
+            whitening=whitening,
+            dba_k=self.dba,
+            dba_alpha=float(dba_alpha),
+            qe_k=self.qe,
+            qe_alpha=float(self.alpha_qe or 0.0),
+            diffusion=self.diffusion,
+        )
+        if whitening is not None:
+            applied["whiten"]["file"] = str(Path(self.whiten))
+        return scores, applied
+
+
 def rerank_from_args(args: argparse.Namespace, q: np.ndarray, db: np.ndarray) -> tuple[np.ndarray, dict]:
     """Apply the options added by :func:`add_arguments`; q (nq, D), db (n, D) -> (scores, applied).
 
     Missing attributes fall back to "off", so any namespace works. ``applied`` is JSON-ready and
     empty when nothing was applied (scores are then the plain inner products of L2-normalised rows).
     """
-    whitening = None
-    wpath = getattr(args, "whiten", None)
-    if wpath:
-        from ..whitening import Whitening
-
-        whitening = Whitening.load(wpath)
-    qe_alpha = getattr(args, "alpha_qe", None)
-    dba_alpha = getattr(args, "dba_alpha", None)
-    if dba_alpha is None:
-        dba_alpha = qe_alpha or 0.0
-    diffusion = None
-    if getattr(args, "diffusion", False):
-        diffusion = DiffusionParams(
-            k=getattr(args, "diffusion_k", _DEF.k),
-            kq=getattr(args, "diffusion_kq", _DEF.kq),
-            gamma=getattr(args, "diffusion_gamma", _DEF.gamma),
-            alpha=getattr(args, "diffusion_alpha", _DEF.alpha),
-            trunc=getattr(args, "diffusion_trunc", _DEF.trunc),
-        )
-    qe_k = int(getattr(args, "qe", 0) or 0)
-    if qe_alpha is not None and qe_k == 0:
-        raise ValueError("--alpha-qe needs --qe K (the number of neighbours to expand with)")
-    scores, applied = rerank(
-        q,
-        db,
-        whitening=whitening,
-        dba_k=int(getattr(args, "dba", 0) or 0),
-        dba_alpha=float(dba_alpha),
-        qe_k=qe_k,
-        qe_alpha=float(qe_alpha or 0.0),
-        diffusion=diffusion,
-    )
-    if whitening is not None:
-        applied["whiten"]["file"] = str(Path(wpath))
-    return scores, applied
+    return Rerank.from_args(args).apply(q, db)
