@@ -111,9 +111,9 @@ def main() -> int:
     # warm-up (allocator, kernels, cudnn autotune) on two images for both
     baseline(model, paths[:2], args.imsize, scales, dev)
     extract(model, paths[:2], imsize=args.imsize, scales=scales, device=dev, progress=False)
-    from cbir.extract import _device, _precision
+    from cbir.device import resolve_device, resolve_precision
 
-    amp = _precision(_device(dev), args.precision)
+    amp = resolve_precision(resolve_device(dev), args.precision)
     also_fp32 = amp == "bf16"  # then also time cbir in fp32, to show what bf16 adds
     t_base = t_cbir = t_fp32 = 0.0
     for r in range(args.rounds):

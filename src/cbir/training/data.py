@@ -29,6 +29,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from ..extraction.images import IMAGE_EXTENSIONS
 from ..fileio import FormatError
 from .mining import class_consistency_mask, hardest_positive, mine_diverse_negatives
 
@@ -47,7 +48,6 @@ __all__ = [
     "ImageDataset",
 ]
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
 @dataclass
