@@ -24,7 +24,6 @@ is the one used.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
 import re
@@ -34,6 +33,8 @@ from typing import Iterable, Mapping
 
 import torch
 from torch import nn
+
+from .fileio import sha256_file
 
 __all__ = [
     "OFFLINE_LITE",
@@ -84,11 +85,7 @@ def _check_hash_prefix(path: Path) -> None:
     match = re.search(r"-([0-9a-f]{8,})\.pth$", path.name)
     if not match:
         return
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    if not digest.hexdigest().startswith(match.group(1)):
+    if not sha256_file(path).startswith(match.group(1)):
         raise WeightsUnavailable(f"{path}: sha256 does not match the hash in its name (damaged file?)")
 
 
