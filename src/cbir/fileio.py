@@ -8,6 +8,7 @@ one, never a half-written one.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -85,6 +86,15 @@ def atomic_write_with(path: str | os.PathLike[str], writer: Callable[[str], None
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def sha256_file(path: str | os.PathLike[str], block: int = 1 << 22) -> str:
+    """Hex SHA-256 of a file's bytes, read in blocks (constant memory)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(block), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def read_json(path: str | os.PathLike[str], what: str = "file") -> Any:
