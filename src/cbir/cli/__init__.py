@@ -65,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (CLIError, FileNotFoundError, FormatError, ValueError, KeyError, PermissionError) as exc:
+    except (CLIError, FileNotFoundError, FormatError, ValueError, KeyError, PermissionError, TimeoutError) as exc:
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"cbir {args.command}: error: {msg}", file=sys.stderr)
         return 2

@@ -136,58 +136,67 @@ def cmd_build(args: argparse.Namespace) -> int:
                                 imsize=args.imsize, scales=scales, kind=args.type, params=params,
                                 device=args.device, batch_size=args.batch_size)
     _report_failed(failed)
-    index.save(args.out)
+    from ..index import writer_lock
+
+    with writer_lock(args.out).acquire(timeout=600):  # no other writer between our save and theirs
+        index.save(args.out)
     s = index.settings
     print(f"indexed {len(index)} images ({len(failed)} skipped; {s['model']} + {s['pooling']}, {index.dim}-d) -> {args.out}")
     return 0 if not failed else 1
 
 
 def cmd_add(args: argparse.Namespace) -> int:
+    import numpy as np
+
     from ..extract import extract
-    from ..index import Index
+    from ..index import Index, open_for_write
     from ..index.build import list_images
     from ..index.embed import build_model_from_source
 
-    index = Index.load(args.index, device=args.device)
+    snapshot = Index.load(args.index, device=args.device)  # to describe the images (outside the writer lock)
     files = list_images(args.paths)
-    known = {f: index.id_of_path(str(f)) for f in files}
+    known = {f: snapshot.id_of_path(str(f)) for f in files}
     todo = [f for f in files if known[f] is None or args.update]
-    already = [f for f in files if known[f] is not None and not args.update]
-    for f in already:
-        print(f"already indexed (id {known[f]}): {f}  (use --update to re-describe)", file=sys.stderr)
+    for f in files:
+        if known[f] is not None and not args.update:
+            print(f"already indexed (id {known[f]}): {f}  (use --update to re-describe)", file=sys.stderr)
     if not todo:
         print("nothing to add")
         return 0
-    settings = index.settings
+    settings = snapshot.settings
     model = build_model_from_source(dict(settings.get("source") or {}))
-    index.check_compatible(model.describe())
+    snapshot.check_compatible(model.describe())
     res = extract(model, todo, imsize=settings.get("imsize"), scales=tuple(settings.get("scales") or (1.0,)),
                   device=args.device)
     _report_failed(res.failed)
-    new_paths, new_vecs, updated = [], [], 0
-    for row, i in enumerate(res.ok):
-        f = todo[i]
-        if known[f] is not None:
-            index.update(known[f], res.vectors[row])
-            updated += 1
-        else:
-            new_paths.append(str(f))
-            new_vecs.append(res.vectors[row])
-    if new_paths:
-        import numpy as np
-
-        index.add(np.stack(new_vecs), new_paths)
-    index.save(args.index)
-    print(f"added {len(new_paths)}, updated {updated}, skipped {len(res.failed)} unreadable; index has {len(index)} images")
+    del snapshot
+    new_paths, new_vecs, updated, raced = [], [], 0, 0
+    with open_for_write(args.index, device=args.device) as index:  # the newest generation, locked
+        index.check_compatible(model.describe())
+        for row, i in enumerate(res.ok):
+            f = todo[i]
+            current = index.id_of_path(str(f))  # another writer may have added it meanwhile
+            if current is None:
+                new_paths.append(str(f))
+                new_vecs.append(res.vectors[row])
+            elif args.update:
+                index.update(current, res.vectors[row])
+                updated += 1
+            else:
+                raced += 1
+        if new_paths:
+            index.add(np.stack(new_vecs), new_paths)
+    extra = f", {raced} added meanwhile by another writer" if raced else ""
+    print(f"added {len(new_paths)}, updated {updated}, skipped {len(res.failed)} unreadable{extra}; "
+          f"index has {len(index)} images")
     return 0 if not res.failed else 1
 
 
 def cmd_remove(args: argparse.Namespace) -> int:
-    from ..index import Index
+    from ..index import open_for_write
 
-    index = Index.load(args.index, device="cpu")
-    index.remove(args.ids)
-    index.save(args.index)
+    with open_for_write(args.index, device="cpu") as index:
+        index.remove(args.ids)
     print(f"removed {len(set(args.ids))}; index has {len(index)} images")
     return 0
 
