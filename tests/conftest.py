@@ -67,7 +67,7 @@ def _code_version() -> str:
     return digest.hexdigest()[:12]
 
 
-def _cached_extract(tmp_path_factory, rparis250: Path, gnd: dict, imsize: int) -> dict:
+def _cached_extract(tmp_path_factory, rparis250: Path, gnd: dict, imsize: int, tag: str = "rparis250") -> dict:
     """Lite0 + GeM, single scale: database rows (imlist order) and cropped queries (qimlist order).
 
     Computed once per test session and shared between xdist workers through a file lock.
@@ -78,7 +78,7 @@ def _cached_extract(tmp_path_factory, rparis250: Path, gnd: dict, imsize: int) -
     from cbir.model import build_model
 
     root = tmp_path_factory.getbasetemp().parent  # shared by xdist workers (and kept between runs)
-    cache = root / f"rparis250_lite0_gem_{imsize}_{_code_version()}.npz"
+    cache = root / f"{tag}_lite0_gem_{imsize}_{_code_version()}.npz"
     with FileLock(str(cache) + ".lock"):
         if not cache.exists():
             model = build_model("efficientnet_lite0", pooling="gem")
@@ -102,3 +102,49 @@ def _cached_extract(tmp_path_factory, rparis250: Path, gnd: dict, imsize: int) -
 def rparis250_lite0(tmp_path_factory, rparis250, rparis250_gnd) -> dict:
     """{"db": (238, 1280), "q": (12, 1280)} Lite0-GeM descriptors at 512 px, single scale."""
     return _cached_extract(tmp_path_factory, rparis250, rparis250_gnd, imsize=512)
+
+
+DEMO = REPO / "src" / "cbir" / "data" / "demo"
+
+
+@pytest.fixture(scope="session")
+def demo() -> Path:
+    """The bundled demo set (src/cbir/data/demo: jpg/ + gnd_demo.pkl, 33 database photos, 5 queries)."""
+    return DEMO
+
+
+@pytest.fixture(scope="session")
+def demo_gnd() -> dict:
+    from cbir.datasets.revisitop import load_gnd
+
+    return load_gnd(DEMO / "gnd_demo.pkl")
+
+
+@pytest.fixture(scope="session")
+def demo_lite0(tmp_path_factory, demo_gnd) -> dict:
+    """{"db": (33, 1280), "q": (5, 1280)} Lite0-GeM descriptors of the demo set at 512 px, single scale."""
+    return _cached_extract(tmp_path_factory, DEMO, demo_gnd, imsize=512, tag="demo")
+
+
+LITE0_SOURCE = {"model": "efficientnet_lite0", "pooling": "gem", "weights": "default", "pooling_kw": {}}
+
+
+@pytest.fixture(scope="session")
+def lite0_gem():
+    """EfficientNet-Lite0 + GeM (built once per session; the service tests share it)."""
+    from cbir.model import build_model
+
+    return build_model("efficientnet_lite0", pooling="gem")
+
+
+@pytest.fixture()
+def demo_index(tmp_path, lite0_gem, demo, demo_gnd, demo_lite0):
+    """(Index, its folder, QueryEncoder): the 33 demo database photos, Lite0-GeM 512 px, saved under tmp_path."""
+    from cbir.index import Index
+    from cbir.index.embed import QueryEncoder, model_settings
+
+    settings = model_settings(lite0_gem, LITE0_SOURCE, 512, (1.0,))
+    idx = Index(lite0_gem.dim, "exact", settings=settings, device="cpu")
+    idx.add(demo_lite0["db"], [str(demo / "jpg" / f"{n}.jpg") for n in demo_gnd["imlist"]])
+    idx.save(tmp_path / "demo.index")
+    return idx, tmp_path / "demo.index", QueryEncoder(settings, model=lite0_gem, device="cpu")
