@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import pickle
 from pathlib import Path
 
 from . import CLIError
@@ -67,14 +66,10 @@ def _pairs_from_csv(path: Path, table: dict[str, int]) -> list[tuple[int, int]]:
 
 
 def _pairs_from_gnd(path: Path, table: dict[str, int]) -> list[tuple[int, int]]:
-    if not path.is_file():
-        raise FileNotFoundError(f"ground truth not found: {path}")
-    with open(path, "rb") as fh:
-        gnd = pickle.load(fh)
-    try:
-        qnames, dbnames, entries = gnd["qimlist"], gnd["imlist"], gnd["gnd"]
-    except (KeyError, TypeError) as exc:
-        raise CLIError(f"{path} is not a revisitop ground truth (needs imlist, qimlist, gnd)") from exc
+    from ..datasets.revisitop import load_gnd
+
+    gnd = load_gnd(path)  # the restricted unpickler: a crafted .pkl cannot run code
+    qnames, dbnames, entries = gnd["qimlist"], gnd["imlist"], gnd["gnd"]
     out = []
     for qname, entry in zip(qnames, entries):
         if qname not in table:
