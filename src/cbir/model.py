@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .backbones import OFFLINE_LITE, build_backbone
-from .fileio import FormatError, atomic_write_with, check_format
+from .fileio import FormatError, atomic_write_with, check_format, load_error_reason
 from .pooling import Pooling, build_pooling
 
 __all__ = [
@@ -161,7 +161,7 @@ def load_model(path: str | os.PathLike[str], map_location: str | torch.device = 
     try:
         blob = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:
-        raise FormatError(f"{path} is not a cbir model file (unreadable: {exc})") from exc
+        raise FormatError(f"{path} is not a cbir model file: {load_error_reason(exc)}") from exc
     check_format(blob, MODEL_FORMAT, (MODEL_FORMAT_VERSION,), path, what="cbir model")
     cfg = blob["config"]
     kw = dict(cfg.get("pooling_kw", {}))
