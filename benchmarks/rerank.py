@@ -31,7 +31,7 @@ import scipy.sparse as sp
 from pathlib import Path
 
 from cbir.descriptors import l2_normalize
-from cbir.rerank.qe import topk
+from cbir.rerank.knn import topk
 from cbir.rerank.diffusion import (
     DiffusionParams,
     OfflineDiffusion,

@@ -68,9 +68,19 @@ def _code_version() -> str:
 
 
 def _cached_extract(tmp_path_factory, rparis250: Path, gnd: dict, imsize: int) -> dict:
-    """Lite0 + GeM, single scale: database rows (imlist order) and cropped queries (qimlist order).
+    """Lite0 + GeM, single scale: database rows (imlist order) and cropped queries (qimlist order)."""
+    return cached_descriptors(tmp_path_factory, "rparis250", rparis250 / "jpg", gnd, imsize=imsize, crop=True)
 
-    Computed once per test session and shared between xdist workers through a file lock.
+
+def cached_descriptors(
+    tmp_path_factory, name: str, jpg: Path, gnd: dict, imsize: int = 512, crop: bool = True
+) -> dict:
+    """Lite0 + GeM, single scale, of a revisitop-format set -> {"db": (n, D), "q": (nq, D)}.
+
+    Database rows in ``imlist`` order, queries in ``qimlist`` order (cropped to ``bbx`` when
+    ``crop``; else each query is the row of the same image, as Holidays' whole-image boxes).
+    Computed once and kept in a file keyed by the set, the settings and a hash of the
+    extraction code (:func:`_code_version`), shared between xdist workers through a file lock.
     """
     from filelock import FileLock
 
@@ -78,22 +88,28 @@ def _cached_extract(tmp_path_factory, rparis250: Path, gnd: dict, imsize: int) -
     from cbir.model import build_model
 
     root = tmp_path_factory.getbasetemp().parent  # shared by xdist workers (and kept between runs)
-    cache = root / f"rparis250_lite0_gem_{imsize}_{_code_version()}.npz"
+    cache = root / f"{name}_lite0_gem_{imsize}_{_code_version()}.npz"
     with FileLock(str(cache) + ".lock"):
         if not cache.exists():
             model = build_model("efficientnet_lite0", pooling="gem")
-            jpg = rparis250 / "jpg"
             db = extract(model, [jpg / f"{n}.jpg" for n in gnd["imlist"]], imsize=imsize, scales=(1.0,), progress=False)
-            q = extract(
-                model,
-                [jpg / f"{n}.jpg" for n in gnd["qimlist"]],
-                imsize=imsize,
-                scales=(1.0,),
-                bboxes=[tuple(g["bbx"]) for g in gnd["gnd"]],
-                progress=False,
-            )
-            assert not db.failed and not q.failed
-            np.savez(cache, db=db.vectors, q=q.vectors)
+            assert not db.failed
+            if crop:
+                q = extract(
+                    model,
+                    [jpg / f"{n}.jpg" for n in gnd["qimlist"]],
+                    imsize=imsize,
+                    scales=(1.0,),
+                    bboxes=[tuple(g["bbx"]) for g in gnd["gnd"]],
+                    progress=False,
+                )
+                assert not q.failed
+                qv = q.vectors
+            else:
+                row = {n: i for i, n in enumerate(gnd["imlist"])}
+                qv = db.vectors[[row[n] for n in gnd["qimlist"]]]
+            np.savez(str(cache) + ".tmp.npz", db=db.vectors, q=qv)
+            os.replace(str(cache) + ".tmp.npz", cache)
     data = np.load(cache)
     return {"db": data["db"], "q": data["q"]}
 
@@ -102,3 +118,21 @@ def _cached_extract(tmp_path_factory, rparis250: Path, gnd: dict, imsize: int) -
 def rparis250_lite0(tmp_path_factory, rparis250, rparis250_gnd) -> dict:
     """{"db": (238, 1280), "q": (12, 1280)} Lite0-GeM descriptors at 512 px, single scale."""
     return _cached_extract(tmp_path_factory, rparis250, rparis250_gnd, imsize=512)
+
+
+@pytest.fixture(scope="session")
+def holidays805() -> Path:
+    """The folder data/holidays-805 (jpg/ + gnd_holidays805.pkl)."""
+    return shared_path("data", "holidays-805")
+
+
+@pytest.fixture(scope="session")
+def holidays805_gnd(holidays805: Path) -> dict:
+    with open(holidays805 / "gnd_holidays805.pkl", "rb") as fh:
+        return pickle.load(fh)
+
+
+@pytest.fixture(scope="session")
+def holidays805_lite0(tmp_path_factory, holidays805, holidays805_gnd) -> dict:
+    """{"db": (805, 1280), "q": (295, 1280)} Lite0-GeM at 512 px, single scale; queries = their rows."""
+    return cached_descriptors(tmp_path_factory, "holidays805", holidays805 / "jpg", holidays805_gnd, crop=False)

@@ -8,19 +8,32 @@ import scipy.sparse as sp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cbir.descriptors import l2_normalize
+from cbir.linalg import l2_normalize
 from cbir.rerank.diffusion import (
     UNREACHED_OFFSET,
     DiffusionParams,
     OfflineDiffusion,
     diffuse,
-    diffuse_dense,
-    diffuse_iterative,
     diffusion_scores,
     knn_graph,
     normalize_graph,
     query_vectors,
 )
+
+
+def diffuse_iterative(s, y, alpha=0.99, iters=100):
+    """Reference: ``f_t = alpha S f_{t-1} + (1 - alpha) y`` from ``f_0 = y``, t = iters."""
+    f = np.asarray(y, dtype=np.float64).copy()
+    y = f.copy()
+    for _ in range(iters):
+        f = alpha * (s @ f) + (1.0 - alpha) * y
+    return f
+
+
+def diffuse_dense(s, y, alpha=0.99):
+    """Reference closed form ``(1 - alpha) inv(I - alpha S) y`` with a dense inverse (small n)."""
+    s = np.asarray(s.toarray() if sp.issparse(s) else s, dtype=np.float64)
+    return (1.0 - alpha) * np.linalg.inv(np.eye(s.shape[0]) - alpha * s) @ np.asarray(y, dtype=np.float64)
 
 
 def _clustered(seed, n=120, d=8, c=6, noise=0.35):

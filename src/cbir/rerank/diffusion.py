@@ -36,6 +36,8 @@ from typing import Callable
 import numpy as np
 import scipy.sparse as sp
 
+from .knn import knn_search, topk
+
 #: Scores of items the diffusion did not reach are ``similarity - UNREACHED_OFFSET`` (< 0 <= f).
 UNREACHED_OFFSET = 3.0
 
@@ -74,42 +76,6 @@ class DiffusionParams:
 
 
 # ----------------------------------------------------------------------------- kNN and graph
-
-
-def knn_search(
-    q: np.ndarray, db: np.ndarray, k: int, batch: int = 16384, nlist: int = 0, nprobe: int = 8
-) -> tuple[np.ndarray, np.ndarray]:
-    """Inner-product k nearest neighbours with faiss -> (sims (nq,k) f32, idx (nq,k) i64).
-
-    Exact (``IndexFlatIP``) by default; ``nlist > 0`` uses an inverted file (``IndexIVFFlat``,
-    nlist k-means cells, ``nprobe`` visited) for large databases: approximate, missing
-    neighbours are returned as index -1. k is clamped to the database size; queries are searched
-    in batches to bound memory.
-    """
-    import faiss
-
-    db = np.ascontiguousarray(db, dtype=np.float32)
-    q = np.ascontiguousarray(q, dtype=np.float32)
-    if q.shape[1] != db.shape[1]:
-        raise ValueError(f"query dimension {q.shape[1]} != database dimension {db.shape[1]}")
-    k = int(min(k, db.shape[0]))
-    d = db.shape[1]
-    if nlist > 0:
-        quantizer = faiss.IndexFlatIP(d)
-        index = faiss.IndexIVFFlat(quantizer, d, int(nlist), faiss.METRIC_INNER_PRODUCT)
-        index.cp.niter = 10  # k-means on at most 64 points per cell: enough for a coarse quantiser
-        index.cp.max_points_per_centroid = 64
-        index.train(db)
-        index.add(db)
-        index.nprobe = int(nprobe)
-    else:
-        index = faiss.IndexFlatIP(d)
-        index.add(db)
-    sims = np.empty((q.shape[0], k), dtype=np.float32)
-    idx = np.empty((q.shape[0], k), dtype=np.int64)
-    for s in range(0, q.shape[0], batch):
-        sims[s : s + batch], idx[s : s + batch] = index.search(q[s : s + batch], k)
-    return sims, idx
 
 
 def graph_from_knn(sims: np.ndarray, idx: np.ndarray, gamma: float = 3.0, mutual: bool = True) -> sp.csr_matrix:
@@ -221,21 +187,6 @@ def diffuse(s: sp.spmatrix, y: np.ndarray, alpha: float = 0.99, maxiter: int = 2
     return f[:, 0] if vec else f
 
 
-def diffuse_iterative(s: sp.spmatrix, y: np.ndarray, alpha: float = 0.99, iters: int = 100) -> np.ndarray:
-    """``f_t = alpha S f_{t-1} + (1 - alpha) y`` from ``f_0 = y``, t = iters (the iterative form)."""
-    f = np.asarray(y, dtype=np.float64).copy()
-    y = f.copy()
-    for _ in range(iters):
-        f = alpha * (s @ f) + (1.0 - alpha) * y
-    return f
-
-
-def diffuse_dense(s: np.ndarray, y: np.ndarray, alpha: float = 0.99) -> np.ndarray:
-    """Reference closed form ``(1 - alpha) inv(I - alpha S) y`` with a dense inverse (small n only)."""
-    s = np.asarray(s.toarray() if sp.issparse(s) else s, dtype=np.float64)
-    return (1.0 - alpha) * np.linalg.inv(np.eye(s.shape[0]) - alpha * s) @ np.asarray(y, dtype=np.float64)
-
-
 # ----------------------------------------------------------------------------- online ranking
 
 
@@ -269,8 +220,6 @@ def diffusion_scores(
     sim = np.asarray(sim, dtype=np.float32)
     kq = min(params.kq, n)
     if params.trunc <= 0 or params.trunc >= n:
-        from .qe import topk
-
         s, idx = topk(sim, kq)
         y = query_vectors(s, idx, n, params.gamma)
         f = diffuse(normalize_graph(graph), y, params.alpha, params.maxiter, params.tol).T
@@ -347,8 +296,6 @@ def truncated_diffusion(
 
 def _truncated(sim: np.ndarray, graph: sp.spmatrix, params: DiffusionParams) -> np.ndarray:
     """Truncated diffusion from the full similarity matrix (nq, n) -> f (nq, n), 0 outside regions."""
-    from .qe import topk
-
     s, idx = topk(sim, params.trunc)  # (nq, R), best first: the query's kq neighbours come first
     f = np.zeros(sim.shape, dtype=np.float64)
     np.put_along_axis(f, idx, truncated_diffusion(s, idx, graph, params), axis=1)
@@ -382,8 +329,6 @@ class OfflineDiffusion:
     ) -> "OfflineDiffusion":
         """Solve ``(I - alpha S) l_i = (1 - alpha) e_i`` for every database item (CG, chunks of
         right-hand sides) and keep each solution's top-m entries. Cost: n CG solves."""
-        from .qe import topk
-
         n = db.shape[0]
         if graph is None:
             graph = knn_graph(db, k=params.k, gamma=params.gamma, mutual=params.mutual)
@@ -412,8 +357,6 @@ class OfflineDiffusion:
 
     def scores(self, q: np.ndarray, db: np.ndarray, sim: np.ndarray | None = None) -> np.ndarray:
         """Online diffusion scores (nq, n) float32 (final scores as in the module docstring)."""
-        from .qe import topk
-
         n = self.columns.shape[0]
         if sim is None:
             sim = np.ascontiguousarray(q, dtype=np.float32) @ np.ascontiguousarray(db, dtype=np.float32).T

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from ..descriptors import l2_normalize
+from ..linalg import l2_normalize
 from .diffusion import DiffusionParams, diffusion_scores, knn_graph
 from .qe import alpha_qe, dba
 
