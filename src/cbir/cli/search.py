@@ -58,7 +58,7 @@ def parse_bbox(text: str | None) -> tuple[float, float, float, float] | None:
 
 
 def wants_rerank(args: argparse.Namespace) -> bool:
-    return bool(getattr(args, "whiten", None) or getattr(args, "qe", 0) or getattr(args, "dba", 0)
+    return bool(getattr(args, "recipe", None) or getattr(args, "whiten", None) or getattr(args, "qe", 0) or getattr(args, "dba", 0)
                 or getattr(args, "diffusion", False))
 
 
