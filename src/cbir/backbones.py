@@ -35,8 +35,7 @@ from typing import Iterable, Iterator, Mapping
 import torch
 from torch import nn
 
-from .fileio import sha256_file
-from .fileio import load_error_reason
+from .fileio import load_error_reason, sha256_file
 
 __all__ = [
     "OFFLINE_LITE",
