@@ -26,6 +26,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from .fileio import FormatError, atomic_save_npy, atomic_write_json, check_format, read_json
+from .linalg import l2_normalize  # noqa: F401  (re-exported; the function lives in cbir.linalg)
 
 FORMAT = "descriptors"
 FORMAT_VERSION = 1
@@ -327,12 +328,6 @@ def write_sharded_meta(out: str | Path, shards: list[dict[str, Any]], meta: dict
     meta.update(format=FORMAT, format_version=SHARDED_VERSION, layout="shards", shards=list(shards),
                 rows=int(sum(s["rows"] for s in shards)), failed=list(failed), dim=int(dim), dtype=str(dtype))
     atomic_write_json(Path(out) / META_NAME, meta)
-
-
-def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
-    """Rows of ``x`` scaled to unit L2 norm (zero rows stay zero). Shape (N, D) -> (N, D)."""
-    x = np.asarray(x, dtype=np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), eps)
 
 
 def read_fvecs(path: str | Path) -> np.ndarray:

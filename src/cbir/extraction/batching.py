@@ -39,7 +39,8 @@ class _Images(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         try:
             if self.raw:
-                data = Path(self.paths[i]).read_bytes()
+                src = self.paths[i]
+                data = bytes(src) if isinstance(src, (bytes, bytearray)) else Path(src).read_bytes()
                 if data[:3] == b"\xff\xd8\xff":  # JPEG: decoded on the GPU
                     return i, ("jpeg", torch.frombuffer(bytearray(data), dtype=torch.uint8)), None
             return i, image_tensor(load_image(self.paths[i], self.bboxes[i]), self.imsize, self.mean, self.std), None

@@ -13,10 +13,11 @@ image) raises :class:`ImageError`.
 
 from __future__ import annotations
 
+import io
 import math
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -26,7 +27,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Box", "IMAGE_EXTENSIONS", "MIN_SIDE", "ImageError", "is_image_file", "parse_bbox", "clip_box",
-    "load_image", "image_size", "resized_size", "scaled_size", "image_tensor", "reason_of",
+    "load_image", "image_size", "label", "resized_pixels", "pixels_tensor", "resized_size", "scaled_size", "image_tensor", "reason_of",
 ]
 
 Box = tuple[float, float, float, float]
@@ -42,9 +43,15 @@ MIN_SIDE = 32
 class ImageError(ValueError):
     """An image could not be used; the message names the file and the reason."""
 
-    def __init__(self, path: str | os.PathLike[str], reason: str):
+    def __init__(self, path: str | os.PathLike[str] | bytes, reason: str):
+        path = label(path)
         super().__init__(f"{path}: {reason}")
-        self.path, self.reason = str(path), reason
+        self.path, self.reason = path, reason
+
+
+def label(path: Any) -> str:
+    """How an image is named in messages: its path, or "<image in memory>" for bytes."""
+    return "<image in memory>" if isinstance(path, (bytes, bytearray)) else str(path)
 
 
 def is_image_file(path: str | os.PathLike[str]) -> bool:
@@ -90,8 +97,12 @@ def reason_of(exc: BaseException) -> str:
     return text
 
 
-def _readable_file(path: str | os.PathLike[str]) -> Path:
-    """``path`` as a Path; ImageError naming it when it is missing or empty."""
+def _readable_file(path: str | os.PathLike[str] | bytes) -> Path | io.BytesIO:
+    """``path`` as a Path (image bytes: a BytesIO over them); ImageError naming it when it is missing or empty."""
+    if isinstance(path, (bytes, bytearray)):
+        if not path:
+            raise ImageError(path, "empty file")
+        return io.BytesIO(path)
     path = Path(path)
     if not path.is_file():
         raise ImageError(path, "file not found")
@@ -100,15 +111,16 @@ def _readable_file(path: str | os.PathLike[str]) -> Path:
     return path
 
 
-def load_image(path: str | os.PathLike[str], bbox: Box | None = None) -> Image.Image:
-    """Decode ``path`` fully as RGB, EXIF orientation applied, cropped to ``bbox`` (x1,y1,x2,y2).
+def load_image(path: str | os.PathLike[str] | bytes, bbox: Box | None = None) -> Image.Image:
+    """Decode ``path`` (a file, or the image's bytes) fully as RGB, EXIF orientation applied, cropped to
+    ``bbox`` (x1,y1,x2,y2).
 
     Raises ImageError (naming the file) for a missing, empty, truncated or non-image file, and for
     a crop box with no pixel inside the image.
     """
-    path = _readable_file(path)
+    src = _readable_file(path)
     try:
-        with Image.open(path) as im:
+        with Image.open(src) as im:
             im.load()
             im = ImageOps.exif_transpose(im)
             im = im.convert("RGB")
@@ -123,11 +135,11 @@ def load_image(path: str | os.PathLike[str], bbox: Box | None = None) -> Image.I
     return im
 
 
-def image_size(path: str | os.PathLike[str], bbox: Box | None = None) -> tuple[int, int]:
+def image_size(path: str | os.PathLike[str] | bytes, bbox: Box | None = None) -> tuple[int, int]:
     """(width, height) the decoded image will have, from the header only (EXIF rotation and crop included)."""
-    path = _readable_file(path)
+    src = _readable_file(path)
     try:
-        with Image.open(path) as im:
+        with Image.open(src) as im:
             w, h = im.size
             orientation = im.getexif().get(0x0112, 1)
     except Exception as exc:
@@ -163,14 +175,24 @@ def scaled_size(h: int, w: int, scale: float, min_side: int = MIN_SIDE) -> tuple
     return (max(min_side, hs), max(min_side, ws)), False
 
 
-def image_tensor(im: Image.Image, imsize: int | None, mean: Sequence[float], std: Sequence[float]) -> "torch.Tensor":
-    """PIL RGB -> (3, H, W) float32, resized (``resized_size``) and normalised (x - mean) / std."""
-    import torch
-
+def resized_pixels(im: Image.Image, imsize: int | None) -> np.ndarray:
+    """PIL RGB -> (H, W, 3) uint8, shrunk (bicubic) to :func:`resized_size`."""
     size = resized_size(*im.size, imsize)
     if size != im.size:
         im = im.resize(size, Image.BICUBIC)
-    x = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255.0)
+    return np.asarray(im, dtype=np.uint8)
+
+
+def pixels_tensor(pixels: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> "torch.Tensor":
+    """(H, W, 3) uint8 -> (3, H, W) float32 (x / 255 - mean) / std."""
+    import torch
+
+    x = torch.from_numpy(np.array(pixels, dtype=np.uint8, copy=True)).permute(2, 0, 1).float().div_(255.0)
     m = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
     s = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
     return (x - m) / s
+
+
+def image_tensor(im: Image.Image, imsize: int | None, mean: Sequence[float], std: Sequence[float]) -> "torch.Tensor":
+    """PIL RGB -> (3, H, W) float32, resized (``resized_size``) and normalised (x - mean) / std."""
+    return pixels_tensor(resized_pixels(im, imsize), mean, std)

@@ -26,9 +26,9 @@ import torch.nn.functional as F
 
 from ..device import autocast, resolve_device, resolve_precision
 from .batching import batch_defaults, iter_batches, prepare_model
-from .images import MIN_SIDE, Box, scaled_size
+from .images import MIN_SIDE, Box, label, scaled_size
 
-__all__ = ["DEFAULT_SCALES", "ExtractResult", "extract", "combine_scales", "rescale", "check_scales"]
+__all__ = ["DEFAULT_SCALES", "ExtractResult", "extract", "describe", "combine_scales", "rescale", "check_scales"]
 
 DEFAULT_SCALES = (1.0, 1.0 / math.sqrt(2.0), 0.5)
 
@@ -68,6 +68,21 @@ def rescale(x: torch.Tensor, scale: float, min_side: int = MIN_SIDE) -> torch.Te
     return F.interpolate(x, size=(hs, ws), mode="bilinear", align_corners=False, antialias=True)
 
 
+def describe(model, x: torch.Tensor, scales: Sequence[float], p: float, *,
+             pool: Callable[[torch.Tensor], torch.Tensor] | None = None, channels_last: bool = True) -> torch.Tensor:
+    """(B,3,H,W) normalised images -> (B,D) float32 descriptors: every scale (:func:`rescale`) through
+    ``pool`` (default ``model.pool``), combined by :func:`combine_scales` with exponent ``p``, then ``model.head``."""
+    pool = model.pool if pool is None else pool
+    per_scale = []
+    for s in scales:
+        xs = rescale(x, s)
+        if channels_last:
+            xs = xs.contiguous(memory_format=torch.channels_last)
+        per_scale.append(pool(xs).float())
+    v = per_scale[0] if len(scales) == 1 else combine_scales(torch.stack(per_scale), p)
+    return model.head(v).float()
+
+
 def check_scales(scales: Sequence[float]) -> tuple[float, ...]:
     scales = tuple(float(s) for s in scales)
     if not scales or any(not s > 0 or not math.isfinite(s) for s in scales):
@@ -77,7 +92,7 @@ def check_scales(scales: Sequence[float]) -> tuple[float, ...]:
 
 def extract(
     model,
-    images: Sequence[str | os.PathLike[str]],
+    images: Sequence[str | os.PathLike[str] | bytes],
     *,
     imsize: int | None = 1024,
     scales: Sequence[float] = DEFAULT_SCALES,
@@ -93,7 +108,7 @@ def extract(
     backend: str = "torch",
     on_progress: Callable[[int], None] | None = None,
 ) -> ExtractResult:
-    """Descriptors of ``images`` with RetrievalNet ``model`` (moved to ``device``, eval mode).
+    """Descriptors of ``images`` (files, or images' bytes) with RetrievalNet ``model`` (moved to ``device``, eval mode).
 
     Returns ExtractResult(vectors (N_ok, D) float32 L2-normalised, ok (N_ok,) input indices,
     failed [{"path", "reason"}]). ``strict=True`` raises ImageError at the first unreadable image.
@@ -103,7 +118,7 @@ def extract(
     ``on_progress(n)`` is called with the number of images just described. The model is left on
     ``device`` (in channels_last when that is on) and in the train/eval mode it came in.
     """
-    paths = [Path(p) for p in images]
+    paths = [p if isinstance(p, (bytes, bytearray)) else Path(p) for p in images]  # bytes: an image in memory
     if bboxes is None:
         bboxes = [None] * len(paths)
     if len(bboxes) != len(paths):
@@ -134,15 +149,8 @@ def extract(
             for idx, x in iter_batches(paths=paths, bboxes=bboxes, imsize=imsize, mean=model.mean, std=model.std,
                                        batch_size=batch_size, workers=workers, failed=failed_idx, strict=strict,
                                        pin=dev.type == "cuda", decode=decode, device=dev):
-                x = x.to(dev, non_blocking=True)
-                per_scale = []
-                for s in scales:
-                    xs = rescale(x, s)
-                    if channels_last:
-                        xs = xs.contiguous(memory_format=torch.channels_last)
-                    per_scale.append(pool(xs).float())
-                v = per_scale[0] if len(scales) == 1 else combine_scales(torch.stack(per_scale), p)
-                v = model.head(v).float().cpu().numpy()
+                v = describe(model, x.to(dev, non_blocking=True), scales, p, pool=pool,
+                             channels_last=channels_last).cpu().numpy()
                 for j, i in enumerate(idx):
                     out[i] = v[j]
                 if bar is not None:
@@ -157,5 +165,5 @@ def extract(
     ok = np.array(sorted(out), dtype=np.int64)
     dim = model.dim
     vectors = np.stack([out[i] for i in ok]).astype(np.float32) if len(ok) else np.zeros((0, dim), np.float32)
-    failed = [{"path": str(paths[i]), "reason": r} for i, r in sorted(failed_idx)]
+    failed = [{"path": label(paths[i]), "reason": r} for i, r in sorted(failed_idx)]
     return ExtractResult(vectors=vectors, ok=ok, failed=failed)
