@@ -34,7 +34,7 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from cbir.extract import extract, image_tensor, load_image  # noqa: E402
+from cbir.extract import extract, image_tensor, is_image_file, load_image  # noqa: E402
 from cbir.model import build_model  # noqa: E402
 
 
@@ -96,7 +96,7 @@ def main() -> int:
     if not folder.is_dir():
         print(f"image folder not found: {folder} (set CBIR_SHARED or --folder)", file=sys.stderr)
         return 2
-    files = sorted(f for f in folder.iterdir() if f.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    files = sorted(f for f in folder.iterdir() if is_image_file(f))
     step = max(1, len(files) // args.images)
     paths = files[::step][: args.images]  # spread over all landmarks
     scales = tuple(float(s) for s in args.scales.split(","))

@@ -89,3 +89,19 @@ def test_index_build_and_add_odd_images(odd, tmp_path, capsys):
     from cbir.index import Index
 
     assert len(Index.load(ix)) == 5
+
+
+def test_one_source_for_extensions_boxes_and_devices():
+    from cbir.datasets import folder
+    from cbir.device import resolve_device
+    from cbir.extract import IMAGE_EXTENSIONS, parse_bbox
+    from cbir.index import build, exact
+    from cbir.training import data
+
+    assert folder.IMAGE_EXTS is build.IMAGE_SUFFIXES is data.IMAGE_EXTENSIONS is IMAGE_EXTENSIONS
+    assert ".gif" in IMAGE_EXTENSIONS and ".jpeg" in IMAGE_EXTENSIONS  # the three lists disagreed on .gif
+    assert exact.resolve_device is resolve_device and str(resolve_device("cpu")) == "cpu"
+    assert parse_bbox(" 0, 0,500,1 ") == (0.0, 0.0, 500.0, 1.0) and parse_bbox("") is None
+    for bad in ["1,2,3", "a,b,c,d", "5,0,4,1", "0,0,nan,1", "0,0,1,1,1"]:
+        with pytest.raises(ValueError, match="bbox must be"):
+            parse_bbox(bad)
