@@ -107,3 +107,16 @@ def test_extraction_resumes_to_bit_identical_shards(tmp_path, monkeypatch):
         assert p.read_bytes() == (tmp_path / "resumed" / "shards" / p.name).read_bytes(), p.name
     assert json.loads((tmp_path / "resumed" / "meta.json").read_text())["shards"] == \
         json.loads((tmp_path / "whole" / "meta.json").read_text())["shards"]
+
+
+def test_chunked_topk_reads_the_shards(tmp_path):
+    from cbir.topk import chunked_topk
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((101, 16)).astype(np.float16)
+    Descriptors(ids=[str(i) for i in range(101)], vectors=x).save(tmp_path / "sh", shard_size=13)
+    store = Descriptors.load(tmp_path / "sh")
+    q = rng.standard_normal((4, 16)).astype(np.float32)
+    scores, rows = chunked_topk(q, store.iter_chunks(17, dtype=np.float32), k=10)
+    want = np.argsort(-(q @ x.astype(np.float32).T), axis=1, kind="stable")[:, :10]
+    np.testing.assert_array_equal(rows, want)

@@ -78,9 +78,13 @@ class Descriptors:
 
         Reads at most ``rows`` rows at a time from a memory-mapped store (shard borders are crossed
         transparently), so a consumer such as a chunked top-k scores 1M descriptors in bounded memory.
-        ``dtype`` converts each block (e.g. np.float32 for float16 shards).
+        ``dtype`` converts each block (e.g. np.float32 for float16 shards). The pairs are what
+        ``cbir.topk.chunked_topk(q, desc.iter_chunks(rows, np.float32), k)`` takes as its database.
         """
-        yield from iter_row_chunks(self.vectors, rows, dtype)
+        if isinstance(self.vectors, ShardedArray):
+            yield from self.vectors.iter_chunks(rows, dtype)
+        else:
+            yield from iter_row_chunks(self.vectors, rows, dtype)
 
     def save(self, out_dir: str | Path, shard_size: int | None = None) -> None:
         """Write the folder: a single ``descriptors.npy`` (default) or shards of ``shard_size`` rows.
@@ -265,8 +269,30 @@ class ShardedArray:
         return np.asarray(self).T
 
     def iter_chunks(self, rows: int = 65536, dtype: Any = None) -> Iterator[tuple[int, np.ndarray]]:
-        """(start, block) for ``self[start:start + rows]`` in order; see :meth:`Descriptors.iter_chunks`."""
-        yield from iter_row_chunks(self, rows, dtype)
+        """(start, block) for ``self[start:start + rows]`` in order; see :meth:`Descriptors.iter_chunks`.
+
+        The pages of every shard already read are handed back to the kernel (``madvise(MADV_DONTNEED)``;
+        they stay in the page cache), so streaming a large store keeps the resident memory at a few blocks.
+        """
+        released = 0
+        for start, block in iter_row_chunks(self, rows, dtype):
+            yield start, block
+            end = start + len(block)
+            while released < len(self.shards) and self.offsets[released + 1] <= end:
+                _release(self.shards[released])
+                released += 1
+
+
+def _release(arr: np.ndarray) -> None:
+    """Drop the resident pages of a memory-mapped array (no-op for an in-memory one)."""
+    import mmap
+
+    m = getattr(arr, "_mmap", None)
+    if m is not None and hasattr(m, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+        try:
+            m.madvise(mmap.MADV_DONTNEED)
+        except (OSError, ValueError):
+            pass
 
 
 def iter_row_chunks(vectors: Any, rows: int = 65536, dtype: Any = None) -> Iterator[tuple[int, np.ndarray]]:
