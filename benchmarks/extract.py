@@ -119,6 +119,8 @@ def main() -> int:
     from cbir.device import resolve_device, resolve_precision
 
     amp = resolve_precision(resolve_device(dev), args.precision)
+    if args.backend == "onnxruntime":
+        amp = "fp32"  # the ONNX Runtime backend computes in fp32 whatever the precision
     also_fp32 = amp == "bf16" and args.backend == "torch"  # then also time cbir in fp32, to show what bf16 adds
     ratios, ratios32, t_base, t_cbir = [], [], 0.0, 0.0
     for r in range(args.rounds):

@@ -65,3 +65,24 @@ def test_ray_equals_local_and_resumes(local_ray, case, monkeypatch):
     assert out.ids == local.ids and out.failed == local.failed
     np.testing.assert_allclose(np.asarray(out.vectors), np.asarray(local.vectors), atol=1e-5)
     assert Descriptors.load(tmp / "ray").meta["job"] == local.meta["job"]  # same job: either engine resumes it
+
+
+def test_cli_engine_ray(local_ray, case, tmp_path, capsys):
+    from cbir.cli import main
+    from cbir.descriptors import Descriptors
+
+    _, images, _, _, _ = case
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for p in images[:3]:
+        (folder / p.name).write_bytes(p.read_bytes())
+    common = ["--imsize", "64", "--scales", "1", "--precision", "fp32", "--chunk", "2", "--quiet"]
+    assert main(["extract", str(folder), "--out", str(tmp_path / "ray"), "--engine", "ray", "--ray-workers", "2",
+                 *common]) == 0
+    assert main(["extract", str(folder), "--out", str(tmp_path / "local"), *common]) == 0
+    ray_out, local = Descriptors.load(tmp_path / "ray"), Descriptors.load(tmp_path / "local")
+    assert ray_out.ids == local.ids and len(ray_out.failed) == len(local.failed) == 1  # the broken file
+    np.testing.assert_allclose(np.asarray(ray_out.vectors), np.asarray(local.vectors), atol=1e-5)
+    # the local engine finds the Ray engine's folder complete (same job): nothing to describe
+    assert main(["extract", str(folder), "--out", str(tmp_path / "ray"), *common]) == 0
+    assert "already complete" in capsys.readouterr().out

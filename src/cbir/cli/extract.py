@@ -57,8 +57,9 @@ def register(subparsers) -> None:
     e.add_argument("--quiet", action="store_true", help="no progress bar")
     e.add_argument("--chunk", type=int, default=64, metavar="N",
                    help="inputs per shard of the store, also the resume step (default: 64)")
-    e.add_argument("--backend", default="torch", help="CPU inference backend: torch (default) or an optional one "
-                                                     "(see docs/extraction.md); descriptors equal to float tolerance")
+    e.add_argument("--backend", default="torch", choices=("torch", "openvino", "onnxruntime"),
+                   help="inference backend: torch (default), or openvino / onnxruntime on the CPU when installed "
+                        "(faster; descriptors equal to float tolerance; see docs/extraction.md)")
     e.add_argument("--decode", choices=("auto", "cpu", "cuda"), default="auto",
                    help="JPEG decoding: auto = on the GPU (nvjpeg) when --device is CUDA, else PIL (default: auto)")
     r = p.add_argument_group("distributed")
