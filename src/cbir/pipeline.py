@@ -41,8 +41,9 @@ from .descriptors import Descriptors
 from .rerank.options import Rerank
 
 __all__ = [
-    "Benchmark", "DEFAULT_IMSIZE", "DEFAULT_SCALES_TEXT", "default_cache_dir", "describe", "evaluate",
-    "extraction_defaults", "load_benchmark", "lookup", "score", "with_distractors",
+    "Benchmark", "DEFAULT_IMSIZE", "DEFAULT_SCALES_TEXT", "default_cache_dir", "describe", "describe_poolings",
+    "evaluate", "extraction_defaults", "find_image", "load_benchmark", "lookup", "score", "search_index",
+    "select_queries", "with_distractors",
 ]
 
 #: The benchmark a pipeline runs on (image lists, crop boxes, ground truth, protocol).
@@ -125,6 +126,18 @@ def _move_images(ds: Benchmark, images: Path) -> None:
 
     ds.db_paths = [move(p) for p in ds.db_paths]
     ds.query_paths = [move(p) for p in ds.query_paths]
+
+
+def select_queries(bench: Benchmark, indices: Sequence[int]) -> Benchmark:
+    """The same benchmark with only the queries ``indices`` (e.g. a leave-one-out fold); the
+    database is unchanged."""
+    import dataclasses
+
+    idx = [int(i) for i in indices]
+    return dataclasses.replace(
+        bench, query_ids=[bench.query_ids[i] for i in idx], query_paths=[bench.query_paths[i] for i in idx],
+        query_bboxes=[bench.query_bboxes[i] for i in idx], gnd=[bench.gnd[i] for i in idx],
+        info=dict(bench.info, query_indices=idx))
 
 
 def extraction_defaults(bench: Benchmark | None = None) -> tuple[int, tuple[float, ...]]:
@@ -257,6 +270,109 @@ def _read_cache(folder: Path, bench: Benchmark) -> tuple[Descriptors, Descriptor
         return None
     q.meta["cache"] = db.meta["cache"] = "hit"
     return q, db
+
+
+def describe_poolings(
+    bench: Benchmark,
+    model: str,
+    poolings: dict[str, Any],
+    *,
+    imsize: int,
+    scale_sets: dict[str, Sequence[float]],
+    weights: str = "default",
+    crop: bool = True,
+    bow_sample: int = 200,
+    bow_per_image: int = 300,
+    seed: int = 0,
+    log: Any = None,
+) -> dict[str, dict[str, tuple[Descriptors, Descriptors]]]:
+    """Several poolings compared on one backbone pass: {pooling name: {scale-set label: (queries,
+    database)}}.
+
+    Each image (queries cropped) runs through backbone ``model`` once per scale of the union of
+    ``scale_sets``; the feature maps are kept (float16) and every pooling of ``poolings`` (name ->
+    :class:`cbir.pooling.Pooling`) is applied to them exactly as ``RetrievalNet.pool`` (pooling, L2)
+    and :func:`cbir.extract.extract` (scales combined by the pooling's generalised mean, L2) do. A
+    BoW pooling without a codebook is fitted on database maps at scale 1 (``bow_sample`` images,
+    ``bow_per_image`` random positions each, as :func:`cbir.extract.fit_bow`). CPU, batch 1, fp32
+    compute. ``log(text)`` receives progress lines.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from .extract import image_tensor, load_image
+    from .model import build_model
+
+    net = build_model(model, pooling="gem", weights=weights)
+    scales = sorted({float(s) for ss in scale_sets.values() for s in ss}, reverse=True)
+    boxes = list(bench.query_bboxes) if crop else [None] * len(bench.query_paths)
+
+    def maps_of(paths: Sequence[Path], bxs: Sequence[Any], what: str) -> list[dict[float, Any]]:
+        out = []
+        with torch.inference_mode():
+            for i, (path, box) in enumerate(zip(paths, bxs)):
+                if log is not None and i % 25 == 0:
+                    log(f"{what}: {i}/{len(paths)}")
+                x = image_tensor(load_image(path, box), imsize, net.mean, net.std)[None]
+                per = {}
+                for s in scales:
+                    xs = x if s == 1.0 else F.interpolate(x, scale_factor=s, mode="bilinear", align_corners=False,
+                                                           antialias=True)
+                    per[s] = net.features(xs).half()
+                out.append(per)
+        return out
+
+    db_maps = maps_of(bench.db_paths, [None] * len(bench.db_paths), "database")
+    q_maps = maps_of(bench.query_paths, boxes, "queries")
+    result: dict[str, dict[str, tuple[Descriptors, Descriptors]]] = {}
+    for name, pool in poolings.items():
+        pool = pool.eval()
+        if log is not None:
+            log(f"pooling: {name}")
+        if getattr(pool, "name", "") == "bow" and not bool(pool.fitted):
+            _fit_bow_on_maps(pool, [m[1.0] for m in db_maps], seed=seed, sample=bow_sample, per_image=bow_per_image)
+        result[name] = {}
+        for label, ss in scale_sets.items():
+            ss = [float(s) for s in ss]
+            meta = {"model": model, "pooling": getattr(pool, "name", name), "pooling_params": pool.params(),
+                    "imsize": imsize, "scales": ss, "cropped_queries": crop, "benchmark": bench.name}
+            q = Descriptors(ids=list(bench.query_ids), vectors=_pool_maps(pool, q_maps, ss), meta=dict(meta))
+            db = Descriptors(ids=list(bench.db_ids), vectors=_pool_maps(pool, db_maps, ss), meta=dict(meta))
+            result[name][label] = (q, db)
+    return result
+
+
+def _pool_maps(pool: Any, maps: list[dict[float, Any]], scales: Sequence[float]) -> np.ndarray:
+    """(N, D): per scale pooling + L2, scales combined by the pooling's generalised mean, L2."""
+    import torch
+    import torch.nn.functional as F
+
+    from .extract import combine_scales
+
+    rows = []
+    with torch.inference_mode():
+        for per_image in maps:
+            vs = torch.stack([F.normalize(pool(per_image[s].float()).float(), dim=-1) for s in scales])
+            v = vs[0] if len(scales) == 1 else combine_scales(vs, pool.multiscale_p())
+            rows.append(v[0].numpy())
+    return np.stack(rows).astype(np.float32)
+
+
+def _fit_bow_on_maps(pool: Any, maps: list[Any], *, seed: int, sample: int, per_image: int) -> None:
+    import torch
+
+    from .pooling import bow_hard, bow_idf, fit_codebook, local_features
+
+    rng = np.random.default_rng(seed)
+    pick = sorted(rng.choice(len(maps), size=min(sample, len(maps)), replace=False).tolist())
+    feats = []
+    for i in pick:
+        loc = local_features(maps[i].float())[0].numpy()
+        take = rng.choice(loc.shape[0], size=min(per_image, loc.shape[0]), replace=False)
+        feats.append(loc[take])
+    codebook = fit_codebook(np.concatenate(feats), pool.k, seed=seed)
+    hist = np.stack([bow_hard(maps[i].float(), torch.from_numpy(codebook))[0].numpy() for i in pick])
+    pool.set_codebook(codebook, bow_idf(hist))
 
 
 def lookup(bench: Benchmark, features: str | os.PathLike[str] | Descriptors,
