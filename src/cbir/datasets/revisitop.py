@@ -36,6 +36,13 @@ class _GroundTruthUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a ground-truth file")
 
 
+def safe_unpickle(path: str | Path) -> Any:
+    """The object of a pickle file made only of plain containers and numpy arrays (a ground truth,
+    a retrieval-SfM-120k db); anything else (a class, a function) is refused: it cannot run code.
+    pickle.UnpicklingError / EOFError / ValueError ... on a damaged or foreign file."""
+    return _GroundTruthUnpickler(io.BytesIO(Path(path).read_bytes())).load()
+
+
 def load_gnd(path: str | Path) -> dict[str, Any]:
     """Read and check a revisitop ground-truth .pkl (``imlist``, ``qimlist``, ``gnd`` with
     ``bbx``/``easy``/``hard``/``junk`` per query). Indices become plain int lists."""
@@ -43,7 +50,7 @@ def load_gnd(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"ground-truth file not found: {path}")
     try:
-        data = _GroundTruthUnpickler(io.BytesIO(path.read_bytes())).load()
+        data = safe_unpickle(path)
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as exc:
         raise FormatError(f"{path} is not a readable revisitop ground-truth pickle: {exc}") from exc
     if not isinstance(data, dict) or not {"imlist", "qimlist", "gnd"} <= set(data):

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import csv
 import os
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -127,9 +126,10 @@ def load_sfm(
     pkl = Path(pkl)
     if not pkl.is_file():
         raise FileNotFoundError(f"SfM training db not found: {pkl}")
+    from ..datasets.revisitop import safe_unpickle
+
     try:
-        with open(pkl, "rb") as fh:
-            db = pickle.load(fh)
+        db = safe_unpickle(pkl)  # a pickle from a user: plain containers and arrays only
     except Exception as exc:
         raise FormatError(f"{pkl} is not a readable pickle: {exc}") from exc
     if not isinstance(db, dict) or split not in db:
