@@ -17,8 +17,8 @@ box, database) -> a result dict (``mAP``, ``mP``, ``kappas``, ``applied`` re-ran
 The extraction cache: ``describe(..., cache_dir=DIR)`` keeps the descriptors of a benchmark under
 ``DIR/<key>/{queries,database}`` where ``key`` hashes the model (a model or weights file by its
 sha256), the pooling and its parameters, the extraction settings (image size, scales, precision,
-device, crop) and the image list (path, size and modification time of every file, crop boxes). Any
-change gives another key; a hit reads the saved descriptors and runs no network. An in-memory
+device, crop), the image list (path, size and modification time of every file, crop boxes) and the
+package's source code. Any change gives another key; a hit reads the saved descriptors and runs no network. An in-memory
 ``RetrievalNet`` is never cached (its weights may change between calls, e.g. during training).
 
 Errors are ordinary exceptions (ValueError, FileNotFoundError, cbir.fileio.FormatError, ...);
@@ -168,11 +168,23 @@ def _file_stamp(p: Path) -> list:
         return [str(p), None, None]
 
 
+def code_version() -> str:
+    """Digest of the package's own source files: a cache entry never outlives a code change."""
+    h = hashlib.sha256()
+    root = Path(__file__).resolve().parent
+    for f in sorted(root.rglob("*.py")):
+        h.update(f.relative_to(root).as_posix().encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
 def cache_key(bench: Benchmark, spec: Any, settings: dict[str, Any]) -> str:
-    """Hex key of (model identity, extraction settings, image list with sizes/mtimes, crop boxes)."""
+    """Hex key of (model identity, extraction settings, image list with sizes/mtimes, crop boxes,
+    the code)."""
     h = hashlib.sha256()
     h.update(json.dumps({
         "version": CACHE_VERSION,
+        "code": code_version(),
         "model": spec.identity(),
         "settings": settings,
         "db": [_file_stamp(Path(p)) for p in bench.db_paths],
