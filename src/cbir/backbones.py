@@ -35,7 +35,7 @@ from typing import Iterable, Iterator, Mapping
 import torch
 from torch import nn
 
-from .fileio import sha256_file
+from .fileio import load_error_reason, sha256_file
 
 __all__ = [
     "OFFLINE_LITE",
@@ -98,7 +98,7 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle/zip errors of many kinds
-        raise WeightsUnavailable(f"{path} is not a readable PyTorch weights file: {exc}") from exc
+        raise WeightsUnavailable(f"{path} is not a readable PyTorch weights file: {load_error_reason(exc)}") from exc
     if isinstance(obj, Mapping):
         for key in ("state_dict", "model", "model_state_dict"):
             if key in obj and isinstance(obj[key], Mapping):

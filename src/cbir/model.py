@@ -19,10 +19,12 @@ from torch import nn
 from .backbones import OFFLINE_LITE, build_backbone
 from .fileio import FormatError, atomic_write_with, check_format
 from .pooling import Pooling, build_pooling
+from .published import (PUBLISHED, CirtorchParts, cirtorch_skeleton, is_cirtorch, read_checkpoint, read_cirtorch,
+                        read_published)
 
 __all__ = [
-    "RetrievalNet", "ModelSpec", "build_model", "save_model", "load_model", "is_model_file", "parse_pooling",
-    "MODEL_FORMAT", "MODEL_FORMAT_VERSION",
+    "RetrievalNet", "ModelSpec", "build_model", "from_cirtorch", "save_model", "load_model", "is_model_file",
+    "parse_pooling", "MODEL_FORMAT", "MODEL_FORMAT_VERSION",
 ]
 
 MODEL_FORMAT = "cbir-model"
@@ -112,8 +114,11 @@ def build_model(
     """RetrievalNet from names: backbone ``model`` (timm/torchvision name) + ``pooling`` (+ its params).
 
     ``pooling_kw`` go to the pooling (e.g. ``p=3.0``; ``per_channel=True`` for per-channel GeM;
-    ``k=``/``soft=`` for BoW). The result is in eval mode.
+    ``k=``/``soft=`` for BoW). The result is in eval mode. A published network's name
+    (``cbir.published.PUBLISHED``, e.g. ``gl18-tl-resnet101-gem-w``) loads that network (downloaded once).
     """
+    if model in PUBLISHED:
+        return from_cirtorch(read_published(model))
     backbone, channels = build_backbone(model, weights)
     kw = dict(pooling_kw)
     if pooling.lower() == "gem" and kw.pop("per_channel", False):
@@ -142,6 +147,16 @@ def build_model(
     return net.eval()
 
 
+def from_cirtorch(parts: CirtorchParts) -> RetrievalNet:
+    """RetrievalNet of a cnnimageretrieval-pytorch network (``cbir.published``): features -> GeM -> L2
+    (-> FC whitening -> L2), its mean/std, and the learned whitening of its meta as ``whiten``."""
+    net = RetrievalNet(parts.backbone, parts.pooling, parts.channels, parts.config)
+    net.mean, net.std = parts.mean, parts.std
+    if parts.lw is not None:
+        net.set_whitening(parts.lw, parts.lw_about)
+    return net.eval()
+
+
 def save_model(net: RetrievalNet, path: str | os.PathLike[str]) -> None:
     """Write ``net`` (config + state dict, format-stamped) atomically to ``path``."""
     blob = {
@@ -156,21 +171,24 @@ def save_model(net: RetrievalNet, path: str | os.PathLike[str]) -> None:
 def load_model(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> RetrievalNet:
     """Rebuild a RetrievalNet saved by ``save_model`` (no download: weights come from the file)."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"model file not found: {path}")
     try:
-        blob = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:
+        blob = read_checkpoint(path)  # weights_only (numpy arrays allowed, nothing that runs code)
+    except FormatError as exc:
         raise FormatError(f"{path} is not a cbir model file (unreadable: {exc})") from exc
+    if is_cirtorch(blob):  # a cnnimageretrieval-pytorch network (cbir.published)
+        return from_cirtorch(read_cirtorch(path, blob=blob))
     check_format(blob, MODEL_FORMAT, (MODEL_FORMAT_VERSION,), path, what="cbir model")
     cfg = blob["config"]
     kw = dict(cfg.get("pooling_kw", {}))
     kw.pop("channels", None) if cfg["pooling"] in ("bow",) else None
-    backbone, channels = build_backbone(cfg["model"], "none")
-    if cfg["pooling"] == "bow":
-        kw["channels"] = channels
-    pool = build_pooling(cfg["pooling"], **kw)
-    net = RetrievalNet(backbone, pool, channels, {**cfg, "whitening": None})
+    if cfg.get("cirtorch"):  # saved from a cnnimageretrieval-pytorch network
+        net = from_cirtorch(cirtorch_skeleton({**cfg, "whitening": None}))
+    else:
+        backbone, channels = build_backbone(cfg["model"], "none")
+        if cfg["pooling"] == "bow":
+            kw["channels"] = channels
+        pool = build_pooling(cfg["pooling"], **kw)
+        net = RetrievalNet(backbone, pool, channels, {**cfg, "whitening": None})
     state = blob["state_dict"]
     if "whiten.weight" in state:
         w = state["whiten.weight"]

@@ -511,7 +511,7 @@ def search_index(index: Any, query: np.ndarray, k: int = 20, rerank: Rerank | No
     from .index import Hit
 
     q = np.asarray(query, dtype=np.float32).reshape(1, -1)
-    if rerank is None or rerank == Rerank():
+    if rerank is None or rerank.is_off():
         return index.search(q, k)[0], {}
     ids, db = index.vectors()
     scores, applied = rerank.apply(q, db)

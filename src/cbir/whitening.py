@@ -23,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from .descriptors import l2_normalize
 from .fileio import FormatError, load_stamped_npz, save_stamped_npz
+from .linalg import l2_normalize
 
 FORMAT = "whitening"
 FORMAT_VERSION = 1

@@ -163,7 +163,10 @@ def cmd_build(args: argparse.Namespace) -> int:
                                 imsize=imsize, scales=scales, kind=args.type, params=params,
                                 device=args.device, batch_size=args.batch_size, precision=args.precision)
     _report_failed(failed)
-    index.save(args.out)
+    from ..index import writer_lock
+
+    with writer_lock(args.out).acquire(timeout=600):  # no other writer between our save and theirs
+        index.save(args.out)
     s = index.settings
     print(f"indexed {len(index)} images ({len(failed)} skipped as unreadable; {s['model']} + {s['pooling']}, "
           f"{index.dim}-d) -> {args.out}")
@@ -172,22 +175,22 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 def cmd_add(args: argparse.Namespace) -> int:
     from ..extract import extract
-    from ..index import Index
+    from ..index import Index, open_for_write
     from ..index.build import add_or_update, descriptors_of_paths, list_images, plan_add
     from ..index.embed import build_model_from_source
 
     if bool(args.paths) == bool(args.features):
         raise CLIError("give image files/folders or --features DIR (a `cbir extract` output), one of them")
-    index = Index.load(args.index, device=args.device)
+    snapshot = Index.load(args.index, device=args.device)  # to plan and describe (outside the writer lock)
     failed: list[dict] = []
     if args.features:
         paths, vectors, meta = descriptors_of_paths(args.features)
-        index.check_compatible(meta)
-        todo, already, duplicates = plan_add(index, paths, update=args.update)
+        snapshot.check_compatible(meta)
+        todo, already, duplicates = plan_add(snapshot, paths, update=args.update)
         row = {p: i for i, p in enumerate(paths)}
         vectors = vectors[[row[p] for p in todo]] if todo else vectors[:0]
     else:
-        todo, already, duplicates = plan_add(index, list_images(args.paths), update=args.update)
+        todo, already, duplicates = plan_add(snapshot, list_images(args.paths), update=args.update)
     for f in duplicates:
         print(f"duplicate (named more than once, added once): {f}", file=sys.stderr)
     for f, i in already.items():
@@ -196,27 +199,31 @@ def cmd_add(args: argparse.Namespace) -> int:
         print(f"nothing to add ({len(already)} already indexed, {len(duplicates)} duplicates)")
         return 0
     if not args.features:
-        settings = index.settings
+        settings = snapshot.settings
         model = build_model_from_source(dict(settings.get("source") or {}))
-        index.check_compatible(model.describe())
+        snapshot.check_compatible(model.describe())
         res = extract(model, todo, imsize=settings.get("imsize"), scales=tuple(settings.get("scales") or (1.0,)),
                       device=args.device)
         failed = res.failed
         _report_failed(failed)
         todo, vectors = [todo[i] for i in res.ok], res.vectors
-    counts = add_or_update(index, todo, vectors, update=args.update)
-    index.save(args.index)
+    settings = dict(snapshot.settings)
+    del snapshot
+    with open_for_write(args.index, device=args.device) as index:  # the newest generation, locked
+        index.check_compatible(settings)
+        counts = add_or_update(index, todo, vectors, update=args.update)  # re-checks paths added meanwhile
+        n = len(index)
+    raced = f", {counts['present']} added meanwhile by another writer" if counts["present"] else ""
     print(f"added {counts['added']}, updated {counts['updated']}, skipped {len(failed)} unreadable, "
-          f"{len(already)} already indexed, {len(duplicates)} duplicates; index has {len(index)} images")
+          f"{len(already)} already indexed, {len(duplicates)} duplicates{raced}; index has {n} images")
     return 0
 
 
 def cmd_remove(args: argparse.Namespace) -> int:
-    from ..index import Index
+    from ..index import open_for_write
 
-    index = Index.load(args.index, device="cpu")
-    index.remove(args.ids)
-    index.save(args.index)
+    with open_for_write(args.index, device="cpu") as index:
+        index.remove(args.ids)
     print(f"removed {len(set(args.ids))}; index has {len(index)} images")
     return 0
 

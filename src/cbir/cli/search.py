@@ -73,6 +73,11 @@ def _check_index_path(path: Path) -> None:
     raise CLIError(f"{path} is not a cbir index (no manifest.json; make one with `cbir index build`)")
 
 
+def wants_rerank(args: argparse.Namespace) -> bool:
+    return bool(getattr(args, "recipe", None) or getattr(args, "whiten", None) or getattr(args, "qe", 0) or getattr(args, "dba", 0)
+                or getattr(args, "diffusion", False))
+
+
 def cmd_search(args: argparse.Namespace) -> int:
     from ..index import Index
     from ..pipeline import find_image, search_index

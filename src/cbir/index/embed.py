@@ -70,10 +70,11 @@ class QueryEncoder:
         self.query_settings = made
         self._lock = threading.Lock()  # one forward pass at a time: torch already uses every core per pass
 
-    def encode(self, path: str | os.PathLike[str], bbox: Box | None = None) -> np.ndarray:
-        """(D,) L2-normalised descriptor of the image file, cropped to ``bbox`` (x1,y1,x2,y2) if given.
+    def encode(self, path: str | os.PathLike[str] | bytes, bbox: Box | None = None) -> np.ndarray:
+        """(D,) L2-normalised descriptor of the image (a file, or its bytes in memory), cropped to ``bbox``.
 
-        Raises cbir.extract.ImageError naming the file when it cannot be read.
+        ``bbox`` is (x1, y1, x2, y2) in the image's pixels. Raises cbir.extract.ImageError naming the
+        file when it cannot be read.
         """
         from ..extract import extract
 
