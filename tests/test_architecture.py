@@ -120,17 +120,8 @@ def test_the_graph_sees_function_level_imports():
     assert "cbir.fileio" in graph["cbir.descriptors"]
 
 
-# The one cycle known when this check was written (issue 10.3): the `rerank` branch removes it.
-# Lead: delete this entry (and the xfail below) once that branch is merged.
-KNOWN_CYCLES = [["cbir.rerank.diffusion", "cbir.rerank.qe"]]
-
-
 def test_no_import_cycles_inside_cbir():
-    import pytest
-
     cycles = find_cycles(import_graph())
-    if cycles and cycles == KNOWN_CYCLES:
-        pytest.xfail("known rerank/qe <-> rerank/diffusion cycle, removed on the rerank branch (issue 10.3)")
     assert cycles == [], "import cycles: " + "; ".join(" <-> ".join(c) for c in cycles)
 
 

@@ -142,7 +142,10 @@ def cmd_build(args: argparse.Namespace) -> int:
     check_output(args.out)
     if args.features:
         index = index_from_descriptors(args.features, kind=args.type, params=params, device=args.device)
-        index.save(args.out)
+        from ..index import writer_lock
+
+        with writer_lock(args.out).acquire(timeout=600):  # no other writer between our save and theirs
+            index.save(args.out)
         s = index.settings
         print(f"indexed {len(index)} images from {args.features} ({s.get('model')} + {s.get('pooling')}, "
               f"{index.dim}-d, nothing described) -> {args.out}")

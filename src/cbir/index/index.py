@@ -18,7 +18,6 @@ the sizes and checksums, and that vectors, ids, metadata and faiss structure agr
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import re
 import shutil
@@ -33,7 +32,7 @@ import numpy as np
 
 from .. import __version__
 from ..descriptors import COMPAT_KEYS  # settings that must agree between the index and a query
-from ..fileio import FormatError, atomic_write_json, check_format, fsync_dir, read_json
+from ..fileio import FormatError, sha256_file, atomic_write_json, check_format, fsync_dir, read_json
 from .backends import KINDS, Backend, check_params, make_backend
 from .store import ImageRecord, MetadataDB, VectorStore
 
@@ -115,14 +114,6 @@ def compat_mismatch(index_settings: dict[str, Any], query_settings: dict[str, An
 
 def _norm(value: Any) -> Any:
     return value if not isinstance(value, (list, tuple)) else [_norm(v) for v in value]
-
-
-def _sha256(file: Path) -> str:
-    h = hashlib.sha256()
-    with open(file, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _fsync_file(file: Path) -> None:
@@ -308,7 +299,7 @@ class Index:
                 files = {}
                 for name in names:
                     _fsync_file(tmp / name)
-                    files[name] = {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
+                    files[name] = {"bytes": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)}
                 fsync_dir(tmp)
                 os.replace(tmp, root / gen)
                 fsync_dir(root)
@@ -372,7 +363,7 @@ class Index:
                 raise FileNotFoundError(f"index file missing: {file}")
             if file.stat().st_size != desc.get("bytes"):
                 raise FormatError(f"{file} has {file.stat().st_size} bytes, the manifest says {desc.get('bytes')}: damaged or truncated")
-            if verify and _sha256(file) != desc.get("sha256"):
+            if verify and sha256_file(file) != desc.get("sha256"):
                 raise FormatError(f"{file} does not match its checksum in the manifest: the index is damaged")
         try:
             vectors = np.load(gen / VECTORS, allow_pickle=False)
