@@ -119,3 +119,20 @@ def test_evaluate_from_features_equals_score(tmp_path):
         pipeline.evaluate(gpath, features=tmp_path / "few")
     with pytest.raises(ValueError):
         pipeline.evaluate(gpath)
+
+
+def test_distractors_with_top_k_scan_in_blocks_and_agree_with_the_full_matrix(tmp_path):
+    """+distractors with top_k: the block scan (cbir.topk) gives the figures of the stacked matrix."""
+    bench = pipeline.load_benchmark(_toy(tmp_path))
+    rng = np.random.default_rng(0)
+    q = np.array([[1, 0, 0]], np.float32)
+    db = np.array([[0.9, 0.1, 0], [0.7, 0.7, 0], [0.5, 0.2, 0.8]], np.float32)
+    Descriptors(ids=[f"d{i}" for i in range(500)],
+                vectors=rng.normal(size=(500, 3)).astype(np.float16)).save(tmp_path / "dis")
+    for k in (2, 50, 503):
+        blocks = pipeline.score(bench, q, db, distractors=tmp_path / "dis", top_k=k)
+        full = pipeline.score(bench, q, db, distractors=tmp_path / "dis", top_k=k, keep_scores=True)
+        assert blocks["n_distractors"] == 500 and blocks["mAP"] == pytest.approx(full["mAP"])
+        for proto in blocks["mP"]:
+            assert blocks["mP"][proto] == pytest.approx(full["mP"][proto])
+    assert 0 < blocks["mAP"]["medium"] < 100  # the distractors really compete

@@ -433,6 +433,26 @@ def with_distractors(db: np.ndarray, distractors: str | os.PathLike[str] | Descr
 # Scores
 
 
+def _topk_with_distractors(q: np.ndarray, db: np.ndarray, distractors: Any, k: int) -> tuple[np.ndarray, int]:
+    """Top-k database rows (nq, k) of cosine similarity over the database followed by the
+    distractors, read block by block; rows >= len(db) are distractors. (ranks, n_distractors)."""
+    from .linalg import l2_normalize
+    from .topk import chunked_topk, default_chunk_rows
+
+    dis = distractors if isinstance(distractors, Descriptors) else Descriptors.load(distractors, mmap=True)
+    if dis.dim != db.shape[1]:
+        raise ValueError(f"distractor descriptors are {dis.dim}-D, the database {db.shape[1]}-D")
+    step = default_chunk_rows(dis.dim)
+
+    def blocks():
+        yield 0, db
+        for start in range(0, len(dis), step):
+            yield db.shape[0] + start, dis.vectors[start:start + step]
+
+    _, rows = chunked_topk(l2_normalize(q), blocks(), k, transform=l2_normalize)
+    return rows, len(dis)
+
+
 def _matrix(x: Descriptors | np.ndarray) -> np.ndarray:
     return np.asarray(x.vectors if isinstance(x, Descriptors) else x, dtype=np.float32)
 
@@ -452,11 +472,18 @@ def score(
 
     Returns ``{"mAP": {easy, medium, hard} (or {"all"}), "mP": {...: {k: ..}}, "kappas", "applied",
     "n_distractors"}`` in percent (+ ``"scores"`` (nq, n) when ``keep_scores``). ``top_k`` ranks only
-    the top K per query (large databases).
+    the top K per query (large databases). With ``distractors`` and ``top_k`` and no re-ranking,
+    the database and the (memory-mapped) distractors are scanned in blocks by
+    :func:`cbir.topk.chunked_topk` (bounded memory at +1M); otherwise they are stacked in memory.
     """
     rerank = rerank or Rerank()
     qm, dbm = _matrix(q), _matrix(db)
     n_dis = 0
+    if distractors is not None and top_k is not None and rerank.is_off() and not keep_scores:
+        ranks, n_dis = _topk_with_distractors(qm, dbm, distractors, int(top_k))
+        res = dict(bench.evaluate(ranks, top_k=top_k))
+        res.update(applied={}, n_distractors=n_dis)
+        return res
     if distractors is not None:
         before = dbm.shape[0]
         dbm = with_distractors(dbm, distractors)

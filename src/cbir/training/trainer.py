@@ -238,14 +238,12 @@ def _gnd_benchmark(vc: ValidationConfig):
 def validate(model: nn.Module, bench, vc: ValidationConfig, device: torch.device) -> dict:
     """revisitop mAP (E/M/H, percent) of ``model`` on the benchmark ``bench`` (queries cropped to
     their boxes), described at ``vc.imsize`` × ``vc.scales``; {"mAP": {...}, "mP": {...}}."""
-    from ..extract import extract
+    from ..pipeline import describe, score
 
-    kw = dict(imsize=vc.imsize, scales=tuple(vc.scales), progress=False, device=device)
-    db = extract(model, bench.db_paths, **kw)
-    q = extract(model, bench.query_paths, bboxes=bench.query_bboxes, **kw)
-    if db.failed or q.failed:
-        raise ValueError(f"validation images failed to load: {(db.failed + q.failed)[:3]}")
-    return bench.evaluate(q.vectors @ db.vectors.T)
+    # the library chain: every image must load (ImageError naming the first that does not)
+    q, db = describe(bench, model, imsize=vc.imsize, scales=tuple(vc.scales), device=device)
+    res = score(bench, q, db)
+    return {"mAP": res["mAP"], "mP": res["mP"]}
 
 
 # ---------------------------------------------------------------------------------------------
