@@ -136,3 +136,26 @@ def test_distractors_with_top_k_scan_in_blocks_and_agree_with_the_full_matrix(tm
         for proto in blocks["mP"]:
             assert blocks["mP"][proto] == pytest.approx(full["mP"][proto])
     assert 0 < blocks["mAP"]["medium"] < 100  # the distractors really compete
+
+
+def test_describe_poolings_matches_the_extractor(tmp_path):
+    """One backbone pass, several poolings: each equals describing with that pooling (up to the
+    float16 storage of the feature maps)."""
+    from cbir.pooling import build_pooling
+
+    import torch
+
+    bench = pipeline.load_benchmark(_toy(tmp_path))
+    torch.manual_seed(0)  # random weights: the same ones in both builds
+    out = pipeline.describe_poolings(bench, "efficientnet_lite0", {"gem": build_pooling("gem"), "mac": build_pooling("mac")},
+                                     imsize=48, scale_sets={"one": (1.0,), "two": (1.0, 0.5)}, weights="none")
+    for name in ("gem", "mac"):
+        for label, scales in (("one", (1.0,)), ("two", (1.0, 0.5))):
+            torch.manual_seed(0)
+            net = build_model("efficientnet_lite0", pooling=name, weights="none")
+            q, db = pipeline.describe(bench, net, imsize=48, scales=scales, device="cpu", precision="fp32")
+            qp, dbp = out[name][label]
+            assert qp.ids == q.ids and dbp.ids == db.ids
+            cos = np.sum(dbp.vectors * db.vectors, axis=1)
+            assert np.all(cos > 0.999), (name, label, cos)
+            assert np.sum(qp.vectors * q.vectors) > 0.999
