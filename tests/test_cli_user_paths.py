@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from cbir import pipeline
+from cbir.pipeline import describing
 from cbir.cli import main
 from cbir.datasets import demo_root
 from cbir.descriptors import Descriptors
@@ -162,8 +163,8 @@ def _toy_gnd(tmp_path) -> Path:
 def test_evaluate_images_hits_the_cache_and_takes_pooling_params(tmp_path, capsys, monkeypatch):
     gnd = _toy_gnd(tmp_path)
     calls = []
-    real = pipeline._run_extract
-    monkeypatch.setattr(pipeline, "_run_extract", lambda m, p, **k: calls.append(len(p)) or real(m, p, **k))
+    real = describing._run_extract
+    monkeypatch.setattr(describing, "_run_extract", lambda m, p, **k: calls.append(len(p)) or real(m, p, **k))
     argv = ["evaluate", "--gnd", gnd, "--images", tmp_path / "jpg", "--weights", "none", "--pooling", "gem:p=4",
             "--imsize", "32", "--scales", "1", "--cache-dir", tmp_path / "cache", "--quiet", "--json", tmp_path / "r.json"]
     rc, out1, _ = run(capsys, *argv)

@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from cbir import pipeline
+from cbir.pipeline import describing
 from cbir.descriptors import Descriptors
 from cbir.evaluation import evaluate_revisitop
 from cbir.model import ModelSpec, build_model
@@ -72,13 +73,13 @@ def test_describe_uses_the_cache(tmp_path, monkeypatch):
     another setting (or a changed image) is a miss."""
     bench = pipeline.load_benchmark(_toy(tmp_path))
     calls = []
-    real = pipeline._run_extract
+    real = describing._run_extract
 
     def counting(model, paths, **kw):
         calls.append(len(paths))
         return real(model, paths, **kw)
 
-    monkeypatch.setattr(pipeline, "_run_extract", counting)
+    monkeypatch.setattr(describing, "_run_extract", counting)
     spec = ModelSpec("efficientnet_lite0", "gem:p=4", "none")
     kw = dict(imsize=32, scales=(1.0,), device="cpu", cache_dir=tmp_path / "cache")
     q1, db1 = pipeline.describe(bench, spec, **kw)

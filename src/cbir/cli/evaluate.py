@@ -41,7 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                           "to the database as negatives; use with --top-k for large sets")
     m = p.add_argument_group("model (with images)")
     add_model_options(m)
-    add_extraction_options(m, small_default="; demo: 512 and 1, its photos are small")
+    add_extraction_options(m, per_benchmark=True)
     m.add_argument("--no-crop", action="store_true", help="do not crop queries to their box")
     m.add_argument("--cache-dir", metavar="DIR", default=None,
                    help="keep the descriptors here, keyed by model, weights, settings and images, so that a "

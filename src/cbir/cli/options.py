@@ -27,13 +27,19 @@ def add_model_options(parser: Any) -> None:
                              "none (random), or a weights FILE (default: default)")
 
 
-def add_extraction_options(parser: Any, *, small_default: str = "") -> None:
-    """``--imsize``, ``--scales``, ``--device``, ``--batch-size``, ``--precision``."""
+def add_extraction_options(parser: Any, *, per_benchmark: bool = False) -> None:
+    """``--imsize``, ``--scales``, ``--device``, ``--batch-size``, ``--precision`` (``per_benchmark``:
+    say that a benchmark of small photos, the demo, has its own defaults)."""
+    from ..pipeline.benchmark import SMALL_PHOTO_SETS
+
+    small_size = "".join(f"; {n}: {v[0]}" for n, v in SMALL_PHOTO_SETS.items()) if per_benchmark else ""
+    small_scales = "".join(f"; {n}: {','.join(f'{x:g}' for x in v[1])}" for n, v in SMALL_PHOTO_SETS.items()) \
+        if per_benchmark else ""
     parser.add_argument("--imsize", type=int, default=None, metavar="PX",
-                        help=f"longest image side; larger images are shrunk (default: {DEFAULT_IMSIZE}{small_default})")
+                        help=f"longest image side; larger images are shrunk (default: {DEFAULT_IMSIZE}{small_size})")
     parser.add_argument("--scales", default=None, metavar="S,S,...",
                         help=f"comma-separated scales, combined by the pooling's generalized mean "
-                             f"(default: {DEFAULT_SCALES_TEXT}{small_default})")
+                             f"(default: {DEFAULT_SCALES_TEXT}{small_scales})")
     add_device_option(parser)
     parser.add_argument("--batch-size", type=int, default=None, metavar="N",
                         help="images per forward pass (default: 1 on CPU, 16 on GPU)")
