@@ -85,6 +85,8 @@ def test_index_build_checks_the_output_before_any_work(tmp_path, capsys, monkeyp
     existing.write_text("keep me")
     rc, _, err = run(capsys, "index", "build", PHOTOS[0].parent, "--out", existing)
     assert rc == 2 and "existing file" in err and existing.read_text() == "keep me"
+    rc, _, err = run(capsys, "index", "build", PHOTOS[0].parent, "--out", existing / "sub.index")
+    assert rc == 2 and "is a file" in err
     (tmp_path / "folder").mkdir()
     (tmp_path / "folder" / "x.txt").write_text("")
     rc, _, err = run(capsys, "index", "build", PHOTOS[0].parent, "--out", tmp_path / "folder")

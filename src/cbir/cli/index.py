@@ -129,8 +129,9 @@ def check_output(out: str | Path) -> None:
         raise CLIError(f"--out {out} is a folder that is not a cbir index; give a new path or an existing index")
     if out.exists() and not out.is_dir():
         raise CLIError(f"--out {out} is an existing file, not an index folder; give a new path or an existing index")
-    if not out.parent.exists():
-        raise CLIError(f"--out {out}: the folder {out.parent} does not exist")
+    blocked = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if blocked is not None:
+        raise CLIError(f"--out {out}: {blocked} is a file, so the index folder cannot be made there")
 
 
 def cmd_build(args: argparse.Namespace) -> int:
