@@ -32,6 +32,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from .. import __version__
+from ..descriptors import COMPAT_KEYS  # settings that must agree between the index and a query
 from ..fileio import FormatError, atomic_write_json, check_format, fsync_dir, read_json
 from .backends import KINDS, Backend, check_params, make_backend
 from .store import ImageRecord, MetadataDB, VectorStore
@@ -43,8 +44,6 @@ _GEN_DIR = re.compile(r"^(\.tmp-)?g\d{6}-[0-9a-f]{6}$")
 _TMP_MANIFEST = re.compile(r"^\.manifest\.json\..+\.tmp$")  # cbir.fileio.atomic_open's temporary name
 VECTORS, IDS, SQLITE = "vectors.npy", "ids.npy", "meta.sqlite"
 
-# Descriptor settings that must agree between the index and a query (see cbir.descriptors.COMPAT_KEYS).
-COMPAT_KEYS = ("model", "pooling", "whitening", "dim")
 
 
 class StaleIndexError(RuntimeError):
