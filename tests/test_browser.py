@@ -199,3 +199,31 @@ def test_page(driver, tmp_path, demo_index, demo):
         logs = driver.get_log("browser")
         failed = [e["message"] for e in logs if "Failed to load resource" in e["message"] or " 404" in e["message"]]
         assert not failed, failed
+
+
+def test_page_asks_for_the_write_token(driver, tmp_path, demo_index, demo):
+    """A server with a token: Add asks for it once (a prompt), sends it, and the photo is added."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as EC
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from cbir.server import BackgroundServer, Guard, create_app
+
+    token = "browser-token-0123456789"
+    idx, path, encoder = demo_index
+    app = create_app(idx, index_path=path, encoder=encoder, device="cpu", guard=Guard.for_bind("127.0.0.1", token=token))
+    with BackgroundServer(app) as url:
+        driver.get(url + "/")
+        wait = WebDriverWait(driver, 180)
+        wait.until(EC.text_to_be_present_in_element((By.ID, "info"), "33 images"))
+        for name, answer, expect in [(QUERY, "wrong-token-wrong-token", "adding failed"),
+                                     (QUERY, token, "added as image")]:
+            driver.find_element(By.ID, "file").send_keys(str(demo / "jpg" / f"{name}.jpg"))
+            wait.until(EC.text_to_be_present_in_element((By.ID, "status"), "results in"))
+            driver.find_element(By.ID, "add-btn").click()
+            alert = wait.until(EC.alert_is_present())
+            assert "token" in alert.text
+            alert.send_keys(answer)
+            alert.accept()
+            wait.until(EC.text_to_be_present_in_element((By.ID, "status"), expect))
+        assert (path / "uploads" / f"{QUERY}.jpg").is_file()
