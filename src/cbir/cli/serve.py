@@ -95,7 +95,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         writes = "read-only" if args.read_only else ("writes need the token" if token else "writes open to this machine")
         host = f"[{args.host}]" if ":" in args.host else args.host
         print(f"serving on http://{host}:{args.port}/ ({writes})", file=sys.stderr)
-        server = uvicorn.Server(uvicorn.Config(app, log_level="info"))
+        server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info"))
         server.run(sockets=[sock])
     finally:
         sock.close()

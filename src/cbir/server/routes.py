@@ -83,7 +83,10 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
 
 
 def get_service(request: Request) -> Service:
-    return request.app.state.service
+    """The app's shared state, serving the newest generation of the index."""
+    svc: Service = request.app.state.service
+    svc.refresh()
+    return svc
 
 
 ServiceDep = Annotated[Service, Depends(get_service)]
@@ -169,20 +172,29 @@ def add_image(svc: WriterDep, file: Annotated[UploadFile, File()]) -> Any:
     if existing is not None:
         return JSONResponse({"id": existing, "added": False, "detail": "this image is already in the index"})
     q = svc.encode(up, None)  # outside the lock: the slow part
-    with svc.writing() as index:
-        existing = _already_indexed(svc, digest)  # another request may have added it meanwhile
-        if existing is not None:
-            return JSONResponse({"id": existing, "added": False, "detail": "this image is already in the index"})
-        try:
-            target = svc.uploads.find(digest) or svc.uploads.put(up.data, up.filename, SUFFIX[up.format])
-        except StoreFull as exc:
-            raise HTTPException(413, str(exc)) from None
-        try:
-            new_id = int(index.add(q[None, :], [str(target)], sizes=[up.size])[0])
-        except IncompatibleDescriptorError as exc:
-            svc.uploads.delete(target)
-            raise HTTPException(409, str(exc)) from None
+    try:
+        with svc.writing() as index:
+            existing = _already_indexed(svc, digest)  # another request may have added it meanwhile
+            if existing is not None:
+                raise _Duplicate(existing)  # leave the block without saving a generation
+            try:
+                target = svc.uploads.find(digest) or svc.uploads.put(up.data, up.filename, SUFFIX[up.format])
+            except StoreFull as exc:
+                raise HTTPException(413, str(exc)) from None
+            try:
+                new_id = int(index.add(q[None, :], [str(target)], sizes=[up.size],
+                                       settings=svc.get_encoder().query_settings)[0])
+            except IncompatibleDescriptorError as exc:
+                svc.uploads.delete(target)
+                raise HTTPException(409, str(exc)) from None
+    except _Duplicate as dup:
+        return JSONResponse({"id": dup.id, "added": False, "detail": "this image is already in the index"})
     return Added(id=new_id, added=True, name=target.name, images=len(svc.index))
+
+
+class _Duplicate(Exception):
+    def __init__(self, id_: int) -> None:
+        self.id = id_
 
 
 def _already_indexed(svc: Service, digest: str) -> int | None:
