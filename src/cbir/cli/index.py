@@ -16,9 +16,12 @@ examples:
   cbir index build photos/ --out photos.index --model my_trained.pt          # a model saved by `cbir train`
   cbir index build photos/ --out big.index --type ivfpq --nlist 4096 --m 64 --nprobe 32
   cbir index build photos/ --out big.index --type hnsw --M 32 --ef-construction 200 --ef-search 128
+  cbir index build photos/ --out big.index --type faiss --factory "IVF4096_HNSW32,PQ64x4fs,RFlat" --recall-target 0.95
 
 index types: exact (default; matrix product, GPU fp16 when available; best up to ~1M images),
-ivfpq (faiss IVF-PQ: compressed, needs >= max(nlist, 2^nbits) images to train), hnsw (faiss graph).
+ivfpq (faiss IVF-PQ: compressed, needs >= max(nlist, 2^nbits) images to train), hnsw (faiss graph),
+faiss (any faiss index_factory string; its search parameters are chosen automatically for
+--recall-target on held-out queries, see docs/search.md).
 """
 
 ADD_EPILOG = """\
@@ -88,7 +91,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _add_type_args(b: argparse.ArgumentParser) -> None:
     g = b.add_argument_group("search structure")
-    g.add_argument("--type", choices=("exact", "ivfpq", "hnsw"), default="exact", help="default: exact")
+    g.add_argument("--type", choices=("exact", "ivfpq", "hnsw", "faiss"), default="exact", help="default: exact")
+    g.add_argument("--factory", help='faiss: index_factory string, e.g. "IVF4096_HNSW32,PQ64x4fs,RFlat"')
+    g.add_argument("--recall-target", type=float, dest="recall_target",
+                   help="faiss: choose nprobe/efSearch/k_factor for this recall@100, measured with up to 1000 indexed "
+                        "images as queries (default 0.95)")
     g.add_argument("--nlist", type=int, help="ivfpq: number of inverted lists (default 1024)")
     g.add_argument("--m", type=int, help="ivfpq: PQ sub-quantisers; must divide the dimension (default 64)")
     g.add_argument("--nbits", type=int, help="ivfpq: bits per sub-quantiser (default 8)")
@@ -100,14 +107,17 @@ def _add_type_args(b: argparse.ArgumentParser) -> None:
 
 
 def type_params(args: argparse.Namespace) -> dict:
-    keys = {"ivfpq": ("nlist", "m", "nbits", "nprobe", "refine"), "hnsw": ("M", "efConstruction", "efSearch"), "exact": ()}
-    given = {k: getattr(args, k) for k in ("nlist", "m", "nbits", "nprobe", "refine", "M", "efConstruction", "efSearch")
+    keys = {"ivfpq": ("nlist", "m", "nbits", "nprobe", "refine"), "hnsw": ("M", "efConstruction", "efSearch"), "exact": (),
+            "faiss": ("factory", "recall_target")}
+    given = {k: getattr(args, k) for k in ("nlist", "m", "nbits", "nprobe", "refine", "M", "efConstruction", "efSearch",
+                                            "factory", "recall_target")
              if getattr(args, k, None) is not None}
     wrong = [k for k in given if k not in keys[args.type]]
     if wrong:
         from . import CLIError
 
-        raise CLIError(f"--{wrong[0]} does not apply to --type {args.type}")
+        raise CLIError(f"--{wrong[0].replace('_', '-')} does not apply to --type {args.type}")
+    given.pop("recall_target", None)
     return given
 
 
@@ -136,6 +146,11 @@ def cmd_build(args: argparse.Namespace) -> int:
                                 imsize=args.imsize, scales=scales, kind=args.type, params=params,
                                 device=args.device, batch_size=args.batch_size)
     _report_failed(failed)
+    if index.kind == "faiss":
+        target = args.recall_target if args.recall_target is not None else 0.95
+        tuned = index.tune_on_sample(target=target)
+        print(f"search parameters {tuned.search}: recall@{tuned.k} {tuned.recall:.3f} with {tuned.queries} indexed "
+              f"images as queries (target {target})" + ("" if tuned.reached else " -- TARGET NOT REACHED"), file=sys.stderr)
     from ..index import writer_lock
 
     with writer_lock(args.out).acquire(timeout=600):  # no other writer between our save and theirs

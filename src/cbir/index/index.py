@@ -238,6 +238,40 @@ class Index:
         with self.lock.write():
             self.backend.set_search_params(**kw)
 
+    def tune(self, queries: np.ndarray, *, target: float = 0.95, k: int = 100, margin: float = 0.005):
+        """Choose the faiss search parameters (type "faiss") for recall@k >= ``target`` on held-out
+        ``queries`` (nq, D), with faiss's ParameterSpace (see :mod:`cbir.index.tuning`); the choice and
+        what it measured are kept in ``params`` ("search", "tuned") and saved with the index."""
+        from .tuning import exact_ground_truth, tune_faiss
+
+        if self.kind != "faiss":
+            raise ValueError(f"automatic tuning applies to --type faiss indexes, this one is {self.kind!r}")
+        q = self._check_vectors(queries, "tuning queries")
+        if not 0.0 < target <= 1.0:
+            raise ValueError(f"the recall target must be in (0, 1], got {target}")
+        with self.lock.write():
+            if len(self.store) == 0:
+                raise ValueError("cannot tune an empty index")
+            kk = min(int(k), len(self.store))
+            rows = exact_ground_truth(self.store.vectors, q, kk)
+            tunable, labels_are_rows = self.backend.tunable(self.store)
+            result = tune_faiss(tunable, q, rows if labels_are_rows else self.store.ids[rows],
+                                target=target, margin=margin)
+            self.backend.params["search"] = result.search
+            self.backend.params["tuned"] = {key: v for key, v in result.to_dict().items() if key != "curve"}
+        return result
+
+    def tune_on_sample(self, *, target: float = 0.95, k: int = 100, nq: int = 1000, seed: int = 0):
+        """:meth:`tune` with ``nq`` stored vectors (a seeded random sample) as the queries.
+
+        Not held out: each such query finds itself, in the exact and the approximate top-k alike. It is
+        what ``cbir index build --type faiss`` uses when it has no other queries; for held-out tuning
+        pass your own queries to :meth:`tune`.
+        """
+        n = len(self)
+        pick = np.sort(np.random.default_rng(seed).choice(n, min(nq, n), replace=False))
+        return self.tune(self.store.vectors[pick], target=target, k=k)
+
     # --- reading --------------------------------------------------------------------------
     def get(self, id_: int) -> ImageRecord:
         with self.lock.read():
