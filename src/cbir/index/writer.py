@@ -23,7 +23,8 @@ from typing import Any, Iterator
 
 from filelock import FileLock, Timeout
 
-from .index import MANIFEST, Index
+from .index import Index
+from .persist import MANIFEST
 
 LOCK_NAME = ".writer.lock"
 
