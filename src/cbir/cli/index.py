@@ -92,6 +92,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _add_type_args(b: argparse.ArgumentParser) -> None:
     g = b.add_argument_group("search structure")
     g.add_argument("--type", choices=("exact", "ivfpq", "hnsw", "faiss"), default="exact", help="default: exact")
+    g.add_argument("--graph", type=int, default=None, metavar="K",
+                   help="store the kNN graph (K neighbours per image) for `cbir search --diffusion`; kept current by "
+                        "add/remove; 0 = none (default: the diffusion default k)")
     g.add_argument("--factory", help='faiss: index_factory string, e.g. "IVF4096_HNSW32,PQ64x4fs,RFlat"')
     g.add_argument("--recall-target", type=float, dest="recall_target",
                    help="faiss: choose nprobe/efSearch/k_factor for this recall@100, measured with up to 1000 indexed "
@@ -117,6 +120,8 @@ def type_params(args: argparse.Namespace) -> dict:
         from . import CLIError
 
         raise CLIError(f"--{wrong[0].replace('_', '-')} does not apply to --type {args.type}")
+    if getattr(args, "graph", None) is not None and args.graph < 0:
+        raise CLIError("--graph must be >= 0")
     given.pop("recall_target", None)
     return given
 
@@ -146,6 +151,8 @@ def cmd_build(args: argparse.Namespace) -> int:
                                 imsize=args.imsize, scales=scales, kind=args.type, params=params,
                                 device=args.device, batch_size=args.batch_size)
     _report_failed(failed)
+    if args.graph != 0:
+        index.build_graph(args.graph)
     if index.kind == "faiss":
         target = args.recall_target if args.recall_target is not None else 0.95
         tuned = index.tune_on_sample(target=target)

@@ -16,7 +16,9 @@ examples:
   cbir search big.index --image query.jpg --nprobe 64    # ivfpq: visit more lists
 
 --json FILE writes a list of {"id", "path", "score"}, best first ("-" = standard output).
-Re-ranking options search the whole index exactly (they need every descriptor).
+Re-ranking runs on the index's stored descriptors: QE on the query's neighbours, --diffusion on
+the kNN graph stored with the index (`cbir index build --graph K`; built for this call if absent),
+truncated to the query's top --diffusion-trunc; --whiten and --dba transform every descriptor.
 """
 
 
@@ -90,13 +92,11 @@ def cmd_search(args: argparse.Namespace) -> int:
         q = index.vector(args.id)
     applied: dict = {}
     if wants_rerank(args):
-        from ..rerank.options import rerank_from_args
+        from ..rerank.options import Rerank
 
-        ids, db = index.vectors()
-        scores, applied = rerank_from_args(args, q[None, :], db)
-        order = np.argsort(-scores[0], kind="stable")[: args.top]
-        records = {i: index.get(int(ids[i])).path for i in order}
-        hits = [Hit(int(ids[i]), records[i], float(scores[0, i])) for i in order]
+        # on the stored vectors (and the index's kNN graph for --diffusion): no copy of the matrix
+        hits_per_query, applied = index.search_rerank(q[None, :], args.top, Rerank.from_args(args))
+        hits = hits_per_query[0]
     else:
         hits = index.search(q, args.top)[0]
     result = [h.as_dict() for h in hits]

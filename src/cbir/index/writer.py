@@ -57,6 +57,8 @@ def open_for_write(
     changes; reload it with ``reload_if_stale`` or discard it). The lock is always released.
     """
     root = Path(path)
+    if not create_kwargs and not root.is_dir():
+        raise FileNotFoundError(f"index not found: {root}")
     lock = writer_lock(root)
     try:
         lock.acquire(timeout=timeout)
