@@ -28,6 +28,7 @@ baseline of the same run.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -38,8 +39,9 @@ import scipy.sparse as sp
 from pathlib import Path
 
 from cbir.descriptors import l2_normalize
-from cbir.rerank.qe import topk
+from cbir.rerank.knn import topk
 from cbir.rerank.diffusion import (
+    PAPER,
     DiffusionParams,
     OfflineDiffusion,
     truncated_diffusion,
@@ -185,7 +187,7 @@ def main(argv=None) -> int:
     ap.add_argument("--index-type", default="exact", choices=("exact", "faiss"))
     ap.add_argument("--factory", default=None, help="faiss factory string for --index-type faiss")
     args = ap.parse_args(argv)
-    params = DiffusionParams(k=args.k, trunc=args.trunc)
+    params = dataclasses.replace(PAPER, k=args.k, trunc=args.trunc)
     if args.through_index:
         print(f"# diffusion through cbir.index, {os.cpu_count()} CPUs, params {params.to_dict()}", flush=True)
         rows = []

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from cbir.index import Index
-from cbir.rerank.diffusion import DiffusionParams, knn_graph
+from cbir.rerank.diffusion import PAPER, DiffusionParams, knn_graph
 from cbir.rerank.options import Rerank
 
 
@@ -64,7 +64,10 @@ def test_graph_k_larger_than_stored_is_refused():
     Rerank(qe=5, alpha_qe=3.0),
     Rerank(qe=3),
     Rerank(diffusion=DiffusionParams(k=10, kq=5, trunc=100)),           # truncated, on the stored graph
+    Rerank(diffusion=DiffusionParams(k=10, kq=5, trunc=100, sim_weight=0.0)),  # pure diffusion ranking
     Rerank(qe=2, diffusion=DiffusionParams(k=10, kq=5, trunc=0)),       # full diffusion
+    Rerank(diffusion={"kq": 4}),                                        # defaults for the database size
+    Rerank(diffusion=PAPER),
     Rerank(dba=3),                                                      # DBA: the whole-matrix path
 ])
 def test_search_rerank_on_stored_vectors_equals_rerank_apply(rr):

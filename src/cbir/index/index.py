@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 import numpy as np
 
 from . import persist
+from ..descriptors import COMPAT_KEYS  # noqa: F401 (re-exported) settings that must agree between index and query
 from .backends import Backend, make_backend
 from .graph import KnnGraph
 from .persist import FORMAT, FORMAT_VERSION, MANIFEST, StaleIndexError, latest_generation  # noqa: F401 (re-exported)
@@ -29,8 +30,6 @@ from .store import ImageRecord, MetadataDB, VectorStore
 if TYPE_CHECKING:
     from ..rerank.options import Rerank
 
-# Descriptor settings that must agree between the index and a query (see cbir.descriptors.COMPAT_KEYS).
-COMPAT_KEYS = ("model", "pooling", "whitening", "dim")
 
 
 class IncompatibleDescriptorError(ValueError):
@@ -385,6 +384,8 @@ class Index:
 
     def _rerank_stored(self, q: np.ndarray, k: int, rerank: "Rerank") -> tuple[np.ndarray, np.ndarray, dict]:
         """QE + diffusion on stored vectors/graph (read lock held) -> (scores (nq, k'), ids (nq, k'), applied)."""
+        from ..rerank.diffusion import DiffusionParams
+        from ..rerank.options import ALPHA
         from ..rerank.qe import alpha_qe
 
         n = len(self.store)
@@ -393,13 +394,15 @@ class Index:
         if rerank.qe > 0:
             qk = min(rerank.qe, n)
             s, ids = self.backend.search(self.store, q, qk)
-            alpha = float(rerank.alpha_qe or 0.0)
+            alpha = ALPHA if rerank.alpha_qe is None else float(rerank.alpha_qe)
             q = np.concatenate([
                 alpha_qe(q[i:i + 1], self.store.vectors[self.store.rows_of(ids[i][ids[i] >= 0])], qk, alpha=alpha,
                          scores=s[i:i + 1, ids[i] >= 0])
                 for i in range(len(q))]).astype(np.float32)
             applied["qe"] = {"k": int(rerank.qe), "alpha": alpha, "kind": "alpha-qe" if alpha else "average"}
         p = rerank.diffusion
+        if isinstance(p, dict):  # the given parameters; the rest follow the database size
+            p = DiffusionParams.for_database(n, **p)
         if p is None:
             s, ids = self.backend.search(self.store, q, min(k, n))
             return s, ids, applied
@@ -418,7 +421,7 @@ class Index:
             kk = min(k, n)
             order = np.argsort(-scores, axis=1, kind="stable")[:, :kk]
             return np.take_along_axis(scores, order, 1), self.store.ids[order], applied
-        from ..rerank.diffusion import UNREACHED_OFFSET, truncated_diffusion
+        from ..rerank.diffusion import _final_scores, truncated_diffusion
 
         sims, region_ids = self.backend.search(self.store, q, p.trunc)
         valid = region_ids >= 0
@@ -427,7 +430,9 @@ class Index:
             sims = np.where(valid, sims, -np.inf)
         regions = self.store.rows_of(region_ids)
         f = truncated_diffusion(np.where(valid, sims, 0.0), regions, w, p)
-        final = np.where(valid, np.where(f > 0, f, sims - UNREACHED_OFFSET), -np.inf).astype(np.float32)
+        # the final scores of diffusion_scores on the region: items outside it have f = 0 and a smaller
+        # similarity, so they rank after every region item and the top-k (k <= R) lies in the region
+        final = np.where(valid, _final_scores(f, np.where(valid, sims, 0.0), p), -np.inf).astype(np.float32)
         kk = min(k, p.trunc)
         order = np.argsort(-final, axis=1, kind="stable")[:, :kk]
         return np.take_along_axis(final, order, 1), np.take_along_axis(region_ids, order, 1), applied
