@@ -20,7 +20,9 @@ examples:
   cbir search big.index --image query.jpg --nprobe 64    # ivfpq: visit more lists
 
 --json FILE writes a list of {"id", "path", "score"}, best first ("-" = standard output).
-Re-ranking options search the whole index exactly (they need every descriptor).
+Re-ranking runs on the index's stored descriptors: QE on the query's neighbours, --diffusion on
+the kNN graph stored with the index (`cbir index build --graph K`; built for this call if absent),
+truncated to the query's top --diffusion-trunc; --whiten and --dba transform every descriptor.
 """
 
 

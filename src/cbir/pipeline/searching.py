@@ -12,18 +12,14 @@ from ..rerank.options import Rerank
 
 def search_index(index: Any, query: np.ndarray, k: int = 20, rerank: Rerank | None = None) -> tuple[list, dict]:
     """Top-``k`` hits (:class:`cbir.index.Hit`, best first) of one query descriptor (D,) in a
-    :class:`cbir.index.Index`, re-ranked as ``rerank`` says (whitening, DBA, QE, diffusion need
-    every stored vector and search exactly); without re-ranking, the index's own search structure.
-    Returns (hits, applied)."""
-    from ..index import Hit
-
+    :class:`cbir.index.Index`, re-ranked as ``rerank`` says; without re-ranking, the index's own
+    search structure. Re-ranking runs on the stored vectors and kNN graph without copying them
+    (:meth:`cbir.index.Index.search_rerank`). Returns (hits, applied)."""
     q = np.asarray(query, dtype=np.float32).reshape(1, -1)
     if rerank is None or rerank.is_off():
         return index.search(q, k)[0], {}
-    ids, db = index.vectors()
-    scores, applied = rerank.apply(q, db)
-    order = np.argsort(-scores[0], kind="stable")[:k]
-    return [Hit(int(ids[i]), index.get(int(ids[i])).path, float(scores[0, i])) for i in order], applied
+    hits, applied = index.search_rerank(q, k, rerank)
+    return hits[0], applied
 
 
 def find_image(index: Any, name: str) -> int:
