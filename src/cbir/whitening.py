@@ -17,16 +17,14 @@ and ``P`` (d, D), d <= D (the ``x_hat = P^T (x - mu)`` of the papers with P stor
 
 from __future__ import annotations
 
-import io
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .descriptors import l2_normalize
-from .fileio import FormatError, atomic_open, check_format
+from .fileio import FormatError, load_stamped_npz, save_stamped_npz
+from .linalg import l2_normalize
 
 FORMAT = "whitening"
 FORMAT_VERSION = 1
@@ -90,32 +88,17 @@ class Whitening:
 
     def save(self, path: str | Path) -> None:
         """Atomic ``.npz`` with ``mean``, ``proj`` and a JSON ``meta`` (format stamp included)."""
-        meta = dict(self.meta)
-        meta.update(format=FORMAT, format_version=FORMAT_VERSION, in_dim=self.in_dim, out_dim=self.out_dim)
-        buf = io.BytesIO()
-        np.savez(buf, mean=self.mean, proj=self.proj, meta=np.array(json.dumps(meta)))
-        with atomic_open(path, "wb") as fh:
-            fh.write(buf.getvalue())
+        meta = dict(self.meta, in_dim=self.in_dim, out_dim=self.out_dim)
+        save_stamped_npz(path, {"mean": self.mean, "proj": self.proj}, meta, FORMAT, FORMAT_VERSION)
 
     @classmethod
     def load(cls, path: str | Path) -> "Whitening":
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"whitening file not found: {path}")
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                if "meta" not in z.files:
-                    raise FormatError(f"{path} is not a cbir whitening file (no meta)")
-                meta = json.loads(str(z["meta"]))
-                check_format(meta, FORMAT, (FORMAT_VERSION,), path)
-                mean, proj = z["mean"], z["proj"]
-        except FormatError:
-            raise
-        except Exception as exc:  # zip/npy/JSON damage: name the file
-            raise FormatError(f"{path} is not a readable cbir whitening file: {exc}") from exc
-        for key in ("format", "format_version", "in_dim", "out_dim"):
+        arrays, meta = load_stamped_npz(path, FORMAT, (FORMAT_VERSION,), "cbir whitening")
+        if "mean" not in arrays or "proj" not in arrays:
+            raise FormatError(f"{path} is not a readable cbir whitening file (mean/proj missing)")
+        for key in ("in_dim", "out_dim"):
             meta.pop(key, None)
-        return cls(mean=mean, proj=proj, meta=meta)
+        return cls(mean=arrays["mean"], proj=arrays["proj"], meta=meta)
 
 
 def _check_x(x: np.ndarray) -> np.ndarray:

@@ -238,18 +238,17 @@ def _gnd_benchmark(vc: ValidationConfig):
 
 def validate(model: nn.Module, bench, vc: ValidationConfig, device: torch.device) -> dict:
     """revisitop mAP (E/M/H, percent) of ``model`` on the benchmark ``bench`` (queries cropped to
-    their boxes), described at ``vc.imsize`` × ``vc.scales``; {"mAP": {...}, "mP": {...}}. A
-    network whose descriptors are not finite (diverged) scores NaN, which is never the best."""
-    from ..extract import extract
+    their boxes), described at ``vc.imsize`` × ``vc.scales`` through :mod:`cbir.pipeline`;
+    {"mAP": {...}, "mP": {...}}. A network whose descriptors are not finite (diverged) scores NaN,
+    which is never the best."""
+    from ..pipeline import describe, score
 
-    kw = dict(imsize=vc.imsize, scales=tuple(vc.scales), progress=False, device=device)
-    db = extract(model, bench.db_paths, **kw)
-    q = extract(model, bench.query_paths, bboxes=bench.query_bboxes, **kw)
-    if db.failed or q.failed:
-        raise ValueError(f"validation images failed to load: {(db.failed + q.failed)[:3]}")
+    # the library chain: every image must load (ImageError naming the first that does not)
+    q, db = describe(bench, model, imsize=vc.imsize, scales=tuple(vc.scales), device=device)
     if not (np.isfinite(q.vectors).all() and np.isfinite(db.vectors).all()):  # a diverged network
         return {"mAP": {k: float("nan") for k in ("easy", "medium", "hard")}, "mP": {}, "diverged": True}
-    return bench.evaluate(q.vectors @ db.vectors.T)
+    res = score(bench, q, db)
+    return {"mAP": res["mAP"], "mP": res["mP"]}
 
 
 # ---------------------------------------------------------------------------------------------
