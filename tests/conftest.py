@@ -120,6 +120,52 @@ def rparis250_lite0(tmp_path_factory, rparis250, rparis250_gnd) -> dict:
     return _cached_extract(tmp_path_factory, rparis250, rparis250_gnd, imsize=512)
 
 
+DEMO = REPO / "src" / "cbir" / "data" / "demo"
+
+
+@pytest.fixture(scope="session")
+def demo() -> Path:
+    """The bundled demo set (src/cbir/data/demo: jpg/ + gnd_demo.pkl, 33 database photos, 5 queries)."""
+    return DEMO
+
+
+@pytest.fixture(scope="session")
+def demo_gnd() -> dict:
+    from cbir.datasets.revisitop import load_gnd
+
+    return load_gnd(DEMO / "gnd_demo.pkl")
+
+
+@pytest.fixture(scope="session")
+def demo_lite0(tmp_path_factory, demo_gnd) -> dict:
+    """{"db": (33, 1280), "q": (5, 1280)} Lite0-GeM descriptors of the demo set at 512 px, single scale."""
+    return cached_descriptors(tmp_path_factory, "demo", DEMO / "jpg", demo_gnd, imsize=512, crop=True)
+
+
+LITE0_SOURCE = {"model": "efficientnet_lite0", "pooling": "gem", "weights": "default", "pooling_kw": {}}
+
+
+@pytest.fixture(scope="session")
+def lite0_gem():
+    """EfficientNet-Lite0 + GeM (built once per session; the service tests share it)."""
+    from cbir.model import build_model
+
+    return build_model("efficientnet_lite0", pooling="gem")
+
+
+@pytest.fixture()
+def demo_index(tmp_path, lite0_gem, demo, demo_gnd, demo_lite0):
+    """(Index, its folder, QueryEncoder): the 33 demo database photos, Lite0-GeM 512 px, saved under tmp_path."""
+    from cbir.index import Index
+    from cbir.index.embed import QueryEncoder, model_settings
+
+    settings = model_settings(lite0_gem, LITE0_SOURCE, 512, (1.0,))
+    idx = Index(lite0_gem.dim, "exact", settings=settings, device="cpu")
+    idx.add(demo_lite0["db"], [str(demo / "jpg" / f"{n}.jpg") for n in demo_gnd["imlist"]])
+    idx.save(tmp_path / "demo.index")
+    return idx, tmp_path / "demo.index", QueryEncoder(settings, model=lite0_gem, device="cpu")
+
+
 @pytest.fixture(scope="session")
 def holidays805() -> Path:
     """The folder data/holidays-805 (jpg/ + gnd_holidays805.pkl)."""
