@@ -129,7 +129,7 @@ def test_cli_tune_never_reads_the_test_ground_truth(tmp_path, capsys):
     test_dir.mkdir()
     shutil.copy(DEMO / "gnd_demo.pkl", test_dir / "gnd_clean.pkl")
     (test_dir / "gnd_poisoned.pkl").write_bytes(pickle.dumps(poisoned))
-    common = ["tune", "--val", str(DEMO / "gnd_demo.pkl"), "--imsize", "128", "--fast", "--cache", str(tmp_path / "c")]
+    common = ["tune", "--val", str(DEMO / "gnd_demo.pkl"), "--imsize", "128", "--scales", "1", "--fast", "--cache", str(tmp_path / "c")]
     outs = []
     for name in ("clean", "poisoned"):
         (tmp_path / name).mkdir()
@@ -169,3 +169,45 @@ def test_folds_keep_queries_that_share_positives_together():
     folds = _folds(ds, 2)
     assert sorted(np.concatenate(folds).tolist()) == [0, 1, 2, 3, 4]
     assert any({0, 2, 4} <= set(f.tolist()) for f in folds)
+
+
+def test_index_build_keeps_the_recipe_and_search_and_serve_use_it(tmp_path, capsys):
+    import json
+
+    from fastapi.testclient import TestClient
+
+    from cbir.descriptors import Descriptors
+    from cbir.index import Index
+    from cbir.server import create_app
+
+    rng = np.random.default_rng(5)
+    centres = l2_normalize(rng.normal(size=(6, 16)))
+    x = l2_normalize(centres[rng.integers(0, 6, 60)] + 0.4 * rng.normal(size=(60, 16)))
+    names = [f"img{i:02d}" for i in range(60)]
+    Descriptors(names, x, meta={"model": "toy", "pooling": "gem",
+                                "paths": {n: str(tmp_path / f"{n}.jpg") for n in names}}).save(tmp_path / "feats")
+    recipe = Recipe(WhiteningSpec("pca", "database", power=0.5, shrinkage=0.2), Rerank(qe=3, dba=2))
+    recipe.save(tmp_path / "r.json")
+    assert main(["index", "build", "--features", str(tmp_path / "feats"), "--out", str(tmp_path / "ix"),
+                 "--recipe", str(tmp_path / "r.json")]) == 0
+    assert (tmp_path / "ix" / "recipe.json").is_file()
+    idx = Index.load(tmp_path / "ix")
+    ids, db = idx.vectors()
+    q = idx.vector(int(ids[7]))
+    want = ids[np.argsort(-recipe.apply(q[None], db)[0][0], kind="stable")[:10]].tolist()
+    capsys.readouterr()
+    assert main(["search", str(tmp_path / "ix"), "--id", str(int(ids[7])), "--top", "10", "--json", "-"]) == 0
+    assert [h["id"] for h in json.loads(capsys.readouterr().out)] == want
+    plain = ids[np.argsort(-(db @ q), kind="stable")[:10]].tolist()
+    assert plain != want
+    assert main(["search", str(tmp_path / "ix"), "--id", str(int(ids[7])), "--top", "10", "--json", "-",
+                 "--recipe", "none"]) == 0
+    assert [h["id"] for h in json.loads(capsys.readouterr().out)] == plain
+    client = TestClient(create_app(tmp_path / "ix", read_only=True, rerank=recipe), base_url="http://127.0.0.1:8000")
+    got = client.get(f"/api/search/{int(ids[7])}", params={"top": 10}).json()["results"]
+    assert [h["id"] for h in got] == want
+    # a bad recipe stops index build before any work
+    (tmp_path / "bad.json").write_text("{}")
+    assert main(["index", "build", "--features", str(tmp_path / "feats"), "--out", str(tmp_path / "ix2"),
+                 "--recipe", str(tmp_path / "bad.json")]) == 2
+    assert not (tmp_path / "ix2").exists()

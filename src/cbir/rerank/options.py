@@ -42,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(it did not lower mAP on our real sets, docs/rerank.md)",
     )
     g.add_argument("--recipe", metavar="FILE", default=None,
-                   help="apply a whitening + re-ranking recipe written by `cbir tune` (instead of the options below)")
+                   help="apply a whitening + re-ranking recipe written by `cbir tune` instead of the options below ('none': not even the recipe an index was built with)")
     g.add_argument("--whiten", metavar="FILE", default=None,
                    help="apply a whitening learned by `cbir whiten` to queries and database (then L2)")
     g.add_argument("--dba", metavar="K", type=int, nargs="?", const=DBA_K, default=0,
@@ -204,6 +204,25 @@ class Rerank:
         return scores, applied
 
 
+def settings_from_args(args: argparse.Namespace, index: str | Path | None = None):
+    """What the options of :func:`add_arguments` ask for: a :class:`Rerank`, or the
+    :class:`cbir.rerank.recipe.Recipe` of ``--recipe FILE`` (which excludes the other options).
+    Both have ``apply(q, db) -> (scores, applied)``. ``index``: an index folder whose kept recipe
+    (``cbir index build --recipe``) applies when no option is given (``--recipe none``: none)."""
+    settings = Rerank.from_args(args)
+    recipe = getattr(args, "recipe", None)
+    if recipe and recipe.lower() == "none":
+        return settings
+    if not recipe and (index is None or not settings.is_off()):
+        return settings
+    if recipe and (not settings.is_off() or getattr(args, "alpha_qe", None) is not None):
+        raise ValueError("--recipe replaces --whiten/--dba/--qe/--diffusion: give one or the other")
+    from .recipe import recipe_for_index
+
+    found = recipe_for_index(index or ".", recipe)
+    return settings if found is None else found
+
+
 def rerank_from_args(args: argparse.Namespace, q: np.ndarray, db: np.ndarray) -> tuple[np.ndarray, dict]:
     """Apply the options added by :func:`add_arguments`; q (nq, D), db (n, D) -> (scores, applied).
 
@@ -211,12 +230,4 @@ def rerank_from_args(args: argparse.Namespace, q: np.ndarray, db: np.ndarray) ->
     empty when nothing was applied (scores are then the plain inner products of L2-normalised rows).
     ``--recipe FILE`` applies a :class:`cbir.rerank.recipe.Recipe` and excludes the other options.
     """
-    settings = Rerank.from_args(args)
-    recipe = getattr(args, "recipe", None)
-    if recipe:
-        if not settings.is_off() or getattr(args, "alpha_qe", None) is not None:
-            raise ValueError("--recipe replaces --whiten/--dba/--qe/--diffusion: give one or the other")
-        from .recipe import Recipe
-
-        return Recipe.load(recipe).apply(q, db)
-    return settings.apply(q, db)
+    return settings_from_args(args).apply(q, db)

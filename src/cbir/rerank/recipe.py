@@ -30,6 +30,8 @@ from ..fileio import FormatError, atomic_write_json, check_format, read_json
 from ..whitening import Whitening, learn_pca_whitening
 from .options import Rerank
 
+#: Where ``cbir index build --recipe`` keeps a copy, inside the index folder.
+INDEX_RECIPE = "recipe.json"
 FORMAT = "recipe"
 FORMAT_VERSION = 1
 WHITENING_METHODS = ("none", "pca", "lw")
@@ -160,3 +162,12 @@ class Recipe:
         meta = {k: v for k, v in doc.items() if k not in ("format", "format_version", "whitening", "rerank")}
         meta["file"] = str(path)
         return cls(spec=spec, rerank=rerank, learned=learned, meta=meta)
+
+
+def recipe_for_index(index_path: str | Path, given: str | None = None) -> "Recipe | None":
+    """The recipe a search of the index at ``index_path`` uses: ``given`` (a file; "none" = no
+    recipe), else the copy ``INDEX/recipe.json`` kept by ``cbir index build --recipe``, else None."""
+    if given is not None:
+        return None if given.lower() == "none" else Recipe.load(given)
+    kept = Path(index_path) / INDEX_RECIPE
+    return Recipe.load(kept) if kept.is_file() else None
