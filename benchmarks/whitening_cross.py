@@ -67,11 +67,18 @@ def emh(target: LabelledSet, scores: np.ndarray) -> list[float]:
     return [round(float(m[k]), 2) for k in ("easy", "medium", "hard")]
 
 
-def best_of(trials: list[dict], method: str, fit: str | None = None) -> dict | None:
-    """The learning set's best whitening of ``method`` (over shrinkage, power, dim)."""
-    rows = [t for t in trials if t["step"] == "whitening" and "objective" in t and t["whitening"]["method"] == method
-            and (fit is None or t["whitening"].get("fit") == fit)]
-    return max(rows, key=lambda t: t["objective"]) if rows else None
+def best_of(trials: list[dict], method: str, fit: str | None = None, min_gain: float = Grid().min_gain) -> dict | None:
+    """The learning set's best whitening of ``method`` (over shrinkage, power, dim), with the tie
+    rule of ``cbir tune`` (a later candidate must win by ``min_gain``)."""
+    best = None
+    for t in trials:
+        if t["step"] != "whitening" or "objective" not in t or t["whitening"]["method"] != method:
+            continue
+        if fit is not None and t["whitening"].get("fit") != fit:
+            continue
+        if best is None or t["objective"] > best["objective"] + min_gain:
+            best = t
+    return best
 
 
 def direction(learn: LabelledSet, target: LabelledSet, say) -> dict:
