@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from . import CLIError
 from .options import add_extraction_options, add_model_options, extraction, model_spec
@@ -85,6 +86,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if args.fast:
         grid = Grid(pca_power=(0.5,), shrinkage=(0.5,), dims=(256,), qe=(0, 2), dba=(0, 3), diffusion_k=(None,),
                     diffusion_kq=(3,), diffusion_alpha=(0.8,), diffusion_sim_weight=(0.5,))
+    few = [f"{s.name} ({len(s.q)})" for s in sets if len(s.q) < 50]
+    if few:
+        print(f"note: few validation queries in {', '.join(few)}: the recipe may fit them and not transfer "
+              "(a recipe tuned on rParis6k-250's 12 queries lowered Holidays; docs/rerank.md)", file=sys.stderr)
     recipe, trials = tune(sets, grid, progress=print)
     recipe.meta["descriptors"] = settings  # what the recipe was tuned for (a whitening is model-specific)
     recipe.save(args.out)
