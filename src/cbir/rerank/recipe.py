@@ -30,6 +30,8 @@ from ..fileio import FormatError, atomic_write_json, check_format, read_json
 from ..whitening import Whitening, learn_pca_whitening
 from .options import Rerank
 
+#: Recipes shipped with cbir, loadable by name (``--recipe holidays805-lite0``).
+BUNDLED = Path(__file__).resolve().parents[1] / "data" / "recipes"
 #: Where ``cbir index build --recipe`` keeps a copy, inside the index folder.
 INDEX_RECIPE = "recipe.json"
 FORMAT = "recipe"
@@ -138,9 +140,13 @@ class Recipe:
 
     @classmethod
     def load(cls, path: str | Path) -> "Recipe":
+        """A recipe file, or the name of one shipped with cbir (``bundled_recipes()``)."""
         path = Path(path)
+        if not path.is_file() and path.name == str(path) and (BUNDLED / f"{path.name}.recipe.json").is_file():
+            path = BUNDLED / f"{path.name}.recipe.json"
         if not path.is_file():
-            raise FileNotFoundError(f"recipe not found: {path}")
+            known = ", ".join(bundled_recipes()) or "none"
+            raise FileNotFoundError(f"recipe not found: {path} (recipes shipped with cbir: {known})")
         doc = read_json(path, what="recipe")
         check_format(doc, FORMAT, (FORMAT_VERSION,), path)
         try:
@@ -171,3 +177,8 @@ def recipe_for_index(index_path: str | Path, given: str | None = None) -> "Recip
         return None if given.lower() == "none" else Recipe.load(given)
     kept = Path(index_path) / INDEX_RECIPE
     return Recipe.load(kept) if kept.is_file() else None
+
+
+def bundled_recipes() -> list[str]:
+    """Names of the recipes shipped with cbir (``data/recipes/NAME.recipe.json``)."""
+    return sorted(p.name.removesuffix(".recipe.json") for p in BUNDLED.glob("*.recipe.json"))
