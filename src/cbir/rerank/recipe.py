@@ -28,7 +28,7 @@ import numpy as np
 
 from ..fileio import FormatError, atomic_write_json, check_format, read_json
 from ..whitening import Whitening, learn_pca_whitening
-from .options import Rerank
+from .compose import Rerank
 
 #: Recipes shipped with cbir, loadable by name (``--recipe holidays805-lite0``).
 BUNDLED = Path(__file__).resolve().parents[1] / "data" / "recipes"

@@ -30,7 +30,7 @@ from ..datasets.base import RetrievalDataset
 from ..linalg import l2_normalize
 from ..whitening import Whitening, learn_lw, learn_pca_whitening
 from .diffusion import DiffusionParams, diffusion_scores, knn_graph
-from .options import ALPHA, Rerank
+from .compose import ALPHA, Rerank
 from .qe import alpha_qe, dba
 from .recipe import Recipe, WhiteningSpec, fit_database_whitening
 
