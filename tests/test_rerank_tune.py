@@ -211,3 +211,18 @@ def test_index_build_keeps_the_recipe_and_search_and_serve_use_it(tmp_path, caps
     assert main(["index", "build", "--features", str(tmp_path / "feats"), "--out", str(tmp_path / "ix2"),
                  "--recipe", str(tmp_path / "bad.json")]) == 2
     assert not (tmp_path / "ix2").exists()
+
+
+def test_cli_evaluate_with_a_recipe_records_it(tmp_path):
+    import json
+
+    from test_cli_evaluate import _toy
+
+    gpath, feats = _toy(tmp_path)
+    Recipe(WhiteningSpec(), Rerank(qe=1)).save(tmp_path / "r.json")
+    out = tmp_path / "res.json"
+    assert main(["evaluate", "--gnd", str(gpath), "--features", str(feats), "--json", str(out),
+                 "--recipe", str(tmp_path / "r.json")]) == 0
+    res = json.loads(out.read_text())
+    assert res["rerank"]["recipe"]["whitening"] == {"method": "none"} and res["rerank"]["qe"]["k"] == 1
+    assert main(["evaluate", "--gnd", str(gpath), "--features", str(feats), "--recipe", str(tmp_path / "nope.json")]) == 2
