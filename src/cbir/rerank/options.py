@@ -20,6 +20,8 @@ from .compose import ALPHA, DBA_K, QE_K, Rerank, rerank  # noqa: F401  (re-expor
 from .diffusion import DiffusionParams
 from .recipe import Recipe, recipe_for_index
 
+__all__ = ["ALPHA", "DBA_K", "QE_K", "Rerank", "add_arguments", "rerank", "rerank_from_args", "settings_from_args"]
+
 _DEF = DiffusionParams()
 
 
