@@ -101,13 +101,13 @@ def handler(args: argparse.Namespace) -> int:
     from ..fileio import atomic_write_json
     from ..pipeline import default_cache_dir, describe, lookup, score
     from ..report import format_table, jsonable, plot_top10
-    from ..rerank.options import Rerank
+    from ..rerank.options import settings_from_args
 
     if args.images and args.features:
         raise CLIError("give either --images or --features, not both")
     if args.query_features and not args.features:
         raise CLIError("--query-features goes with --features")
-    rerank = Rerank.from_args(args)
+    rerank = settings_from_args(args)  # a Rerank, or the --recipe
     bench = load_benchmark(args)
     if args.features:
         q, db = lookup(bench, args.features, args.query_features)

@@ -18,6 +18,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel
 
 from ..index import IncompatibleDescriptorError
+from ..pipeline import search_index
 from .service import SUFFIX, Service, parse_bbox
 from .uploads import StoreFull
 
@@ -142,7 +143,7 @@ def search_upload(svc: ServiceDep, file: Annotated[UploadFile, File()], bbox: An
     up = svc.read_upload(file)
     box = parse_bbox(bbox, up.size)
     q = svc.encode(up, box)
-    hits = svc.index.search(q, top)[0]
+    hits = search_index(svc.index, q, top, svc.rerank)[0]
     return SearchResponse(results=_hits(hits), took_ms=round(1000 * (time.perf_counter() - t0), 2),
                           query={"width": up.size[0], "height": up.size[1], "bbox": box})
 
@@ -156,7 +157,7 @@ def search_id(svc: ServiceDep, image_id: ImageId, top: int = Query(20)) -> Searc
         q = svc.index.vector(image_id)
     except KeyError:
         raise HTTPException(404, f"image id {image_id} is not in the index") from None
-    hits = svc.index.search(q, top)[0]
+    hits = search_index(svc.index, q, top, svc.rerank)[0]
     return SearchResponse(results=_hits(hits), took_ms=round(1000 * (time.perf_counter() - t0), 2),
                           query={"id": image_id, "thumb": f"/api/thumb/{image_id}"})
 

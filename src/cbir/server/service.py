@@ -66,6 +66,7 @@ class Service:
     encoder: Any = None
     guard: Guard = field(default_factory=Guard)
     uploads: UploadStore | None = None
+    rerank: Any = None                          # a Rerank or Recipe applied to every search (None: plain)
     _encoder_lock: threading.Lock = field(default_factory=threading.Lock)
     _write_lock: threading.Lock = field(default_factory=threading.Lock)
     _thumbs: "OrderedDict[tuple[int, int], bytes]" = field(default_factory=OrderedDict)
