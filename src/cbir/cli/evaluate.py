@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from . import CLIError
-from .extract import parse_scales
+from .extract import parse_scales, resolve_resolution
 
 PROTO_LABEL = {"easy": "Easy", "medium": "Medium", "hard": "Hard", "all": "all"}
 
@@ -53,10 +53,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--pooling", default="gem", help="spoc, mac, gem, rmac, crow, bow (default gem)")
     m.add_argument("--weights", default="default", help="backbone weights: default (offline ImageNet), or a file")
     m.add_argument("--imsize", type=int, default=None,
-                   help="longest image side in pixels (default 1024; demo: 512, its photos' size)")
+                   help="longest image side in pixels (default: the model's, see `cbir models`; demo: 512)")
     m.add_argument("--scales", default=None,
                    help="comma-separated scales, combined by the pooling's mean "
-                        "(default 1,0.7071,0.5; demo: 1, as its photos are already small)")
+                        "(default: the model's, e.g. 1,0.7071,0.5; demo: 1, as its photos are already small)")
     m.add_argument("--no-crop", action="store_true", help="do not crop queries to their box")
     m.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     m.add_argument("--batch-size", type=int, default=None)
@@ -140,13 +140,14 @@ def descriptors_from_images(args: argparse.Namespace, ds) -> tuple[np.ndarray, n
     from ..model import build_model, load_model
 
     small = ds.name == "demo"
-    if args.imsize is None:
-        args.imsize = 512 if small else 1024
-    scales = parse_scales(args.scales or ("1" if small else "1,0.7071,0.5"))
     if Path(args.model).is_file():
         model = load_model(args.model)
     else:
         model = build_model(args.model, pooling=args.pooling, weights=args.weights)
+    if small:
+        args.imsize = 512 if args.imsize is None else args.imsize
+        args.scales = args.scales or "1"
+    args.imsize, scales = resolve_resolution(args, model)
     missing = [p for p in list(ds.db_paths[:1]) + list(ds.query_paths[:1]) if not Path(p).is_file()]
     if missing:
         raise CLIError(f"image not found: {missing[0]} (give --images DIR, or `cbir download {ds.name}`)")

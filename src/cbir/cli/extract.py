@@ -10,11 +10,13 @@ from . import CLIError
 
 EPILOG = """\
 examples:
-  cbir extract photos/ --out feats/                         # Lite0 + GeM, 1024 px, 3 scales (offline weights)
+  cbir extract photos/ --out feats/                         # Lite0 + GeM at its default 512 px, 3 scales (offline)
   cbir extract a.jpg b.jpg --out feats/ --imsize 512 --scales 1
   cbir extract photos/ --out feats/ --model resnet101 --pooling gem:p=3 --device cuda
   cbir extract photos/ --out feats/ --model resnet50 --weights resnet50.pth   # offline: a local state dict
   cbir extract photos/ --out feats/ --model my_trained.pt   # a model saved by `cbir train`
+  cbir extract photos/ --out feats/ --model gl18-tl-resnet101-gem-w      # a published network (`cbir models`)
+  cbir extract photos/ --out feats/ --model gl18-tl-resnet101-gem-w-a4d43db.pth   # ... from its file
   cbir extract photos/ --out feats/ --pooling rmac:levels=3
   cbir extract photos/ --out feats/ --pooling bow:k=1024 --codebook cb.npz    # fits cb.npz if it is missing
   cbir extract photos/ --out feats/ --dtype float16 --strict
@@ -49,9 +51,11 @@ def register(subparsers) -> None:
     g.add_argument("--codebook", metavar="FILE", help="bow: codebook .npz to use; fitted on the images and saved "
                                                       "here when missing (default: DIR/codebook.npz)")
     e = p.add_argument_group("extraction")
-    e.add_argument("--imsize", type=int, default=1024, help="longest image side; larger images are shrunk (default: 1024)")
-    e.add_argument("--scales", default="1,0.7071,0.5", help="comma-separated scales, combined by a generalized mean "
-                                                           "(default: 1,0.7071,0.5)")
+    e.add_argument("--imsize", type=int, default=None,
+                   help="longest image side; larger images are shrunk (default: the model's, see `cbir models`: "
+                        "512 for EfficientNet-Lite, 1024 for ResNet/VGG and published networks)")
+    e.add_argument("--scales", default=None, help="comma-separated scales, combined by a generalized mean "
+                                                  "(default: the model's, e.g. 1,0.7071,0.5)")
     e.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 (default: auto)")
     e.add_argument("--batch-size", type=int, default=None, help="images per forward pass (default: 1 on CPU, 16 on GPU)")
     e.add_argument("--workers", type=int, default=None, help="image-decoding processes (default: 0 on a 2-core CPU, "
@@ -101,6 +105,18 @@ def parse_scales(text: str) -> tuple[float, ...]:
     return scales
 
 
+def resolve_resolution(args: argparse.Namespace, model) -> tuple[int, tuple[float, ...]]:
+    """--imsize/--scales, each defaulting to the model's own (``cbir.backbones.default_resolution``)."""
+    from ..backbones import default_resolution
+
+    imsize, scales = default_resolution(model.config.get("model", ""), model.config)
+    if getattr(args, "imsize", None) is not None:
+        imsize = args.imsize
+    if getattr(args, "scales", None):
+        scales = parse_scales(args.scales)
+    return imsize, scales
+
+
 def collect_images(paths: list[str], exclude: Path | None = None) -> tuple[list[str], list[Path]]:
     """(ids, files): files named, or every non-hidden file under named folders (sorted).
 
@@ -140,7 +156,8 @@ def handler(args: argparse.Namespace) -> int:
     from ..extract import extract_to_dir, fit_bow, load_codebook, save_codebook
     from ..model import build_model, load_model
 
-    scales = parse_scales(args.scales)
+    if args.scales:
+        parse_scales(args.scales)  # a bad value fails before any work
     out = Path(args.out)
     ids, files = collect_images(args.paths, exclude=out)
     if Path(args.model).is_file():
@@ -148,6 +165,7 @@ def handler(args: argparse.Namespace) -> int:
     else:
         name, kw = parse_pooling(args.pooling)
         model = build_model(args.model, pooling=name, weights=args.weights, **kw)
+    args.imsize, scales = resolve_resolution(args, model)
     extra: dict = {}
     if model.pooling.name == "bow" and not bool(model.pooling.fitted):
         cb_path = Path(args.codebook) if args.codebook else out / "codebook.npz"

@@ -56,8 +56,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="backbone name (timm/torchvision) or a model file saved by cbir (default: efficientnet_lite0)")
     b.add_argument("--pooling", default="gem", help="pooling for a backbone name (default: gem)")
     b.add_argument("--weights", default="default", help="backbone weights: default, none, or a file (default: default)")
-    b.add_argument("--imsize", type=int, default=1024, help="longest image side before the network (default: 1024)")
-    b.add_argument("--scales", default="1,0.7071,0.5", help="comma-separated scales (default: 1,0.7071,0.5)")
+    b.add_argument("--imsize", type=int, default=None,
+                   help="longest image side before the network (default: the model's, see `cbir models`)")
+    b.add_argument("--scales", default=None, help="comma-separated scales (default: the model's, e.g. 1,0.7071,0.5)")
     b.add_argument("--device", default="auto", help="auto, cpu, cuda (default: auto)")
     b.add_argument("--batch-size", type=int, default=None, help="images per forward pass (default: 1 on CPU, 16 on GPU)")
     _add_type_args(b)
@@ -126,14 +127,17 @@ def cmd_build(args: argparse.Namespace) -> int:
     if not folder.is_dir():
         raise FileNotFoundError(f"image folder not found: {folder}")
     params = type_params(args)
-    scales = parse_scales(args.scales)
+    scales = parse_scales(args.scales) if args.scales else None  # None: the model's default
     files = list_images([folder])
     if not files:
         raise CLIError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {folder}")
-    print(f"describing {len(files)} images with {args.model} (imsize {args.imsize}, "
-          f"scales {','.join(f'{s:g}' for s in scales)}), then building the {args.type} index", file=sys.stderr)
+    size = "the model's default size" if args.imsize is None else f"imsize {args.imsize}"
+    scl = "scales" if scales is None else "scales " + ",".join(f"{s:g}" for s in scales)
+    print(f"describing {len(files)} images with {args.model} ({size}, {scl}), then building the {args.type} index",
+          file=sys.stderr)
     index, failed = build_index(files, model=args.model, pooling=args.pooling, weights=args.weights,
-                                imsize=args.imsize, scales=scales, kind=args.type, params=params,
+                                imsize="auto" if args.imsize is None else args.imsize, scales=scales,
+                                kind=args.type, params=params,
                                 device=args.device, batch_size=args.batch_size)
     _report_failed(failed)
     index.save(args.out)

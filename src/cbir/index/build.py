@@ -31,8 +31,8 @@ def build_index(
     model: str = "efficientnet_lite0",
     pooling: str = "gem",
     weights: str = "default",
-    imsize: int | None = 1024,
-    scales: Sequence[float] = (1.0, 2 ** -0.5, 0.5),
+    imsize: int | str | None = "auto",
+    scales: Sequence[float] | None = None,
     kind: str = "exact",
     params: dict[str, Any] | None = None,
     device: str = "auto",
@@ -41,9 +41,12 @@ def build_index(
 ) -> tuple[Index, list[dict[str, str]]]:
     """Index of ``files`` described by ``model`` (a backbone name + ``pooling``, or a saved model file).
 
+    ``imsize="auto"`` / ``scales=None``: the model's default (``cbir.backbones.default_resolution``);
+    ``imsize=None``: images are not shrunk.
     Returns (index, failed [{"path", "reason"}] for unreadable images). The search structure is
     built (faiss training included) before returning, so its errors come here.
     """
+    from ..backbones import default_resolution
     from ..extract import extract
     from ..model import build_model, load_model
 
@@ -51,6 +54,9 @@ def build_index(
     if not files:
         raise ValueError("no images to index")
     net = load_model(model) if Path(model).is_file() else build_model(model, pooling=pooling, weights=weights)
+    auto_size, auto_scales = default_resolution(net.config.get("model", ""), net.config)
+    imsize = auto_size if imsize == "auto" else imsize
+    scales = auto_scales if scales is None else tuple(scales)
     settings = model_settings(net, source_of(model, pooling, weights, net), imsize, scales)
     index = Index(net.dim, kind, params, settings=settings, device=device)
     res = extract(net, files, imsize=imsize, scales=tuple(scales), device=device, batch_size=batch_size,
