@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import csv
 import pickle
+import sys
 from pathlib import Path
 
 from . import CLIError
@@ -28,8 +29,9 @@ def register(subparsers) -> None:
     p.add_argument("--dim", type=int, default=None, metavar="D", help="keep the top D dimensions (default: all)")
     p.add_argument("--power", type=float, default=1.0, metavar="P",
                    help="pca: eigenvalue power (1 = full whitening, 0.5, 0 = rotation only)")
-    p.add_argument("--shrinkage", type=float, default=0.0, metavar="S",
-                   help="shrink the covariance towards tr(C)/D I by S in [0,1]")
+    p.add_argument("--shrinkage", default="auto", metavar="S",
+                   help="shrink the covariance towards tr(C)/D I by S in [0,1]; auto: 0.5 when there are fewer "
+                        "than 10 learning vectors (lw: pairs) per dimension, else 0 (measured, docs/models.md)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--pairs", metavar="CSV", help="lw: CSV of matching pairs of descriptor ids (two columns; header optional)")
     src.add_argument("--gnd", metavar="GND.pkl",
@@ -91,6 +93,11 @@ def handler(args: argparse.Namespace) -> int:
     from ..descriptors import Descriptors
     from ..whitening import learn_lw, learn_pca_whitening
 
+    if args.shrinkage != "auto":
+        try:
+            args.shrinkage = float(args.shrinkage)
+        except ValueError:
+            raise CLIError(f"--shrinkage must be a number in [0, 1] or auto, got {args.shrinkage!r}") from None
     feats = Descriptors.load(args.features)
     x = np.asarray(feats.vectors, dtype=np.float64)
     if args.method == "pca":
@@ -111,5 +118,7 @@ def handler(args: argparse.Namespace) -> int:
     w.meta.update(features=str(args.features), source_model=feats.meta.get("model"))
     w.meta = {k: v for k, v in w.meta.items() if v is not None}
     w.save(args.out)
+    for note in w.meta.get("notes", []):
+        print(note, file=sys.stderr)
     print(f"whitening ({w.meta['method']}, {w.in_dim} -> {w.out_dim} dims, learned on {w.meta['n_learn']} vectors) written to {args.out}")
     return 0
