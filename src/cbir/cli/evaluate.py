@@ -36,7 +36,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     src = p.add_argument_group("benchmark")
     src.add_argument("--dataset", metavar="NAME",
-                     help="demo (bundled), roxford5k, rparis6k, oxford5k, paris6k, gldv2")
+                     help="demo (bundled), roxford5k, rparis6k, oxford5k, paris6k, gldv2, holidays (official rule; "
+                          "a rotations.txt beside its jpg/ applies the manual rotations)")
     src.add_argument("--data-root", metavar="DIR", help="where the named dataset lives (`cbir download` target)")
     src.add_argument("--gnd", metavar="FILE|DIR",
                      help="revisitop ground-truth .pkl, or a folder of original *_query/good/ok/junk.txt files")
