@@ -208,6 +208,7 @@ def test_auto_shrinkage_when_too_few_vectors_for_the_dimension():
     few = rng.normal(size=(24, d)) * scales
     w = learn_pca_whitening(few)
     assert w.meta["shrinkage"] == AUTO_SHRINKAGE and "24 vectors for 32 dimensions" in w.meta["notes"][0]
+    assert "do not apply this whitening to the same vectors" in w.meta["notes"][1]  # N <= D
     many = rng.normal(size=(ENOUGH_PER_DIM * d, d)) * scales
     assert learn_pca_whitening(many).meta["shrinkage"] == 0.0 and learn_pca_whitening(many).meta["notes"] == []
     raw = learn_pca_whitening(few, shrinkage=0.0)
