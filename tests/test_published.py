@@ -244,3 +244,12 @@ def test_cli_uses_the_models_default_resolution(tmp_path, images):
     write_cirtorch(f, RefNet("resnet50", whitening=True, p=3.0).eval(), "resnet50")
     net = load_model(f)
     assert default_resolution(net.config["model"], net.config) == (1024, (1.0, 1.4142, 0.7071))
+
+
+def test_published_names_default_to_their_published_setting():
+    from cbir.backbones import default_resolution
+
+    for name, entry in PUBLISHED.items():
+        imsize, scales = default_resolution(name)
+        assert imsize == entry.imsize == 1024
+        np.testing.assert_allclose(scales, entry.scales, atol=1e-4)

@@ -8,6 +8,7 @@ format stamp.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,10 @@ from .pooling import Pooling, build_pooling
 from .published import (PUBLISHED, CirtorchParts, cirtorch_skeleton, is_cirtorch, read_checkpoint, read_cirtorch,
                         read_published)
 
-__all__ = ["RetrievalNet", "build_model", "from_cirtorch", "save_model", "load_model", "MODEL_FORMAT", "MODEL_FORMAT_VERSION"]
+__all__ = [
+    "RetrievalNet", "ModelSpec", "build_model", "from_cirtorch", "save_model", "load_model", "is_model_file",
+    "parse_pooling", "MODEL_FORMAT", "MODEL_FORMAT_VERSION",
+]
 
 MODEL_FORMAT = "cbir-model"
 MODEL_FORMAT_VERSION = 1
@@ -196,3 +200,80 @@ def load_model(path: str | os.PathLike[str], map_location: str | torch.device = 
         raise FormatError(f"{path}: weights do not fit the saved configuration: {exc}") from exc
     net.config.pop("pooling_params", None)
     return net.eval()
+
+
+# --------------------------------------------------------------------------------------------
+# "A backbone name or a model file": the one place that tells them apart
+
+
+def is_model_file(name: str | os.PathLike[str]) -> bool:
+    """True when ``name`` means a model file saved by cbir (an existing file, or a .pt/.pth name)
+    rather than a backbone name such as ``resnet50``."""
+    path = Path(name)
+    return path.suffix in (".pt", ".pth") or path.is_file()
+
+
+def parse_pooling(text: str) -> tuple[str, dict[str, Any]]:
+    """``"gem:p=4,per_channel=1"`` -> ``("gem", {"p": 4, "per_channel": 1})``; values become
+    bool (true/false/yes/no/on/off), int or float where they read as one. ValueError when malformed."""
+    name, _, rest = str(text).partition(":")
+    kw: dict[str, Any] = {}
+    for item in filter(None, (s.strip() for s in rest.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise ValueError(f"pooling parameters must be key=value, got {item!r} in {text!r}")
+        kw[key.strip()] = _value(value.strip())
+    if not name.strip():
+        raise ValueError(f"no pooling name in {text!r}")
+    return name.strip().lower(), kw
+
+
+def _value(v: str) -> Any:
+    low = v.lower()
+    if low in ("true", "yes", "on"):
+        return True
+    if low in ("false", "no", "off"):
+        return False
+    for cast in (int, float):
+        try:
+            return cast(v)
+        except ValueError:
+            pass
+    return v
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """How to make a RetrievalNet, as plain hashable settings.
+
+    ``model``: a backbone name (timm/torchvision, e.g. ``efficientnet_lite0``, ``torchvision:resnet101``)
+    or a model file saved by cbir (then ``pooling``/``weights`` are the file's own and ignored);
+    ``pooling``: ``NAME[:key=value,...]`` (``gem:p=4``); ``weights``: default / imagenet / none / a FILE.
+    """
+
+    model: str = "efficientnet_lite0"
+    pooling: str = "gem"
+    weights: str = "default"
+
+    @property
+    def is_file(self) -> bool:
+        return is_model_file(self.model)
+
+    def build(self) -> RetrievalNet:
+        """The RetrievalNet (eval mode): loaded from the model file, or built from the names."""
+        if self.is_file:
+            return load_model(self.model)
+        name, kw = parse_pooling(self.pooling)
+        return build_model(self.model, pooling=name, weights=self.weights, **kw)
+
+    def identity(self) -> dict[str, Any]:
+        """What the descriptors depend on, files by content (sha256): a cache key's model part."""
+        from .fileio import sha256_file
+
+        if self.is_file:
+            return {"model_file_sha256": sha256_file(self.model)}
+        weights = self.weights
+        if weights not in ("default", "imagenet", "hub", "none"):
+            weights = "sha256:" + sha256_file(weights)
+        name, kw = parse_pooling(self.pooling)
+        return {"model": self.model, "pooling": name, "pooling_kw": sorted(kw.items()), "weights": weights}

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import pickle
 import sys
 from pathlib import Path
 
@@ -20,15 +19,15 @@ def register(subparsers) -> None:
             "(.npz). Apply it with `--whiten FILE` in `cbir evaluate` / `cbir search`. "
             "Learn it on a set other than the one you evaluate on."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--features", required=True, metavar="DIR", help="descriptor folder written by `cbir extract`")
     p.add_argument("--out", required=True, metavar="W.npz", help="where to write the whitening")
     p.add_argument("--method", choices=("pca", "lw"), default="pca",
-                   help="pca: PCA whitening of all descriptors; lw: learned from matching pairs (Radenovic et al.)")
+                   help="pca: PCA whitening of all descriptors; lw: learned from matching pairs (Radenovic et al.) "
+                        "(default: pca)")
     p.add_argument("--dim", type=int, default=None, metavar="D", help="keep the top D dimensions (default: all)")
     p.add_argument("--power", type=float, default=1.0, metavar="P",
-                   help="pca: eigenvalue power (1 = full whitening, 0.5, 0 = rotation only)")
+                   help="pca: eigenvalue power (1 = full whitening, 0.5, 0 = rotation only; default: 1)")
     p.add_argument("--shrinkage", default="auto", metavar="S",
                    help="shrink the covariance towards tr(C)/D I by S in [0,1]; auto: 0.5 when there are fewer "
                         "than 10 learning vectors (lw: pairs) per dimension, else 0 (measured, docs/models.md)")
@@ -69,14 +68,10 @@ def _pairs_from_csv(path: Path, table: dict[str, int]) -> list[tuple[int, int]]:
 
 
 def _pairs_from_gnd(path: Path, table: dict[str, int]) -> list[tuple[int, int]]:
-    if not path.is_file():
-        raise FileNotFoundError(f"ground truth not found: {path}")
-    with open(path, "rb") as fh:
-        gnd = pickle.load(fh)
-    try:
-        qnames, dbnames, entries = gnd["qimlist"], gnd["imlist"], gnd["gnd"]
-    except (KeyError, TypeError) as exc:
-        raise CLIError(f"{path} is not a revisitop ground truth (needs imlist, qimlist, gnd)") from exc
+    from ..datasets import load_gnd
+
+    gnd = load_gnd(path)  # the restricted unpickler: a ground-truth file cannot run code
+    qnames, dbnames, entries = gnd["qimlist"], gnd["imlist"], gnd["gnd"]
     out = []
     for qname, entry in zip(qnames, entries):
         if qname not in table:
@@ -87,23 +82,27 @@ def _pairs_from_gnd(path: Path, table: dict[str, int]) -> list[tuple[int, int]]:
     return out
 
 
+def _shrinkage(text: str) -> float | str:
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise CLIError(f"--shrinkage must be a number in [0, 1] or auto, got {text!r}") from None
+
+
 def handler(args: argparse.Namespace) -> int:
     import numpy as np
 
     from ..descriptors import Descriptors
     from ..whitening import learn_lw, learn_pca_whitening
 
-    if args.shrinkage != "auto":
-        try:
-            args.shrinkage = float(args.shrinkage)
-        except ValueError:
-            raise CLIError(f"--shrinkage must be a number in [0, 1] or auto, got {args.shrinkage!r}") from None
     feats = Descriptors.load(args.features)
     x = np.asarray(feats.vectors, dtype=np.float64)
     if args.method == "pca":
         if args.pairs or args.gnd:
             raise CLIError("--pairs/--gnd are for --method lw")
-        w = learn_pca_whitening(x, power=args.power, dim=args.dim, shrinkage=args.shrinkage)
+        w = learn_pca_whitening(x, power=args.power, dim=args.dim, shrinkage=_shrinkage(args.shrinkage))
     else:
         table = _lookup(feats.ids)
         if args.pairs:
@@ -114,7 +113,7 @@ def handler(args: argparse.Namespace) -> int:
             raise CLIError("--method lw needs --pairs CSV or --gnd GND.pkl")
         if not pairs:
             raise CLIError("no matching pairs found among the descriptors")
-        w = learn_lw(x, np.asarray(pairs), dim=args.dim, shrinkage=args.shrinkage)
+        w = learn_lw(x, np.asarray(pairs), dim=args.dim, shrinkage=_shrinkage(args.shrinkage))
     w.meta.update(features=str(args.features), source_model=feats.meta.get("model"))
     w.meta = {k: v for k, v in w.meta.items() if v is not None}
     w.save(args.out)
