@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from ..datasets import DATASETS, RetrievalDataset
 
@@ -101,9 +101,16 @@ def select_queries(bench: Benchmark, indices: Sequence[int]) -> Benchmark:
         info=dict(bench.info, query_indices=idx))
 
 
-def extraction_defaults(bench: Benchmark | None = None) -> tuple[int, tuple[float, ...]]:
-    """(imsize, scales) used when none are given: 1024 px and scales 1, 1/sqrt(2), 1/2, except for
-    benchmarks of small photos (the bundled demo: 512 px, scale 1)."""
+def extraction_defaults(bench: Benchmark | None = None, model: str | None = None,
+                        config: dict[str, Any] | None = None) -> tuple[int, tuple[float, ...]]:
+    """(imsize, scales) used when none are given: for benchmarks of small photos their own (the
+    bundled demo: 512 px, scale 1); else the default of backbone ``model`` (its ``config`` when
+    built: ``cbir.backbones.default_resolution``, e.g. Lite0 512 px, ResNet/VGG 1024 px); else
+    1024 px and scales 1, 1/sqrt(2), 1/2."""
     if bench is not None and bench.name in SMALL_PHOTO_SETS:
         return SMALL_PHOTO_SETS[bench.name]
+    if model is not None:
+        from ..backbones import default_resolution
+
+        return default_resolution(model, config)
     return DEFAULT_IMSIZE, DEFAULT_SCALES

@@ -49,7 +49,11 @@ def describe(
 
     if isinstance(model, (str, os.PathLike)):
         model = ModelSpec(str(model))
-    d_imsize, d_scales = extraction_defaults(bench)
+    if isinstance(model, ModelSpec):
+        d_imsize, d_scales = extraction_defaults(bench, model.model)
+    else:  # an in-memory RetrievalNet: the defaults of its backbone
+        config = getattr(model, "config", None) or {}
+        d_imsize, d_scales = extraction_defaults(bench, config.get("model", ""), config)
     imsize = d_imsize if imsize is None else int(imsize)
     scales = tuple(float(s) for s in (d_scales if scales is None else scales))
     if not scales or any(s <= 0 for s in scales):
