@@ -75,7 +75,8 @@ def _top_keys_np(keys: np.ndarray, k: int) -> np.ndarray:
     m = keys.shape[1]
     if k < m:
         keys = np.take_along_axis(keys, np.argpartition(-keys, k - 1, axis=1)[:, :k], axis=1)
-    return -np.sort(-keys, axis=1)
+    out = -np.sort(-keys, axis=1)
+    return out[:, : int((out >= 0).sum(axis=1).min(initial=out.shape[1]))] if out.size and out[:, -1].min() < 0 else out
 
 
 # --------------------------------------------------------------------------------------------
@@ -195,19 +196,43 @@ def chunked_topk(
         x = _check_block(block, off, d)
         if x.shape[0] == 0:
             continue
-        xf = np.ascontiguousarray(x, dtype=np.float32)
-        if xf is x and _mmap_of(x) is not None:
-            xf = np.array(x)  # a private copy, so that the mapped pages can be released
+        xf = _as_float32(x)
         release_pages(block)
         if transform is not None:
             xf = np.asarray(transform(xf), dtype=np.float32)
             if xf.shape != (x.shape[0], d):
                 raise ValueError(f"transform changed a block's shape {x.shape} -> {xf.shape}")
         s = qf @ xf.T  # (nq, m)
-        rows = np.arange(off, off + x.shape[0], dtype=np.int64)
-        cand = _top_keys_np(order_keys(s, rows), k)
-        best = _top_keys_np(np.concatenate([best, cand], axis=1), k)
+        best = _top_keys_np(np.concatenate([best, _candidates(s, off, k, best)], axis=1), k)
     return keys_to_scores(best), keys_to_rows(best)
+
+
+def _candidates(s: np.ndarray, off: int, k: int, best: np.ndarray) -> np.ndarray:
+    """Keys (nq, c) of the block's scores that can still enter the top k, padded with -1 (below any
+    key). A score below a lower bound of the k-th best score of the union cannot: the bound is the
+    k-th best kept so far (once k are kept) or the block's own k-th largest; equal scores stay."""
+    nq, m = s.shape
+    if np.isnan(s).any():
+        raise ValueError("scores contain NaN; a ranking is undefined (NaN in the descriptors?)")
+    if best.shape[1] >= k:
+        thr = keys_to_scores(best[:, k - 1])
+    elif m > k:
+        thr = np.partition(s, m - k, axis=1)[:, m - k]
+    else:
+        thr = np.full(nq, -np.inf, dtype=np.float32)
+    qi, col = np.nonzero(s >= thr[:, None])  # row-major: grouped by query
+    keys = order_keys(s[qi, col][None, :], (col + off)[None, :])[0]
+    counts = np.bincount(qi, minlength=nq)
+    out = np.full((nq, max(int(counts.max(initial=0)), 1)), -1, dtype=np.int64)
+    pos = np.arange(qi.size) - np.repeat(np.cumsum(counts) - counts, counts)
+    out[qi, pos] = keys
+    return out
+
+
+def _as_float32(x: np.ndarray) -> np.ndarray:
+    """A private float32 copy of a block (memory-mapped pages are released after the copy)."""
+    xf = np.ascontiguousarray(x, dtype=np.float32)
+    return np.array(xf) if xf is x and _mmap_of(x) is not None else xf
 
 
 def _check_block(block, off: int, d: int) -> np.ndarray:
