@@ -44,16 +44,16 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>
 
 for p in $PARTS; do
   case "$p" in
-    a) part r1m 170 "$PY" "$ROOT/benchmarks/r1m.py" --device cuda --dim 2048 --n "$R1M_N" --file "$TMPF" \
+    a) part r1m 140 "$PY" "$ROOT/benchmarks/r1m.py" --device cuda --dim 2048 --n "$R1M_N" --file "$TMPF" \
          --json "$OUTDIR/r1m_cuda_2048.json"
        rm -f "$TMPF" "$TMPF.part" ;;
-    b) part search 150 "$PY" "$ROOT/benchmarks/gpu_search.py" --n 1000000 --dim 2048 --nq 10000 --k 100 \
+    b) part search 120 "$PY" "$ROOT/benchmarks/gpu_search.py" --n 1000000 --dim 2048 --nq 10000 --k 100 \
          --json "$OUTDIR/search_cuda.json" ;;
-    c) part extract 150 "$PY" "$ROOT/benchmarks/gpu_extract.py" --folder "$JPG" --images 40 --model resnet101 \
+    c) part extract 120 "$PY" "$ROOT/benchmarks/gpu_extract.py" --folder "$JPG" --images 40 --model resnet101 \
          --weights none --imsize 1024 --scales 1,0.7071,0.5 --json "$OUTDIR/extract_cuda.json" ;;
-    d) part train 100 "$PY" "$ROOT/benchmarks/train.py" --device cuda --model resnet101 --weights none --imsize 512 \
+    d) part train 80 "$PY" "$ROOT/benchmarks/train.py" --device cuda --model resnet101 --weights none --imsize 512 \
          --tuples 4 --negatives 5 --steps 3 --json "$OUTDIR/train_cuda.json" ;;
-    e) part tests 60 "$PY" -m pytest -q -x -p no:cacheprovider "$ROOT/tests/test_topk.py" ;;
+    e) part tests 40 "$PY" -m pytest -q -x -p no:cacheprovider "$ROOT/tests/test_topk.py" ;;
   esac
 done
 say "done $(date -u +%H:%M:%S)"

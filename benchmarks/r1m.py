@@ -222,7 +222,7 @@ def main(argv=None) -> int:
     ap.add_argument("--file", default=None, help="distractor .npy (default /tmp/cbir_r1m_<n>x<dim>.npy)")
     ap.add_argument("--keep", action="store_true", help="keep the distractor file")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--block", type=int, default=65536, help="rows generated per write (default 65536)")
+    ap.add_argument("--block", type=int, default=16384, help="rows generated per write (default 16384)")
     ap.add_argument("--json", metavar="FILE")
     ap.add_argument("--make", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--eval", action="store_true", help=argparse.SUPPRESS)
