@@ -188,6 +188,32 @@ def test_topk_evaluation_counts_positives_beyond_the_cut_as_missed():
     assert cut.map < full.map
 
 
+@pytest.mark.parametrize("chunk", [1, 100, 5000])
+def test_torch_path_equals_in_memory_ranking(chunk):
+    # the GPU code path (int64 keys + torch.topk), run on the CPU in float32 so that it is tested here
+    from cbir.topk import _chunked_topk_torch
+
+    q, db = _data(nq=4, n=700, d=16, seed=8)
+    blocks = [(s, db[s:s + 250]) for s in (500, 0, 250)]  # out of order
+    for src in (db, blocks):
+        scores, rows = _chunked_topk_torch(q, src, 300, chunk, "cpu", "float32", None)
+        want = rank_from_scores(q @ db.T, top_k=300)
+        np.testing.assert_array_equal(rows, want)
+        np.testing.assert_array_equal(scores, np.take_along_axis(q @ db.T, want, axis=1))
+    _, rows = _chunked_topk_torch(q, db, 5000, chunk, "cpu", "float32", None)  # k > N
+    np.testing.assert_array_equal(rows, np.argsort(-(q @ db.T), axis=1, kind="stable"))
+
+
+def test_cuda_refused_without_a_gpu():
+    import torch
+
+    if torch.cuda.is_available():  # pragma: no cover
+        pytest.skip("a GPU is present")
+    q, db = _data(n=10)
+    with pytest.raises(ValueError, match="no GPU"):
+        chunked_topk(q, db, 3, device="cuda")
+
+
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_fp16_equals_in_memory_fp16_ranking():  # pragma: no cover - GPU only
     import torch

@@ -183,6 +183,10 @@ def chunked_topk(
     if dtype not in ("float32", "float16"):
         raise ValueError(f"dtype must be float32 or float16, got {dtype!r}")
     if cuda:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} was requested but torch sees no GPU")
         return _chunked_topk_torch(q, db, k, chunk_rows, dev, dtype, transform)
     if dtype != "float32":
         raise ValueError("on the CPU the scores are computed in float32 (float16 is for device='cuda')")
@@ -257,11 +261,10 @@ def _order_keys_torch(s, rows):
 
 
 def _chunked_topk_torch(q, db, k, chunk_rows, device, dtype, transform):
+    """The torch path of :func:`chunked_topk` (any torch device; the public function sends only CUDA here)."""
     import torch
 
     dev = torch.device(device)
-    if not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} was requested but torch sees no GPU")
     tdtype = torch.float16 if dtype == "float16" else torch.float32
     nq, d = q.shape
     qt = torch.from_numpy(np.ascontiguousarray(q, dtype=np.float32)).to(dev).to(tdtype)
