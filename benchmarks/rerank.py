@@ -21,6 +21,7 @@ baseline of the same run.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -31,8 +32,9 @@ import scipy.sparse as sp
 from pathlib import Path
 
 from cbir.descriptors import l2_normalize
-from cbir.rerank.qe import topk
+from cbir.rerank.knn import topk
 from cbir.rerank.diffusion import (
+    PAPER,
     DiffusionParams,
     OfflineDiffusion,
     truncated_diffusion,
@@ -132,7 +134,7 @@ def main(argv=None) -> int:
     ap.add_argument("--cache", default=None, help="keep built graphs here and reuse them (graph_build_s is then the cached build time)")
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args(argv)
-    params = DiffusionParams(k=args.k, trunc=args.trunc)
+    params = dataclasses.replace(PAPER, k=args.k, trunc=args.trunc)
     CPU_TIMES.clear()
     print(f"# diffusion timing, {os.cpu_count()} CPUs, params {params.to_dict()}", flush=True)
     rows = []

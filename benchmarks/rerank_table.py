@@ -29,12 +29,12 @@ import numpy as np
 
 from cbir.descriptors import l2_normalize, read_fvecs
 from cbir.evaluation import evaluate_revisitop
-from cbir.rerank.diffusion import DiffusionParams
+from cbir.rerank.diffusion import PAPER, DiffusionParams
 from cbir.rerank.options import rerank
 
 PAPER_QE = {"qe_k": 2, "qe_alpha": 3.0}  # untuned: alpha = 3 as Radenovic et al. TPAMI'18, a small k
 PAPER_DBA = {"dba_k": 10, "dba_alpha": 3.0}  # untuned
-PAPER_DIFF = DiffusionParams()  # Iscen et al.: k=50, kq=10, gamma=3, alpha=0.99, R=1000
+PAPER_DIFF = PAPER  # Iscen et al.: k=50, kq=10, gamma=3, alpha=0.99, R=1000
 
 
 def load_oxford(shared: Path) -> tuple[np.ndarray, np.ndarray, dict]:
@@ -101,12 +101,12 @@ def table(name: str, q, db, gnd) -> str:
     qe_grid = [{"qe_k": k, "qe_alpha": a} for k in (1, 2, 5, 10) for a in (0.0, 3.0)]
     dba_grid = [{"dba_k": k, "dba_alpha": a} for k in (2, 3, 5, 10) for a in (0.0, 3.0)]
     dif_grid = [
-        {"diffusion": DiffusionParams(k=min(k, n - 1), kq=kq, alpha=a, trunc=1000)}
+        {"diffusion": DiffusionParams(k=min(k, n - 1), kq=kq, alpha=a, trunc=1000, sim_weight=0.0)}
         for k, kq, a in itertools.product((10, 20, 50, 100), (5, 10), (0.9, 0.99))
         if k < n
     ]
     raw = evaluate(q, db, gnd)
-    paper_diff = {"diffusion": DiffusionParams(k=min(PAPER_DIFF.k, n - 1))}
+    paper_diff = {"diffusion": DiffusionParams(**{**PAPER_DIFF.to_dict(), "k": min(PAPER_DIFF.k, n - 1)})}
     rows = [("raw", {}, raw)]
     if n > 4 * q.shape[1]:  # enough vectors to estimate a D x D covariance
         from cbir.whitening import learn_pca_whitening

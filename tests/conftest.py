@@ -68,9 +68,19 @@ def _code_version() -> str:
 
 
 def _cached_extract(tmp_path_factory, rparis250: Path, gnd: dict, imsize: int) -> dict:
-    """Lite0 + GeM, single scale: database rows (imlist order) and cropped queries (qimlist order).
+    """Lite0 + GeM, single scale: database rows (imlist order) and cropped queries (qimlist order)."""
+    return cached_descriptors(tmp_path_factory, "rparis250", rparis250 / "jpg", gnd, imsize=imsize, crop=True)
 
-    Computed once per test session and shared between xdist workers through a file lock.
+
+def cached_descriptors(
+    tmp_path_factory, name: str, jpg: Path, gnd: dict, imsize: int = 512, crop: bool = True
+) -> dict:
+    """Lite0 + GeM, single scale, of a revisitop-format set -> {"db": (n, D), "q": (nq, D)}.
+
+    Database rows in ``imlist`` order, queries in ``qimlist`` order (cropped to ``bbx`` when
+    ``crop``; else each query is the row of the same image, as Holidays' whole-image boxes).
+    Computed once and kept in a file keyed by the set, the settings and a hash of the
+    extraction code (:func:`_code_version`), shared between xdist workers through a file lock.
     """
     from filelock import FileLock
 
@@ -78,22 +88,28 @@ def _cached_extract(tmp_path_factory, rparis250: Path, gnd: dict, imsize: int) -
     from cbir.model import build_model
 
     root = tmp_path_factory.getbasetemp().parent  # shared by xdist workers (and kept between runs)
-    cache = root / f"rparis250_lite0_gem_{imsize}_{_code_version()}.npz"
+    cache = root / f"{name}_lite0_gem_{imsize}_{_code_version()}.npz"
     with FileLock(str(cache) + ".lock"):
         if not cache.exists():
             model = build_model("efficientnet_lite0", pooling="gem")
-            jpg = rparis250 / "jpg"
             db = extract(model, [jpg / f"{n}.jpg" for n in gnd["imlist"]], imsize=imsize, scales=(1.0,), progress=False)
-            q = extract(
-                model,
-                [jpg / f"{n}.jpg" for n in gnd["qimlist"]],
-                imsize=imsize,
-                scales=(1.0,),
-                bboxes=[tuple(g["bbx"]) for g in gnd["gnd"]],
-                progress=False,
-            )
-            assert not db.failed and not q.failed
-            np.savez(cache, db=db.vectors, q=q.vectors)
+            assert not db.failed
+            if crop:
+                q = extract(
+                    model,
+                    [jpg / f"{n}.jpg" for n in gnd["qimlist"]],
+                    imsize=imsize,
+                    scales=(1.0,),
+                    bboxes=[tuple(g["bbx"]) for g in gnd["gnd"]],
+                    progress=False,
+                )
+                assert not q.failed
+                qv = q.vectors
+            else:
+                row = {n: i for i, n in enumerate(gnd["imlist"])}
+                qv = db.vectors[[row[n] for n in gnd["qimlist"]]]
+            np.savez(str(cache) + ".tmp.npz", db=db.vectors, q=qv)
+            os.replace(str(cache) + ".tmp.npz", cache)
     data = np.load(cache)
     return {"db": data["db"], "q": data["q"]}
 
@@ -102,3 +118,67 @@ def _cached_extract(tmp_path_factory, rparis250: Path, gnd: dict, imsize: int) -
 def rparis250_lite0(tmp_path_factory, rparis250, rparis250_gnd) -> dict:
     """{"db": (238, 1280), "q": (12, 1280)} Lite0-GeM descriptors at 512 px, single scale."""
     return _cached_extract(tmp_path_factory, rparis250, rparis250_gnd, imsize=512)
+
+
+DEMO = REPO / "src" / "cbir" / "data" / "demo"
+
+
+@pytest.fixture(scope="session")
+def demo() -> Path:
+    """The bundled demo set (src/cbir/data/demo: jpg/ + gnd_demo.pkl, 33 database photos, 5 queries)."""
+    return DEMO
+
+
+@pytest.fixture(scope="session")
+def demo_gnd() -> dict:
+    from cbir.datasets.revisitop import load_gnd
+
+    return load_gnd(DEMO / "gnd_demo.pkl")
+
+
+@pytest.fixture(scope="session")
+def demo_lite0(tmp_path_factory, demo_gnd) -> dict:
+    """{"db": (33, 1280), "q": (5, 1280)} Lite0-GeM descriptors of the demo set at 512 px, single scale."""
+    return cached_descriptors(tmp_path_factory, "demo", DEMO / "jpg", demo_gnd, imsize=512, crop=True)
+
+
+LITE0_SOURCE = {"model": "efficientnet_lite0", "pooling": "gem", "weights": "default", "pooling_kw": {}}
+
+
+@pytest.fixture(scope="session")
+def lite0_gem():
+    """EfficientNet-Lite0 + GeM (built once per session; the service tests share it)."""
+    from cbir.model import build_model
+
+    return build_model("efficientnet_lite0", pooling="gem")
+
+
+@pytest.fixture()
+def demo_index(tmp_path, lite0_gem, demo, demo_gnd, demo_lite0):
+    """(Index, its folder, QueryEncoder): the 33 demo database photos, Lite0-GeM 512 px, saved under tmp_path."""
+    from cbir.index import Index
+    from cbir.index.embed import QueryEncoder, model_settings
+
+    settings = model_settings(lite0_gem, LITE0_SOURCE, 512, (1.0,))
+    idx = Index(lite0_gem.dim, "exact", settings=settings, device="cpu")
+    idx.add(demo_lite0["db"], [str(demo / "jpg" / f"{n}.jpg") for n in demo_gnd["imlist"]])
+    idx.save(tmp_path / "demo.index")
+    return idx, tmp_path / "demo.index", QueryEncoder(settings, model=lite0_gem, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def holidays805() -> Path:
+    """The folder data/holidays-805 (jpg/ + gnd_holidays805.pkl)."""
+    return shared_path("data", "holidays-805")
+
+
+@pytest.fixture(scope="session")
+def holidays805_gnd(holidays805: Path) -> dict:
+    with open(holidays805 / "gnd_holidays805.pkl", "rb") as fh:
+        return pickle.load(fh)
+
+
+@pytest.fixture(scope="session")
+def holidays805_lite0(tmp_path_factory, holidays805, holidays805_gnd) -> dict:
+    """{"db": (805, 1280), "q": (295, 1280)} Lite0-GeM at 512 px, single scale; queries = their rows."""
+    return cached_descriptors(tmp_path_factory, "holidays805", holidays805 / "jpg", holidays805_gnd, crop=False)

@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 from cbir.cli import main
-from cbir.cli.extract import collect_images, parse_pooling
+from cbir.collection import collect_images
+from cbir.model import parse_pooling
 from cbir.descriptors import Descriptors
 
 

@@ -8,19 +8,32 @@ import scipy.sparse as sp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cbir.descriptors import l2_normalize
+from cbir.linalg import l2_normalize
 from cbir.rerank.diffusion import (
     UNREACHED_OFFSET,
     DiffusionParams,
     OfflineDiffusion,
     diffuse,
-    diffuse_dense,
-    diffuse_iterative,
     diffusion_scores,
     knn_graph,
     normalize_graph,
     query_vectors,
 )
+
+
+def diffuse_iterative(s, y, alpha=0.99, iters=100):
+    """Reference: ``f_t = alpha S f_{t-1} + (1 - alpha) y`` from ``f_0 = y``, t = iters."""
+    f = np.asarray(y, dtype=np.float64).copy()
+    y = f.copy()
+    for _ in range(iters):
+        f = alpha * (s @ f) + (1.0 - alpha) * y
+    return f
+
+
+def diffuse_dense(s, y, alpha=0.99):
+    """Reference closed form ``(1 - alpha) inv(I - alpha S) y`` with a dense inverse (small n)."""
+    s = np.asarray(s.toarray() if sp.issparse(s) else s, dtype=np.float64)
+    return (1.0 - alpha) * np.linalg.inv(np.eye(s.shape[0]) - alpha * s) @ np.asarray(y, dtype=np.float64)
 
 
 def _clustered(seed, n=120, d=8, c=6, noise=0.35):
@@ -82,7 +95,7 @@ def test_diffusion_ranking_equals_dense_closed_form():
     x, _, _ = _clustered(1)
     q = l2_normalize(x[:4] + 0.05)
     db = x
-    p = DiffusionParams(k=8, kq=5, gamma=3.0, alpha=0.95, trunc=0, maxiter=500, tol=1e-12)
+    p = DiffusionParams(k=8, kq=5, gamma=3.0, alpha=0.95, trunc=0, maxiter=500, tol=1e-12, sim_weight=0.0)
     scores = diffusion_scores(q, db, p)
     w = _graph_by_hand(db, 8, 3.0, True)
     d = w.sum(1)
@@ -107,7 +120,7 @@ def test_diffusion_follows_the_manifold():
     b = np.stack([np.cos(t + 0.02), np.sin(t + 0.02), 0.2 * np.ones_like(t)], 1)
     db = l2_normalize(np.concatenate([a, b]))
     q = l2_normalize(np.array([[1.0, 0.0, 0.07]]))  # start of chain a, slightly toward b
-    p = DiffusionParams(k=3, kq=2, gamma=1.0, alpha=0.99, trunc=0, maxiter=200)
+    p = DiffusionParams(k=3, kq=2, gamma=1.0, alpha=0.99, trunc=0, maxiter=200, sim_weight=0.0)
     scores = diffusion_scores(q, db, p)[0]
     far_a = scores[30:40].mean()  # far end of the query's own chain
     far_b = scores[70:80].mean()
@@ -118,7 +131,7 @@ def test_diffusion_follows_the_manifold():
 def test_truncated_equals_diffusion_on_the_subgraph():
     x, _, _ = _clustered(2, n=150)
     q = l2_normalize(x[:3] + 0.1)
-    p = DiffusionParams(k=10, kq=5, alpha=0.9, trunc=60, maxiter=300, tol=1e-12)
+    p = DiffusionParams(k=10, kq=5, alpha=0.9, trunc=60, maxiter=300, tol=1e-12, sim_weight=0.0)
     w = knn_graph(x, k=10, gamma=3.0)
     got = diffusion_scores(q, x, p, graph=w)
     sim = q @ x.T
@@ -132,14 +145,14 @@ def test_truncated_equals_diffusion_on_the_subgraph():
         exp[region] = np.where(f > 0, f, sim[j, region] - UNREACHED_OFFSET)
         np.testing.assert_allclose(got[j], exp, rtol=1e-4, atol=1e-6)
     # trunc >= n is the full diffusion
-    full = diffusion_scores(q, x, DiffusionParams(k=10, kq=5, alpha=0.9, trunc=0), graph=w)
-    np.testing.assert_array_equal(diffusion_scores(q, x, DiffusionParams(k=10, kq=5, alpha=0.9, trunc=150), graph=w), full)
+    full = diffusion_scores(q, x, DiffusionParams(k=10, kq=5, alpha=0.9, trunc=0, sim_weight=0.0), graph=w)
+    np.testing.assert_array_equal(diffusion_scores(q, x, DiffusionParams(k=10, kq=5, alpha=0.9, trunc=150, sim_weight=0.0), graph=w), full)
 
 
 def test_offline_form_equals_online():
     x, _, _ = _clustered(3, n=200)
     q = l2_normalize(x[:6] + 0.1)
-    p = DiffusionParams(k=10, kq=5, alpha=0.95, trunc=0, maxiter=300, tol=1e-10)
+    p = DiffusionParams(k=10, kq=5, alpha=0.95, trunc=0, maxiter=300, tol=1e-10, sim_weight=0.0)
     online = diffusion_scores(q, x, p)
     exact = OfflineDiffusion.build(x, p, topm=200)
     np.testing.assert_allclose(exact.scores(q, x), online, rtol=1e-5, atol=1e-7)
@@ -161,7 +174,7 @@ def test_query_vectors_and_params_validation():
 
 
 # Tuned on the test queries (optimistic; see docs/readme/rerank.md): k=20, kq=5, alpha=0.9, R=1000.
-TUNED = DiffusionParams(k=20, kq=5, gamma=3.0, alpha=0.9, trunc=1000)
+TUNED = DiffusionParams(k=20, kq=5, gamma=3.0, alpha=0.9, trunc=1000, sim_weight=0.0)
 
 
 @pytest.mark.shared
@@ -200,7 +213,7 @@ def test_qe_and_diffusion_raise_medium_and_hard_on_rparis250_lite0(rparis250_lit
     q, db = rparis250_lite0["q"], rparis250_lite0["db"]
     raw = evaluate_revisitop(rerank(q, db)[0], rparis250_gnd)["mAP"]
     qe = evaluate_revisitop(rerank(q, db, qe_k=2, qe_alpha=3.0)[0], rparis250_gnd)["mAP"]
-    dif = evaluate_revisitop(rerank(q, db, diffusion=DiffusionParams(k=10))[0], rparis250_gnd)["mAP"]
+    dif = evaluate_revisitop(rerank(q, db, diffusion=DiffusionParams(k=10, kq=10, alpha=0.99, trunc=1000, sim_weight=0.0))[0], rparis250_gnd)["mAP"]
     for res in (qe, dif):
         assert res["medium"] > raw["medium"] + 2.0
         assert res["hard"] > raw["hard"] + 2.0

@@ -51,7 +51,7 @@ def test_composition_order_matches_manual_pipeline(data, tmp_path):
     qw, dbw = w.apply(q), w.apply(db)
     dbw = dba(dbw, 3, alpha=3.0)
     qw = alpha_qe(qw, dbw, 4, alpha=3.0)
-    expected = diffusion_scores(qw, dbw, DiffusionParams(k=10, trunc=0))
+    expected = diffusion_scores(qw, dbw, DiffusionParams.for_database(len(db), k=10, trunc=0))
     np.testing.assert_allclose(scores, expected, rtol=1e-5, atol=1e-6)
     assert list(applied) == ["whiten", "dba", "qe", "diffusion"]
     assert applied["whiten"]["file"].endswith("w.npz") and applied["whiten"]["power"] == 0.5
@@ -60,9 +60,19 @@ def test_composition_order_matches_manual_pipeline(data, tmp_path):
     json.dumps(applied)  # JSON-ready
 
 
-def test_defaults_are_the_papers(data):
-    args = _parser().parse_args(["--diffusion"])
-    assert (args.diffusion_k, args.diffusion_gamma, args.diffusion_alpha, args.diffusion_trunc) == (50, 3.0, 0.99, 1000)
+def test_defaults_follow_the_database_size(data):
+    q, db = data
+    args = _parser().parse_args(["--diffusion", "--qe", "--dba"])
+    assert (args.qe, args.dba, args.alpha_qe) == (2, 5, None)
+    _, applied = rerank_from_args(args, q, db)
+    assert applied["qe"] == {"k": 2, "alpha": 3.0, "kind": "alpha-qe"}
+    assert applied["dba"] == {"k": 5, "alpha": 3.0}
+    d = applied["diffusion"]
+    assert (d["k"], d["kq"], d["alpha"], d["trunc"], d["sim_weight"]) == (20, 3, 0.8, 0, 0.5)  # n = 400
+    # k = min(20, max(2, n // 10)); truncation only above 100,000 images
+    assert DiffusionParams.for_database(38).k == 3 and DiffusionParams.for_database(5).k == 2
+    assert DiffusionParams.for_database(10**5).trunc == 0 and DiffusionParams.for_database(10**5 + 1).trunc == 10_000
+    assert DiffusionParams.for_database(10**6, k=7, trunc=0) == DiffusionParams(k=7, trunc=0)
 
 
 def test_missing_attributes_mean_off(data):

@@ -7,8 +7,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cbir.descriptors import l2_normalize
-from cbir.rerank.qe import alpha_qe, average_qe, dba, topk
+from cbir.linalg import l2_normalize
+from cbir.rerank.knn import topk
+from cbir.rerank.qe import alpha_qe, average_qe, dba
 
 
 def _unit(*v):
@@ -89,3 +90,23 @@ def test_qe_and_dba_raise_medium_and_hard_on_real_oxford(oxford_fc7, roxford_gnd
     for res in (qe, aqe, dba_m):
         assert res["medium"] > raw["medium"] + 0.5
         assert res["hard"] > raw["hard"] + 0.5
+
+
+def test_qe_and_diffusion_do_not_import_each_other():
+    """Both use cbir.rerank.knn; no import (top-level or inside a function) between them."""
+    import ast
+    import inspect
+
+    import cbir.rerank.diffusion as diffusion_mod
+    import cbir.rerank.qe as qe_mod
+
+    def imported(mod):
+        names = set()
+        for node in ast.walk(ast.parse(inspect.getsource(mod))):
+            if isinstance(node, ast.ImportFrom):
+                names.add(("." * node.level) + (node.module or ""))
+        return names
+
+    assert ".diffusion" not in imported(qe_mod) and "cbir.rerank.diffusion" not in imported(qe_mod)
+    assert ".qe" not in imported(diffusion_mod) and "cbir.rerank.qe" not in imported(diffusion_mod)
+    assert ".knn" in imported(qe_mod) and ".knn" in imported(diffusion_mod)

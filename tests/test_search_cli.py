@@ -37,7 +37,7 @@ def test_build_info_search_add_remove(tmp_path, capsys):
     ix = tmp_path / "photos.index"
 
     rc, out, err = run(capsys, "index", "build", folder, "--out", ix, "--imsize", "96", "--scales", "1")
-    assert rc == 1  # one unreadable image: reported, the rest indexed
+    assert rc == 0  # one unreadable image: reported, the rest indexed (issue 13: exit 0, report the skip)
     assert "broken.jpg" in err and "indexed 4 images (1 skipped" in out
 
     rc, out, _ = run(capsys, "index", "info", ix, "--json", "--list", "10")
@@ -53,8 +53,10 @@ def test_build_info_search_add_remove(tmp_path, capsys):
     assert rc == 0 and len(res) == 3 and set(res[0]) == {"id", "path", "score"}
     assert res[0]["path"] == str(q.resolve()) and res[0]["score"] == pytest.approx(1.0, abs=1e-4)
     assert [r["score"] for r in res] == sorted((r["score"] for r in res), reverse=True)
-    # the printed table has the same ranking
-    assert [line.split()[2] for line in out.strip().splitlines()] == [str(r["id"]) for r in res]
+    # the printed table has a header, then the same ranking
+    lines = out.strip().splitlines()
+    assert lines[0].split() == ["rank", "score", "id", "path"]
+    assert [line.split()[2] for line in lines[1:]] == [str(r["id"]) for r in res]
 
     rc, out, err = run(capsys, "index", "add", ix, photos[4], folder / photos[0].name)
     assert rc == 0 and "added 1, updated 0" in out and "already indexed" in err

@@ -68,16 +68,34 @@ def test_config_yaml_toml_overrides(tmp_path):
     y = tmp_path / "c.yaml"
     y.write_text("optim:\n  lr: 0.001\n  epochs: 3\nloss:\n  name: triplet\n  margin: 0.2\n")
     cfg = load_config(y, ["optim.lr=2e-5", "data.imsize=128", "mining.hard_positives=true"])
-    assert cfg["optim"]["lr"] == pytest.approx(2e-5) and cfg["optim"]["epochs"] == 3
-    assert cfg["optim"]["batch_tuples"] == 5  # default kept
-    assert cfg["data"]["imsize"] == 128 and cfg["mining"]["hard_positives"] is True
-    assert cfg["loss"] == {"name": "triplet", "margin": 0.2}
+    assert cfg.optim.lr == pytest.approx(2e-5) and cfg.optim.epochs == 3
+    assert cfg.optim.batch_tuples == 5  # default kept
+    assert cfg.data.imsize == 128 and cfg.mining.hard_positives is True
+    assert cfg.loss.model_dump() == {"name": "triplet", "margin": 0.2}
+    # a loss named on the command line takes that loss's own defaults
+    assert load_config(None, ["loss.name=ap"]).loss.model_dump() == {"name": "ap", "nbins": 25, "smin": -1.0, "smax": 1.0}
+    assert load_config(None, ["loss.margin=0.5"]).loss.model_dump() == {"name": "contrastive", "margin": 0.5}
     t = tmp_path / "c.toml"
     t.write_text('out = "runs/x"\n[optim]\nname = "sgd"\nlr = 0.01\n')
     ct = load_config(t)
-    assert ct["optim"]["name"] == "sgd" and ct["out"] == "runs/x"
-    with pytest.raises(ValueError, match="unknown config keys"):
+    assert ct.optim.name == "sgd" and ct.out == "runs/x"
+    # YAML 1.1 reads 1e-5 as a string: the typed field still gets a float
+    y2 = tmp_path / "e.yaml"
+    y2.write_text("optim: {lr: 1e-5}\ndata: {clean: true}\n")
+    c2 = load_config(y2)
+    assert c2.optim.lr == pytest.approx(1e-5) and c2.data.clean.k == 3.0
+    with pytest.raises(ValueError, match=r"unknown config keys \['optimizer'\]"):
         load_config(None, ["optimizer.lr=1"])
+    with pytest.raises(ValueError, match=r"unknown config keys \['optim.lrr'\]"):
+        load_config(None, ["optim.lrr=1"])  # typos inside a section too
+    with pytest.raises(ValueError, match=r"optim.epochs: .*integer.*'many'"):
+        load_config(None, ["optim.epochs=many"])
+    with pytest.raises(ValueError, match=r"optim.lr: .*greater than 0"):
+        load_config(None, ["optim.lr=-1"])
+    with pytest.raises(ValueError, match=r"loss"):
+        load_config(None, ["loss.name=hinge"])
+    with pytest.raises(ValueError, match=r"validation.*either gnd.*or split"):
+        load_config(None, ["validation.every=2"])
     with pytest.raises(ValueError, match="KEY=VALUE"):
         parse_overrides(["lr"])
     bad = tmp_path / "bad.yaml"
@@ -125,7 +143,7 @@ def test_training_freezes_bn_learns_p_and_resumes_exactly(images, tmp_path):
     assert h[1]["lr"][1] == pytest.approx(10 * h[1]["lr"][0])  # p's group at 10x
 
     # checkpoint + model file written, versioned; model.pt loads as a RetrievalNet
-    ck = torch.load(tmp_path / "full" / "last.pt", weights_only=False)
+    ck = torch.load(tmp_path / "full" / "last.pt", weights_only=True)
     assert ck["format"] == CHECKPOINT_FORMAT and ck["epoch"] == 2
     reloaded = load_model(tmp_path / "full" / "model.pt")
     x = torch.randn(2, 3, 32, 32)

@@ -24,16 +24,18 @@ is the one used.
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import importlib.util
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
+
+from .fileio import load_error_reason, sha256_file
 
 __all__ = [
     "OFFLINE_LITE",
@@ -84,11 +86,7 @@ def _check_hash_prefix(path: Path) -> None:
     match = re.search(r"-([0-9a-f]{8,})\.pth$", path.name)
     if not match:
         return
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    if not digest.hexdigest().startswith(match.group(1)):
+    if not sha256_file(path).startswith(match.group(1)):
         raise WeightsUnavailable(f"{path}: sha256 does not match the hash in its name (damaged file?)")
 
 
@@ -100,7 +98,7 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle/zip errors of many kinds
-        raise WeightsUnavailable(f"{path} is not a readable PyTorch weights file: {exc}") from exc
+        raise WeightsUnavailable(f"{path} is not a readable PyTorch weights file: {load_error_reason(exc)}") from exc
     if isinstance(obj, Mapping):
         for key in ("state_dict", "model", "model_state_dict"):
             if key in obj and isinstance(obj[key], Mapping):
@@ -271,9 +269,42 @@ def _torchvision_trunk(net: nn.Module, arch: str) -> FeatureMap:
     return FeatureMap(trunk, "module", channels)
 
 
+def hub_reachable(url: str | None = None, timeout: float = 3.0) -> bool:
+    """True when a TCP connection to the Hugging Face hub (``HF_ENDPOINT``, default huggingface.co)
+    opens within ``timeout`` seconds: one quick probe instead of the hub client's retries."""
+    import socket
+    import urllib.parse
+
+    parsed = urllib.parse.urlparse(url or os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        socket.create_connection((parsed.hostname, parsed.port or (443 if parsed.scheme == "https" else 80)),
+                                 timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _hub_offline_unless_reachable() -> Iterator[None]:
+    """Put huggingface_hub in offline mode while the hub cannot be reached: cached weights still
+    load, missing ones fail at once (the client otherwise retries with back-off for ~50 s)."""
+    from huggingface_hub import constants
+
+    before = constants.HF_HUB_OFFLINE
+    if not before and not hub_reachable():
+        constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = before
+
+
 def _hub_net(src: Source) -> nn.Module:
     try:
-        return _timm_net(src.arch, True) if src.library == "timm" else _torchvision_net(src.arch, True)
+        if src.library == "timm":
+            with _hub_offline_unless_reachable():
+                return _timm_net(src.arch, True)
+        return _torchvision_net(src.arch, True)
     except (OSError, RuntimeError, ValueError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else ""
         raise WeightsUnavailable(

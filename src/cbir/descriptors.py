@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from .fileio import FormatError, atomic_save_npy, atomic_write_json, check_format, read_json
+from .linalg import l2_normalize  # noqa: F401  (re-exported; the function lives in cbir.linalg)
 
 FORMAT = "descriptors"
 FORMAT_VERSION = 1
@@ -93,12 +94,6 @@ class Descriptors:
                 f"{out}: descriptors.npy has shape {vectors.shape} but meta.json lists {len(ids)} ids"
             )
         return cls(ids=ids, vectors=vectors, meta=meta, failed=failed)
-
-
-def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
-    """Rows of ``x`` scaled to unit L2 norm (zero rows stay zero). Shape (N, D) -> (N, D)."""
-    x = np.asarray(x, dtype=np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), eps)
 
 
 def read_fvecs(path: str | Path) -> np.ndarray:

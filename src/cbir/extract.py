@@ -15,6 +15,7 @@ the CPU computes bf16 natively (AMX / AVX512-BF16); see benchmarks/extract.py.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import os
@@ -44,9 +45,10 @@ Box = tuple[float, float, float, float]
 class ImageError(ValueError):
     """An image could not be used; the message names the file and the reason."""
 
-    def __init__(self, path: str | os.PathLike[str], reason: str):
+    def __init__(self, path: str | os.PathLike[str] | bytes, reason: str):
+        path = _label(path)
         super().__init__(f"{path}: {reason}")
-        self.path, self.reason = str(path), reason
+        self.path, self.reason = path, reason
 
 
 @dataclass
@@ -79,8 +81,17 @@ def _check_box(path: Path, bbox: Box, w: int, h: int) -> tuple[int, int, int, in
     return x1, y1, x2, y2
 
 
-def _readable_file(path: str | os.PathLike[str]) -> Path:
-    """``path`` as a Path; ImageError naming it when it is missing or empty."""
+def _label(path: Any) -> str:
+    """How an image is named in messages: its path, or "<image in memory>" for bytes."""
+    return "<image in memory>" if isinstance(path, (bytes, bytearray)) else str(path)
+
+
+def _readable_file(path: str | os.PathLike[str] | bytes) -> Path | io.BytesIO:
+    """``path`` as a Path (image bytes: a BytesIO over them); ImageError naming it when it is missing or empty."""
+    if isinstance(path, (bytes, bytearray)):
+        if not path:
+            raise ImageError(path, "empty file")
+        return io.BytesIO(path)
     path = Path(path)
     if not path.is_file():
         raise ImageError(path, "file not found")
@@ -89,14 +100,14 @@ def _readable_file(path: str | os.PathLike[str]) -> Path:
     return path
 
 
-def load_image(path: str | os.PathLike[str], bbox: Box | None = None) -> Image.Image:
-    """Decode ``path`` fully as RGB, EXIF orientation applied, cropped to ``bbox`` (x1,y1,x2,y2).
+def load_image(path: str | os.PathLike[str] | bytes, bbox: Box | None = None) -> Image.Image:
+    """Decode ``path`` (a file, or the image's bytes) fully as RGB, EXIF orientation applied, cropped to ``bbox``.
 
     Raises ImageError (naming the file) for a missing, empty, truncated or non-image file.
     """
-    path = _readable_file(path)
+    src = _readable_file(path)
     try:
-        with Image.open(path) as im:
+        with Image.open(src) as im:
             im.load()
             im = ImageOps.exif_transpose(im)
             im = im.convert("RGB")
@@ -109,11 +120,11 @@ def load_image(path: str | os.PathLike[str], bbox: Box | None = None) -> Image.I
     return im
 
 
-def image_size(path: str | os.PathLike[str], bbox: Box | None = None) -> tuple[int, int]:
+def image_size(path: str | os.PathLike[str] | bytes, bbox: Box | None = None) -> tuple[int, int]:
     """(width, height) the decoded image will have, from the header only (EXIF rotation and crop included)."""
-    path = _readable_file(path)
+    src = _readable_file(path)
     try:
-        with Image.open(path) as im:
+        with Image.open(src) as im:
             w, h = im.size
             orientation = im.getexif().get(0x0112, 1)
     except Exception as exc:
@@ -304,7 +315,7 @@ def extract(
     ``on_progress(n)`` is called with the number of images just described. The model is left on
     ``device`` (in channels_last when that is on) and in the train/eval mode it came in.
     """
-    paths = [Path(p) for p in images]
+    paths = [p if isinstance(p, (bytes, bytearray)) else Path(p) for p in images]  # bytes: an image in memory
     if bboxes is None:
         bboxes = [None] * len(paths)
     if len(bboxes) != len(paths):
@@ -355,7 +366,7 @@ def extract(
     ok = np.array(sorted(out), dtype=np.int64)
     dim = model.dim
     vectors = np.stack([out[i] for i in ok]).astype(np.float32) if len(ok) else np.zeros((0, dim), np.float32)
-    failed = [{"path": str(paths[i]), "reason": r} for i, r in sorted(failed_idx)]
+    failed = [{"path": _label(paths[i]), "reason": r} for i, r in sorted(failed_idx)]
     return ExtractResult(vectors=vectors, ok=ok, failed=failed)
 
 

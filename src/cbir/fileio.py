@@ -8,6 +8,7 @@ one, never a half-written one.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -36,6 +37,30 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it (``/proc/self/status`` on Linux; elsewhere
+    set-and-restore, which is not thread-safe but only runs where /proc is missing)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _target_mode(path: Path) -> int:
+    """Permissions a plain ``open(path, "w")`` would give: the existing file's, else 0666 minus the umask
+    (``mkstemp`` creates 0600 files, which would hide the user's data from their group)."""
+    try:
+        return path.stat().st_mode & 0o7777
+    except FileNotFoundError:
+        return 0o666 & ~current_umask()
+
+
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[io.IOBase]:
     """Open a temporary sibling of ``path`` for writing; on success fsync and rename it over ``path``."""
@@ -46,6 +71,7 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[io.I
         with os.fdopen(fd, mode) as fh:
             yield fh
             fh.flush()
+            os.fchmod(fh.fileno(), _target_mode(path))
             os.fsync(fh.fileno())
         os.replace(tmp, path)
         fsync_dir(path.parent)
@@ -78,6 +104,7 @@ def atomic_write_with(path: str | os.PathLike[str], writer: Callable[[str], None
     try:
         writer(tmp)
         with open(tmp, "rb+") as fh:
+            os.fchmod(fh.fileno(), _target_mode(path))
             os.fsync(fh.fileno())
         os.replace(tmp, path)
         fsync_dir(path.parent)
@@ -85,6 +112,28 @@ def atomic_write_with(path: str | os.PathLike[str], writer: Callable[[str], None
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def sha256_file(path: str | os.PathLike[str], block: int = 1 << 22) -> str:
+    """Hex SHA-256 of a file's bytes, read in blocks (constant memory)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(block), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_error_reason(exc: BaseException) -> str:
+    """One line saying why a safe load (``torch.load(weights_only=True)``, a restricted unpickler)
+    refused or failed, without torch's advice to load the file unsafely."""
+    import re
+
+    text = str(exc)
+    m = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if m:
+        return f"it holds a Python object ({m.group(1)}) that a data file may not (refused: loading it could run code)"
+    first = next((ln.strip() for ln in text.splitlines() if ln.strip()), type(exc).__name__)
+    return f"damaged or not a PyTorch file ({first})"
 
 
 def read_json(path: str | os.PathLike[str], what: str = "file") -> Any:

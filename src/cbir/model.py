@@ -8,6 +8,7 @@ format stamp.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +19,13 @@ from torch import nn
 from .backbones import OFFLINE_LITE, build_backbone
 from .fileio import FormatError, atomic_write_with, check_format
 from .pooling import Pooling, build_pooling
+from .published import (PUBLISHED, CirtorchParts, cirtorch_skeleton, is_cirtorch, read_checkpoint, read_cirtorch,
+                        read_published)
 
-__all__ = ["RetrievalNet", "build_model", "save_model", "load_model", "MODEL_FORMAT", "MODEL_FORMAT_VERSION"]
+__all__ = [
+    "RetrievalNet", "ModelSpec", "build_model", "from_cirtorch", "save_model", "load_model", "is_model_file",
+    "parse_pooling", "MODEL_FORMAT", "MODEL_FORMAT_VERSION",
+]
 
 MODEL_FORMAT = "cbir-model"
 MODEL_FORMAT_VERSION = 1
@@ -108,8 +114,11 @@ def build_model(
     """RetrievalNet from names: backbone ``model`` (timm/torchvision name) + ``pooling`` (+ its params).
 
     ``pooling_kw`` go to the pooling (e.g. ``p=3.0``; ``per_channel=True`` for per-channel GeM;
-    ``k=``/``soft=`` for BoW). The result is in eval mode.
+    ``k=``/``soft=`` for BoW). The result is in eval mode. A published network's name
+    (``cbir.published.PUBLISHED``, e.g. ``gl18-tl-resnet101-gem-w``) loads that network (downloaded once).
     """
+    if model in PUBLISHED:
+        return from_cirtorch(read_published(model))
     backbone, channels = build_backbone(model, weights)
     kw = dict(pooling_kw)
     if pooling.lower() == "gem" and kw.pop("per_channel", False):
@@ -138,6 +147,16 @@ def build_model(
     return net.eval()
 
 
+def from_cirtorch(parts: CirtorchParts) -> RetrievalNet:
+    """RetrievalNet of a cnnimageretrieval-pytorch network (``cbir.published``): features -> GeM -> L2
+    (-> FC whitening -> L2), its mean/std, and the learned whitening of its meta as ``whiten``."""
+    net = RetrievalNet(parts.backbone, parts.pooling, parts.channels, parts.config)
+    net.mean, net.std = parts.mean, parts.std
+    if parts.lw is not None:
+        net.set_whitening(parts.lw, parts.lw_about)
+    return net.eval()
+
+
 def save_model(net: RetrievalNet, path: str | os.PathLike[str]) -> None:
     """Write ``net`` (config + state dict, format-stamped) atomically to ``path``."""
     blob = {
@@ -152,21 +171,24 @@ def save_model(net: RetrievalNet, path: str | os.PathLike[str]) -> None:
 def load_model(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> RetrievalNet:
     """Rebuild a RetrievalNet saved by ``save_model`` (no download: weights come from the file)."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"model file not found: {path}")
     try:
-        blob = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:
+        blob = read_checkpoint(path)  # weights_only (numpy arrays allowed, nothing that runs code)
+    except FormatError as exc:
         raise FormatError(f"{path} is not a cbir model file (unreadable: {exc})") from exc
+    if is_cirtorch(blob):  # a cnnimageretrieval-pytorch network (cbir.published)
+        return from_cirtorch(read_cirtorch(path, blob=blob))
     check_format(blob, MODEL_FORMAT, (MODEL_FORMAT_VERSION,), path, what="cbir model")
     cfg = blob["config"]
     kw = dict(cfg.get("pooling_kw", {}))
     kw.pop("channels", None) if cfg["pooling"] in ("bow",) else None
-    backbone, channels = build_backbone(cfg["model"], "none")
-    if cfg["pooling"] == "bow":
-        kw["channels"] = channels
-    pool = build_pooling(cfg["pooling"], **kw)
-    net = RetrievalNet(backbone, pool, channels, {**cfg, "whitening": None})
+    if cfg.get("cirtorch"):  # saved from a cnnimageretrieval-pytorch network
+        net = from_cirtorch(cirtorch_skeleton({**cfg, "whitening": None}))
+    else:
+        backbone, channels = build_backbone(cfg["model"], "none")
+        if cfg["pooling"] == "bow":
+            kw["channels"] = channels
+        pool = build_pooling(cfg["pooling"], **kw)
+        net = RetrievalNet(backbone, pool, channels, {**cfg, "whitening": None})
     state = blob["state_dict"]
     if "whiten.weight" in state:
         w = state["whiten.weight"]
@@ -178,3 +200,80 @@ def load_model(path: str | os.PathLike[str], map_location: str | torch.device = 
         raise FormatError(f"{path}: weights do not fit the saved configuration: {exc}") from exc
     net.config.pop("pooling_params", None)
     return net.eval()
+
+
+# --------------------------------------------------------------------------------------------
+# "A backbone name or a model file": the one place that tells them apart
+
+
+def is_model_file(name: str | os.PathLike[str]) -> bool:
+    """True when ``name`` means a model file saved by cbir (an existing file, or a .pt/.pth name)
+    rather than a backbone name such as ``resnet50``."""
+    path = Path(name)
+    return path.suffix in (".pt", ".pth") or path.is_file()
+
+
+def parse_pooling(text: str) -> tuple[str, dict[str, Any]]:
+    """``"gem:p=4,per_channel=1"`` -> ``("gem", {"p": 4, "per_channel": 1})``; values become
+    bool (true/false/yes/no/on/off), int or float where they read as one. ValueError when malformed."""
+    name, _, rest = str(text).partition(":")
+    kw: dict[str, Any] = {}
+    for item in filter(None, (s.strip() for s in rest.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise ValueError(f"pooling parameters must be key=value, got {item!r} in {text!r}")
+        kw[key.strip()] = _value(value.strip())
+    if not name.strip():
+        raise ValueError(f"no pooling name in {text!r}")
+    return name.strip().lower(), kw
+
+
+def _value(v: str) -> Any:
+    low = v.lower()
+    if low in ("true", "yes", "on"):
+        return True
+    if low in ("false", "no", "off"):
+        return False
+    for cast in (int, float):
+        try:
+            return cast(v)
+        except ValueError:
+            pass
+    return v
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """How to make a RetrievalNet, as plain hashable settings.
+
+    ``model``: a backbone name (timm/torchvision, e.g. ``efficientnet_lite0``, ``torchvision:resnet101``)
+    or a model file saved by cbir (then ``pooling``/``weights`` are the file's own and ignored);
+    ``pooling``: ``NAME[:key=value,...]`` (``gem:p=4``); ``weights``: default / imagenet / none / a FILE.
+    """
+
+    model: str = "efficientnet_lite0"
+    pooling: str = "gem"
+    weights: str = "default"
+
+    @property
+    def is_file(self) -> bool:
+        return is_model_file(self.model)
+
+    def build(self) -> RetrievalNet:
+        """The RetrievalNet (eval mode): loaded from the model file, or built from the names."""
+        if self.is_file:
+            return load_model(self.model)
+        name, kw = parse_pooling(self.pooling)
+        return build_model(self.model, pooling=name, weights=self.weights, **kw)
+
+    def identity(self) -> dict[str, Any]:
+        """What the descriptors depend on, files by content (sha256): a cache key's model part."""
+        from .fileio import sha256_file
+
+        if self.is_file:
+            return {"model_file_sha256": sha256_file(self.model)}
+        weights = self.weights
+        if weights not in ("default", "imagenet", "hub", "none"):
+            weights = "sha256:" + sha256_file(weights)
+        name, kw = parse_pooling(self.pooling)
+        return {"model": self.model, "pooling": name, "pooling_kw": sorted(kw.items()), "weights": weights}

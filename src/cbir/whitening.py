@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from .descriptors import l2_normalize
+from .linalg import l2_normalize
 from .fileio import FormatError, atomic_open, check_format
 
 FORMAT = "whitening"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from typing import Sequence
 
@@ -22,12 +23,32 @@ typical flow:
   cbir index build photos/ --out my.index      # a persistent, searchable index
   cbir search my.index --image query.jpg       # ranked results
   cbir evaluate --dataset demo                 # mAP on the bundled demo benchmark
-Run `cbir COMMAND --help` for each command's options.
+Run `cbir COMMAND --help` for each command's options; `cbir --debug COMMAND ...` shows the full
+traceback of an error instead of its one-line message.
 """
 
 
 class CLIError(Exception):
     """An error to report to the user as one line, exit code 2."""
+
+
+# Errors of the user's making (files, settings, data) that the library raises: one line, exit 2.
+# Any other exception is a bug and keeps its traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (CLIError, OSError, ValueError, KeyError, LookupError)
+
+
+def is_user_error(exc: BaseException) -> bool:
+    """True for the errors reported as one line: the ones above, and every exception class defined
+    by cbir itself (WeightsUnavailable, FormatError, ImageError, IncompatibleDescriptorError, ...)."""
+    return isinstance(exc, USER_ERRORS) or type(exc).__module__.split(".")[0] == "cbir"
+
+
+def error_line(exc: BaseException) -> str:
+    """The message of ``exc`` on one line (KeyError's quotes dropped; the first line of a long text)."""
+    msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+    text = str(msg).strip() or type(exc).__name__
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return " ".join(lines) if len(lines) <= 3 else lines[0] + " ..."
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,34 +61,32 @@ def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
 
     parser.add_argument("--version", action="version", version=f"cbir {__version__}")
+    parser.add_argument("--debug", action="store_true",
+                        help="on an error, show the full traceback (may also come after the command)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for stage in STAGES:
-        try:
-            module = importlib.import_module(f"{__name__}.{stage}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"{__name__}.{stage}":
-                continue  # stage not built (yet)
-            raise
-        module.register(sub)
+        importlib.import_module(f"{__name__}.{stage}").register(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or bool(os.environ.get("CBIR_DEBUG"))
+    argv = [a for a in argv if a != "--debug"]
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    from ..fileio import FormatError
-
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (CLIError, FileNotFoundError, FormatError, ValueError, KeyError, PermissionError) as exc:
-        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"cbir {args.command}: error: {msg}", file=sys.stderr)
+    except Exception as exc:
+        if debug or not is_user_error(exc):
+            raise
+        print(f"cbir {args.command}: error: {error_line(exc)}", file=sys.stderr)
         return 2
 
 

@@ -7,7 +7,8 @@ import json
 import sys
 from pathlib import Path
 
-from .extract import parse_scales
+from . import CLIError
+from .options import add_device_option, add_extraction_options, add_model_options, extraction, model_spec
 
 BUILD_EPILOG = """\
 examples:
@@ -16,6 +17,7 @@ examples:
   cbir index build photos/ --out photos.index --model my_trained.pt          # a model saved by `cbir train`
   cbir index build photos/ --out big.index --type ivfpq --nlist 4096 --m 64 --nprobe 32
   cbir index build photos/ --out big.index --type hnsw --M 32 --ef-construction 200 --ef-search 128
+  cbir index build --features feats/ --out photos.index   # descriptors of `cbir extract photos/ --out feats/`
 
 index types: exact (default; matrix product, GPU fp16 when available; best up to ~1M images),
 ivfpq (faiss IVF-PQ: compressed, needs >= max(nlist, 2^nbits) images to train), hnsw (faiss graph).
@@ -26,6 +28,7 @@ examples:
   cbir index add photos.index new/photo1.jpg new/photo2.jpg
   cbir index add photos.index more_photos/            # every image under the folder
   cbir index add photos.index edited.jpg --update     # re-describe an image that is already indexed
+  cbir index add photos.index --features new_feats/   # descriptors from `cbir extract` (same model)
 """
 
 REMOVE_EPILOG = """\
@@ -47,29 +50,31 @@ def register(sub: argparse._SubParsersAction) -> None:
     isub = p.add_subparsers(dest="index_command", metavar="ACTION")
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
 
-    b = isub.add_parser("build", help="index every image under a folder", epilog=BUILD_EPILOG,
+    b = isub.add_parser("build", help="index every image under a folder (or an extract folder)", epilog=BUILD_EPILOG,
                         formatter_class=argparse.RawDescriptionHelpFormatter,
-                        description="Describe every image under FOLDER and save a new index at --out.")
-    b.add_argument("folder", metavar="FOLDER", help="folder of images (searched recursively)")
-    b.add_argument("--out", required=True, metavar="INDEX", help="index folder to write (replaced atomically if it exists)")
-    b.add_argument("--model", default="efficientnet_lite0",
-                   help="backbone name (timm/torchvision) or a model file saved by cbir (default: efficientnet_lite0)")
-    b.add_argument("--pooling", default="gem", help="pooling for a backbone name (default: gem)")
-    b.add_argument("--weights", default="default", help="backbone weights: default, none, or a file (default: default)")
-    b.add_argument("--imsize", type=int, default=1024, help="longest image side before the network (default: 1024)")
-    b.add_argument("--scales", default="1,0.7071,0.5", help="comma-separated scales (default: 1,0.7071,0.5)")
-    b.add_argument("--device", default="auto", help="auto, cpu, cuda (default: auto)")
-    b.add_argument("--batch-size", type=int, default=None, help="images per forward pass (default: 1 on CPU, 16 on GPU)")
+                        description="Describe every image under FOLDER (or take the descriptors of a `cbir extract` "
+                                    "folder with --features) and save a new index at --out.")
+    b.add_argument("folder", metavar="FOLDER", nargs="?", help="folder of images (searched recursively)")
+    b.add_argument("--features", metavar="DIR", help="build from the descriptors of `cbir extract ... --out DIR` "
+                                                     "(nothing is described again; model options are not needed)")
+    b.add_argument("--out", required=True, metavar="INDEX",
+                   help="index folder to write (a new path, or an existing index, replaced atomically)")
+    g = b.add_argument_group("model and extraction (with FOLDER)")
+    add_model_options(g)
+    add_extraction_options(g)
     _add_type_args(b)
     b.set_defaults(func=cmd_build)
 
     a = isub.add_parser("add", help="add images (files or folders) to an index", epilog=ADD_EPILOG,
                         formatter_class=argparse.RawDescriptionHelpFormatter,
-                        description="Describe images with the index's own model and settings and add them.")
+                        description="Describe images with the index's own model and settings and add them "
+                                    "(or add the descriptors of a `cbir extract` folder with --features).")
     a.add_argument("index", metavar="INDEX")
-    a.add_argument("paths", metavar="PATH", nargs="+", help="image files or folders")
-    a.add_argument("--update", action="store_true", help="re-describe images already in the index (same id)")
-    a.add_argument("--device", default="auto")
+    a.add_argument("paths", metavar="PATH", nargs="*", help="image files or folders")
+    a.add_argument("--features", metavar="DIR", help="add the descriptors of a `cbir extract` folder (made with the "
+                                                     "index's model and settings) instead of describing images")
+    a.add_argument("--update", action="store_true", help="re-describe images already in the index (same path)")
+    add_device_option(a)
     a.set_defaults(func=cmd_add)
 
     r = isub.add_parser("remove", help="remove images by id", epilog=REMOVE_EPILOG,
@@ -105,8 +110,6 @@ def type_params(args: argparse.Namespace) -> dict:
              if getattr(args, k, None) is not None}
     wrong = [k for k in given if k not in keys[args.type]]
     if wrong:
-        from . import CLIError
-
         raise CLIError(f"--{wrong[0]} does not apply to --type {args.type}")
     return given
 
@@ -118,76 +121,109 @@ def _report_failed(failed: list[dict]) -> None:
         print(f"... and {len(failed) - 20} more unreadable images", file=sys.stderr)
 
 
-def cmd_build(args: argparse.Namespace) -> int:
-    from ..index.build import IMAGE_SUFFIXES, build_index, list_images
-    from . import CLIError
+def check_output(out: str | Path) -> None:
+    """Fail before any work when --out cannot become an index: an existing file, or a non-empty
+    folder that is not an index (an existing index is replaced atomically)."""
+    out = Path(out)
+    if out.is_dir() and any(out.iterdir()) and not (out / "manifest.json").is_file():
+        raise CLIError(f"--out {out} is a folder that is not a cbir index; give a new path or an existing index")
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--out {out} is an existing file, not an index folder; give a new path or an existing index")
+    if not out.parent.exists():
+        raise CLIError(f"--out {out}: the folder {out.parent} does not exist")
 
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from ..index.build import IMAGE_SUFFIXES, build_index, index_from_descriptors, list_images
+
+    if (args.folder is None) == (args.features is None):
+        raise CLIError("give a FOLDER of images or --features DIR (a `cbir extract` output), one of them")
+    params = type_params(args)
+    check_output(args.out)
+    if args.features:
+        index = index_from_descriptors(args.features, kind=args.type, params=params, device=args.device)
+        index.save(args.out)
+        s = index.settings
+        print(f"indexed {len(index)} images from {args.features} ({s.get('model')} + {s.get('pooling')}, "
+              f"{index.dim}-d, nothing described) -> {args.out}")
+        return 0
     folder = Path(args.folder)
+    if folder.is_file():
+        raise CLIError(f"{folder} is a file: give the folder of images (or `cbir index add INDEX {folder}`)")
     if not folder.is_dir():
         raise FileNotFoundError(f"image folder not found: {folder}")
-    params = type_params(args)
-    scales = parse_scales(args.scales)
+    spec = model_spec(args)
+    imsize, scales = extraction(args)
     files = list_images([folder])
     if not files:
         raise CLIError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {folder}")
-    print(f"describing {len(files)} images with {args.model} (imsize {args.imsize}, "
+    print(f"describing {len(files)} images with {args.model} (imsize {imsize}, "
           f"scales {','.join(f'{s:g}' for s in scales)}), then building the {args.type} index", file=sys.stderr)
-    index, failed = build_index(files, model=args.model, pooling=args.pooling, weights=args.weights,
-                                imsize=args.imsize, scales=scales, kind=args.type, params=params,
-                                device=args.device, batch_size=args.batch_size)
+    index, failed = build_index(files, model=spec.model, pooling=spec.pooling, weights=spec.weights,
+                                imsize=imsize, scales=scales, kind=args.type, params=params,
+                                device=args.device, batch_size=args.batch_size, precision=args.precision)
     _report_failed(failed)
-    index.save(args.out)
+    from ..index import writer_lock
+
+    with writer_lock(args.out).acquire(timeout=600):  # no other writer between our save and theirs
+        index.save(args.out)
     s = index.settings
-    print(f"indexed {len(index)} images ({len(failed)} skipped; {s['model']} + {s['pooling']}, {index.dim}-d) -> {args.out}")
-    return 0 if not failed else 1
+    print(f"indexed {len(index)} images ({len(failed)} skipped as unreadable; {s['model']} + {s['pooling']}, "
+          f"{index.dim}-d) -> {args.out}")
+    return 0
 
 
 def cmd_add(args: argparse.Namespace) -> int:
     from ..extract import extract
-    from ..index import Index
-    from ..index.build import list_images
+    from ..index import Index, open_for_write
+    from ..index.build import add_or_update, descriptors_of_paths, list_images, plan_add
     from ..index.embed import build_model_from_source
 
-    index = Index.load(args.index, device=args.device)
-    files = list_images(args.paths)
-    known = {f: index.id_of_path(str(f)) for f in files}
-    todo = [f for f in files if known[f] is None or args.update]
-    already = [f for f in files if known[f] is not None and not args.update]
-    for f in already:
-        print(f"already indexed (id {known[f]}): {f}  (use --update to re-describe)", file=sys.stderr)
+    if bool(args.paths) == bool(args.features):
+        raise CLIError("give image files/folders or --features DIR (a `cbir extract` output), one of them")
+    snapshot = Index.load(args.index, device=args.device)  # to plan and describe (outside the writer lock)
+    failed: list[dict] = []
+    if args.features:
+        paths, vectors, meta = descriptors_of_paths(args.features)
+        snapshot.check_compatible(meta)
+        todo, already, duplicates = plan_add(snapshot, paths, update=args.update)
+        row = {p: i for i, p in enumerate(paths)}
+        vectors = vectors[[row[p] for p in todo]] if todo else vectors[:0]
+    else:
+        todo, already, duplicates = plan_add(snapshot, list_images(args.paths), update=args.update)
+    for f in duplicates:
+        print(f"duplicate (named more than once, added once): {f}", file=sys.stderr)
+    for f, i in already.items():
+        print(f"already indexed (id {i}): {f}  (use --update to re-describe)", file=sys.stderr)
     if not todo:
-        print("nothing to add")
+        print(f"nothing to add ({len(already)} already indexed, {len(duplicates)} duplicates)")
         return 0
-    settings = index.settings
-    model = build_model_from_source(dict(settings.get("source") or {}))
-    index.check_compatible(model.describe())
-    res = extract(model, todo, imsize=settings.get("imsize"), scales=tuple(settings.get("scales") or (1.0,)),
-                  device=args.device)
-    _report_failed(res.failed)
-    new_paths, new_vecs, updated = [], [], 0
-    for row, i in enumerate(res.ok):
-        f = todo[i]
-        if known[f] is not None:
-            index.update(known[f], res.vectors[row])
-            updated += 1
-        else:
-            new_paths.append(str(f))
-            new_vecs.append(res.vectors[row])
-    if new_paths:
-        import numpy as np
-
-        index.add(np.stack(new_vecs), new_paths)
-    index.save(args.index)
-    print(f"added {len(new_paths)}, updated {updated}, skipped {len(res.failed)} unreadable; index has {len(index)} images")
-    return 0 if not res.failed else 1
+    if not args.features:
+        settings = snapshot.settings
+        model = build_model_from_source(dict(settings.get("source") or {}))
+        snapshot.check_compatible(model.describe())
+        res = extract(model, todo, imsize=settings.get("imsize"), scales=tuple(settings.get("scales") or (1.0,)),
+                      device=args.device)
+        failed = res.failed
+        _report_failed(failed)
+        todo, vectors = [todo[i] for i in res.ok], res.vectors
+    settings = dict(snapshot.settings)
+    del snapshot
+    with open_for_write(args.index, device=args.device) as index:  # the newest generation, locked
+        index.check_compatible(settings)
+        counts = add_or_update(index, todo, vectors, update=args.update)  # re-checks paths added meanwhile
+        n = len(index)
+    raced = f", {counts['present']} added meanwhile by another writer" if counts["present"] else ""
+    print(f"added {counts['added']}, updated {counts['updated']}, skipped {len(failed)} unreadable, "
+          f"{len(already)} already indexed, {len(duplicates)} duplicates{raced}; index has {n} images")
+    return 0
 
 
 def cmd_remove(args: argparse.Namespace) -> int:
-    from ..index import Index
+    from ..index import open_for_write
 
-    index = Index.load(args.index, device="cpu")
-    index.remove(args.ids)
-    index.save(args.index)
+    with open_for_write(args.index, device="cpu") as index:
+        index.remove(args.ids)
     print(f"removed {len(set(args.ids))}; index has {len(index)} images")
     return 0
 

@@ -7,11 +7,15 @@ import json
 import sys
 from pathlib import Path
 
+from . import CLIError
+from .options import add_device_option
+
 EPILOG = """\
 examples:
   cbir search photos.index --image query.jpg
   cbir search photos.index --image query.jpg --bbox 120,40,880,700 --top 50 --json results.json
-  cbir search photos.index --id 17                       # more like an indexed image
+  cbir search photos.index --id 17                       # more like an indexed image (id number)
+  cbir search photos.index --id paris_eiffel_000123     # ... or its name, as `cbir extract` names it
   cbir search photos.index --image query.jpg --qe 5 --alpha-qe 3 --diffusion
   cbir search big.index --image query.jpg --nprobe 64    # ivfpq: visit more lists
 
@@ -27,21 +31,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("index", metavar="INDEX", help="index folder made by `cbir index build`")
     q = p.add_mutually_exclusive_group(required=True)
     q.add_argument("--image", metavar="Q.jpg", help="query image file")
-    q.add_argument("--id", type=int, help="query with the descriptor of an indexed image")
+    q.add_argument("--id", metavar="ID|NAME", help="query with the descriptor of an indexed image: its id number, "
+                                               "its path, or its `cbir extract` id (path without extension)")
     p.add_argument("--bbox", metavar="x1,y1,x2,y2", help="crop the query image to this box (original pixels)")
     p.add_argument("--top", type=int, default=20, help="number of results (default: 20)")
     p.add_argument("--json", metavar="FILE", help='write [{"id","path","score"}, ...] best first ("-" = stdout)')
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda (default: auto)")
+    add_device_option(p)
     g = p.add_argument_group("approximate search (ivfpq / hnsw indexes)")
     g.add_argument("--nprobe", type=int, help="ivfpq: lists visited per query")
     g.add_argument("--refine", type=int, help="ivfpq: re-score refine*top candidates exactly (0 = off)")
     g.add_argument("--ef-search", type=int, dest="efSearch", help="hnsw: search beam width")
-    try:
-        from ..rerank.options import add_arguments
-    except ImportError:  # pragma: no cover - re-ranking not installed
-        add_arguments = None
-    if add_arguments is not None:
-        add_arguments(p)
+    from ..rerank.options import add_arguments
+
+    add_arguments(p)
     p.set_defaults(func=cmd_search)
 
 
@@ -57,48 +59,56 @@ def parse_bbox(text: str | None) -> tuple[float, float, float, float] | None:
     return box  # type: ignore[return-value]
 
 
+def _check_index_path(path: Path) -> None:
+    """Say what INDEX is when it is not an index (an extract folder, an image, nothing)."""
+    if (path / "manifest.json").is_file():
+        return
+    if (path / "meta.json").is_file() and (path / "descriptors.npy").is_file():
+        raise CLIError(f"{path} holds descriptors from `cbir extract`, not an index; build one from it with "
+                       f"`cbir index build --features {path} --out {path.name}.index`")
+    if path.is_file():
+        raise CLIError(f"{path} is a file, not an index folder (made by `cbir index build`)")
+    if not path.exists():
+        raise FileNotFoundError(f"index not found: {path} (make one with `cbir index build PHOTOS --out {path}`)")
+    raise CLIError(f"{path} is not a cbir index (no manifest.json; make one with `cbir index build`)")
+
+
 def wants_rerank(args: argparse.Namespace) -> bool:
-    return bool(getattr(args, "whiten", None) or getattr(args, "qe", 0) or getattr(args, "dba", 0)
+    return bool(getattr(args, "recipe", None) or getattr(args, "whiten", None) or getattr(args, "qe", 0) or getattr(args, "dba", 0)
                 or getattr(args, "diffusion", False))
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    import numpy as np
-
-    from ..index import Hit, Index
-    from . import CLIError
+    from ..index import Index
+    from ..pipeline import find_image, search_index
+    from ..rerank.options import Rerank
 
     if args.top < 1:
         raise CLIError("--top must be at least 1")
     bbox = parse_bbox(args.bbox)
     if bbox is not None and args.image is None:
         raise CLIError("--bbox applies to --image")
+    rerank = Rerank.from_args(args)
+    image = None
+    if args.image is not None:
+        image = Path(args.image)
+        if image.is_dir():
+            raise CLIError(f"--image {image} is a folder; give one image file")
+        if not image.is_file():
+            raise FileNotFoundError(f"query image not found: {image}")
+    _check_index_path(Path(args.index))
     index = Index.load(args.index, device=args.device)
     if len(index) == 0:
         raise CLIError(f"the index {args.index} is empty")
     index.set_search_params(**{k: getattr(args, k) for k in ("nprobe", "refine", "efSearch")
                                if getattr(args, k) is not None and k in _search_keys(index.kind)})
-    if args.image is not None:
+    if image is not None:
         from ..index.embed import QueryEncoder
 
-        image = Path(args.image)
-        if not image.is_file():
-            raise FileNotFoundError(f"query image not found: {image}")
-        encoder = QueryEncoder(index.settings, device=args.device)
-        q = encoder.encode(image, bbox)
+        q = QueryEncoder(index.settings, device=args.device).encode(image, bbox)
     else:
-        q = index.vector(args.id)
-    applied: dict = {}
-    if wants_rerank(args):
-        from ..rerank.options import rerank_from_args
-
-        ids, db = index.vectors()
-        scores, applied = rerank_from_args(args, q[None, :], db)
-        order = np.argsort(-scores[0], kind="stable")[: args.top]
-        records = {i: index.get(int(ids[i])).path for i in order}
-        hits = [Hit(int(ids[i]), records[i], float(scores[0, i])) for i in order]
-    else:
-        hits = index.search(q, args.top)[0]
+        q = index.vector(find_image(index, args.id))
+    hits, applied = search_index(index, q, args.top, rerank)
     result = [h.as_dict() for h in hits]
     if args.json == "-":
         print(json.dumps(result, indent=2))
@@ -107,6 +117,7 @@ def cmd_search(args: argparse.Namespace) -> int:
             from ..fileio import atomic_write_json
 
             atomic_write_json(args.json, result)
+        print(f"{'rank':>4}  {'score':>7}  {'id':>8}  path")
         for rank, h in enumerate(hits, 1):
             print(f"{rank:>4}  {h.score:7.4f}  {h.id:>8}  {h.path}")
     if applied:

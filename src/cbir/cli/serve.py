@@ -3,16 +3,28 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import socket
 import sys
+
+from . import CLIError
 
 EPILOG = """\
 examples:
   cbir serve photos.index                       # http://127.0.0.1:8000/
   cbir serve photos.index --port 8080 --read-only
-  cbir serve photos.index --host 0.0.0.0        # reachable from other machines: no authentication!
+  cbir serve photos.index --host 0.0.0.0 --token-file ~/.cbir-token --allowed-host photos.lan
+
+who may do what:
+  Reading (search, thumbnails) is open to whoever reaches the address. Writes (POST /api/images,
+  DELETE /api/images/{id}) need `Authorization: Bearer TOKEN` when a token is set (--token-file F,
+  or $CBIR_TOKEN); on any address other than loopback a token is required (or --read-only).
+  Writes from a page of another site (a foreign Origin) are refused. Requests must name this
+  server by an allowed host: loopback names, the bound address, or --allowed-host NAME.
 
 API: GET /api/health, POST /api/search (multipart file [+ bbox, top]), GET /api/search/{id},
-POST /api/images (multipart file), GET /api/images/{id}, GET /api/thumb/{id}; docs at /api/docs.
+POST /api/images (multipart file), DELETE /api/images/{id}, GET /api/images/{id},
+GET /api/thumb/{id}; docs at /api/docs.
 """
 
 
@@ -24,25 +36,67 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda (default: auto)")
-    p.add_argument("--read-only", action="store_true", help="refuse additions to the index")
+    p.add_argument("--read-only", action="store_true", help="refuse additions and removals")
+    p.add_argument("--token-file", metavar="FILE",
+                   help="file whose first line is the token that writes must present (default: $CBIR_TOKEN)")
+    p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                   help="a host name clients may use to reach this server, besides loopback names and the bound "
+                        "address (repeatable; '*' allows any)")
     p.add_argument("--max-upload-mb", type=float, default=20.0, help="largest request body in MB (default: 20)")
     p.add_argument("--max-pixels", type=int, default=40_000_000, help="largest upload in pixels (default: 40M)")
+    p.add_argument("--max-store-gb", type=float, default=10.0,
+                   help="total size of the photos added through the service, in GB (default: 10)")
     p.add_argument("--no-preload", action="store_true", help="load the model at the first upload, not at start")
     p.set_defaults(func=cmd_serve)
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on host:port (what uvicorn would open); CLIError in one line when it cannot be had."""
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                          flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as exc:
+        raise CLIError(f"cannot listen on {host!r}: {exc.strerror}") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(addr)
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise CLIError(f"port {port} on {host} is in use by another program; choose another with --port") from None
+        raise CLIError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    sock.set_inheritable(True)
+    return sock
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from ..server import Limits, create_app
+    from ..server import Guard, Limits, create_app
+    from ..server.security import check_bind, read_token
 
-    limits = Limits(max_request_bytes=int(args.max_upload_mb * 1024 * 1024), max_pixels=args.max_pixels)
-    app = create_app(args.index, limits=limits, read_only=args.read_only, device=args.device)
-    svc = app.state.service
-    print(f"index {args.index}: {len(svc.index)} images ({svc.index.kind})", file=sys.stderr)
-    if not args.no_preload and svc.index.settings.get("source"):
-        print("loading the model ...", file=sys.stderr)
-        svc.get_encoder()
-    print(f"serving on http://{args.host}:{args.port}/", file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    token = read_token(args.token_file)
+    check_bind(args.host, token, args.read_only)
+    if args.max_store_gb <= 0:
+        raise CLIError("--max-store-gb must be positive")
+    sock = bind_socket(args.host, args.port)  # before the slow part: a busy port fails at once
+    try:
+        limits = Limits(max_request_bytes=int(args.max_upload_mb * 1024 * 1024), max_pixels=args.max_pixels,
+                        max_store_bytes=int(args.max_store_gb * 1e9))
+        guard = Guard.for_bind(args.host, token=token, allowed_hosts=args.allowed_host)
+        app = create_app(args.index, limits=limits, read_only=args.read_only, device=args.device, guard=guard)
+        svc = app.state.service
+        print(f"index {args.index}: {len(svc.index)} images ({svc.index.kind})", file=sys.stderr)
+        if not args.no_preload and svc.index.settings.get("source"):
+            print("loading the model ...", file=sys.stderr)
+            svc.get_encoder()
+        writes = "read-only" if args.read_only else ("writes need the token" if token else "writes open to this machine")
+        host = f"[{args.host}]" if ":" in args.host else args.host
+        print(f"serving on http://{host}:{args.port}/ ({writes})", file=sys.stderr)
+        server = uvicorn.Server(uvicorn.Config(app, log_level="info"))
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
     return 0

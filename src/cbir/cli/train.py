@@ -1,4 +1,4 @@
-"""``cbir train CONFIG [key=value …]``: fine-tune a retrieval model (see cbir.training.trainer)."""
+"""``cbir train CONFIG [key=value …] [options]``: fine-tune a retrieval model (see cbir.training.trainer)."""
 
 from __future__ import annotations
 
@@ -6,41 +6,83 @@ import argparse
 import json
 import sys
 
+DESCRIPTION = """\
+Fine-tune a RetrievalNet from a YAML (.yaml/.yml) or TOML (.toml) config. KEY=VALUE arguments
+override config entries (dotted keys, e.g. optim.lr=1e-5 data.root=photos/); options and
+overrides may come in any order. Every input the config names is checked before any work starts.
+
+Writes OUT/last.pt (checkpoint, every epoch; --resume continues from it exactly), OUT/model.pt
+(usable by `cbir extract --model`; with validation, the best validated epoch, the start included),
+OUT/history.json and TensorBoard scalars in OUT/tb.
+Multi-GPU: torchrun --nproc_per_node N -m cbir train CONFIG.
+
+examples:
+  cbir train configs/own_photos.yaml data.root=photos/ out=runs/mine
+  cbir train configs/own_photos.yaml data.root=photos/ --resume out=runs/mine optim.epochs=40
+  cbir train configs/own_photos.yaml --print-config validation.split=0.3
+"""
+
+
+def _options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--resume", action="store_true", default=None, help="continue from OUT/last.pt")
+    p.add_argument("--out", help="output folder (same as out=DIR)")
+    p.add_argument("--no-progress", action="store_true", default=None, help="no progress bars")
+    p.add_argument("--print-config", action="store_true", default=None,
+                   help="print the merged, checked config as JSON and exit")
+
 
 def register(sub) -> None:
-    p = sub.add_parser(
-        "train",
-        help="fine-tune a model on your photos (tuples mined every epoch)",
-        description=(
-            "Fine-tune a RetrievalNet from a YAML (.yaml/.yml) or TOML (.toml) config; key=value "
-            "arguments override config entries (e.g. optim.lr=1e-5 data.imsize=256). Writes OUT/last.pt "
-            "(checkpoint, every epoch), OUT/model.pt (usable by `cbir extract --model`), OUT/history.json "
-            "and TensorBoard scalars in OUT/tb. Multi-GPU: torchrun --nproc_per_node N -m cbir train CONFIG."
-        ),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("config", help="training config (.yaml, .yml or .toml)")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, dotted keys")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
-    p.add_argument("--out", help="output folder (same as out=DIR)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--print-config", action="store_true", help="print the merged config as JSON and exit")
+    p = sub.add_parser("train", help="fine-tune a model on your photos (tuples mined every epoch)",
+                       usage="cbir train CONFIG [KEY=VALUE ...] [--resume] [--out DIR] [--no-progress] [--print-config]",
+                       description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("items", nargs=argparse.REMAINDER, metavar="CONFIG [KEY=VALUE ...]",
+                   help="training config (.yaml, .yml or .toml), then config overrides with dotted keys")
+    _options(p)
     p.set_defaults(func=handler)
 
 
-def handler(args: argparse.Namespace) -> int:
-    from ..training.trainer import load_config, train
+def parse_items(args: argparse.Namespace) -> argparse.Namespace:
+    """Split ``items`` (everything after the first positional) into config, overrides and options,
+    in any order; options given before the config are kept."""
+    from . import CLIError
 
-    overrides = list(args.overrides)
-    if args.out:
-        overrides.append(f"out={args.out}")
-    cfg = load_config(args.config, overrides)
-    if args.print_config:
-        print(json.dumps(cfg, indent=2))
+    inner = argparse.ArgumentParser(prog="cbir train", add_help=False, exit_on_error=False)
+    inner.add_argument("config")
+    inner.add_argument("overrides", nargs="*")
+    _options(inner)
+    try:
+        ns = inner.parse_intermixed_args(args.items)
+    except argparse.ArgumentError as exc:
+        raise CLIError(f"{exc} (usage: cbir train CONFIG [KEY=VALUE ...] [--resume] [--out DIR])") from None
+    except SystemExit:  # argparse still exits on some errors (missing CONFIG)
+        raise CLIError("usage: cbir train CONFIG [KEY=VALUE ...] [--resume] [--out DIR]") from None
+    for key in ("resume", "out", "no_progress", "print_config"):
+        if getattr(ns, key) is None:
+            setattr(ns, key, getattr(args, key))
+    for key in ("resume", "no_progress", "print_config"):
+        setattr(ns, key, bool(getattr(ns, key)))
+    return ns
+
+
+def handler(args: argparse.Namespace) -> int:
+    from ..training.config import load_config, missing_inputs
+    from ..training.trainer import train
+
+    ns = parse_items(args)
+    overrides = list(ns.overrides)
+    if ns.out:
+        overrides.append(f"out={ns.out}")
+    cfg = load_config(ns.config, overrides)
+    if ns.print_config:
+        print(json.dumps(cfg.to_dict(), indent=2))
         return 0
-    result = train(cfg, resume=args.resume, progress=not args.no_progress,
+    missing = missing_inputs(cfg, resume=ns.resume)
+    if missing:
+        raise FileNotFoundError("missing training inputs: " + "; ".join(missing))
+    result = train(cfg, resume=ns.resume, progress=not ns.no_progress,
                    log=lambda msg: print(msg, file=sys.stderr, flush=True))
     last = result["history"][-1] if result["history"] else {}
     print(json.dumps({"out": result["out"], "epochs": last.get("epoch"), "loss": last.get("loss"),
-                      "val": last.get("val"), "setup": {k: v for k, v in result["setup"].items() if k != "dropped_paths"}}))
+                      "val": last.get("val"), "best": result.get("best"),
+                      "setup": {k: v for k, v in result["setup"].items() if k != "dropped_paths"}}))
     return 0

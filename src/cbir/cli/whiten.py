@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import pickle
 from pathlib import Path
 
 from . import CLIError
@@ -19,17 +18,17 @@ def register(subparsers) -> None:
             "(.npz). Apply it with `--whiten FILE` in `cbir evaluate` / `cbir search`. "
             "Learn it on a set other than the one you evaluate on."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--features", required=True, metavar="DIR", help="descriptor folder written by `cbir extract`")
     p.add_argument("--out", required=True, metavar="W.npz", help="where to write the whitening")
     p.add_argument("--method", choices=("pca", "lw"), default="pca",
-                   help="pca: PCA whitening of all descriptors; lw: learned from matching pairs (Radenovic et al.)")
+                   help="pca: PCA whitening of all descriptors; lw: learned from matching pairs (Radenovic et al.) "
+                        "(default: pca)")
     p.add_argument("--dim", type=int, default=None, metavar="D", help="keep the top D dimensions (default: all)")
     p.add_argument("--power", type=float, default=1.0, metavar="P",
-                   help="pca: eigenvalue power (1 = full whitening, 0.5, 0 = rotation only)")
+                   help="pca: eigenvalue power (1 = full whitening, 0.5, 0 = rotation only; default: 1)")
     p.add_argument("--shrinkage", type=float, default=0.0, metavar="S",
-                   help="shrink the covariance towards tr(C)/D I by S in [0,1]")
+                   help="shrink the covariance towards tr(C)/D I by S in [0,1] (default: 0)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--pairs", metavar="CSV", help="lw: CSV of matching pairs of descriptor ids (two columns; header optional)")
     src.add_argument("--gnd", metavar="GND.pkl",
@@ -67,14 +66,10 @@ def _pairs_from_csv(path: Path, table: dict[str, int]) -> list[tuple[int, int]]:
 
 
 def _pairs_from_gnd(path: Path, table: dict[str, int]) -> list[tuple[int, int]]:
-    if not path.is_file():
-        raise FileNotFoundError(f"ground truth not found: {path}")
-    with open(path, "rb") as fh:
-        gnd = pickle.load(fh)
-    try:
-        qnames, dbnames, entries = gnd["qimlist"], gnd["imlist"], gnd["gnd"]
-    except (KeyError, TypeError) as exc:
-        raise CLIError(f"{path} is not a revisitop ground truth (needs imlist, qimlist, gnd)") from exc
+    from ..datasets import load_gnd
+
+    gnd = load_gnd(path)  # the restricted unpickler: a ground-truth file cannot run code
+    qnames, dbnames, entries = gnd["qimlist"], gnd["imlist"], gnd["gnd"]
     out = []
     for qname, entry in zip(qnames, entries):
         if qname not in table:

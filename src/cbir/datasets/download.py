@@ -13,7 +13,6 @@ unpacked into a temporary folder and renamed to ``jpg/`` when all of them are in
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import tarfile
@@ -24,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
-from ..fileio import fsync_dir
+from ..fileio import fsync_dir, sha256_file
 
 CHUNK = 1 << 20
 
@@ -99,14 +98,6 @@ def _files(name: str, with_images: bool = True) -> list[Remote]:
 
 
 DOWNLOADABLE = ("roxford5k", "rparis6k", "revisitop1m", "oxford5k", "paris6k", "gldv2")
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(CHUNK), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _open(url: str, offset: int, timeout: float, dest: Path):

@@ -18,14 +18,20 @@ from .base import RetrievalDataset
 DATASETS = ("roxford5k", "rparis6k")
 
 
-class _GroundTruthUnpickler(pickle.Unpickler):
-    """Unpickle only plain Python containers and numpy arrays: a ground-truth file cannot run code."""
+class _PlainDataUnpickler(pickle.Unpickler):
+    """Unpickle only plain Python containers and numpy arrays: a data file cannot run code.
+
+    ``find_class`` is the only way a pickle reaches a callable (``__reduce__`` payloads, classes to
+    instantiate); it answers only numpy's array/scalar/dtype rebuilders, which construct data and
+    call nothing else. Everything else (``os.system``, ``builtins.eval``, ...) is refused."""
 
     _ALLOWED = {
         ("numpy.core.multiarray", "_reconstruct"),
         ("numpy._core.multiarray", "_reconstruct"),
         ("numpy.core.multiarray", "scalar"),
         ("numpy._core.multiarray", "scalar"),
+        ("numpy.core.numeric", "_frombuffer"),
+        ("numpy._core.numeric", "_frombuffer"),
         ("numpy", "ndarray"),
         ("numpy", "dtype"),
     }
@@ -33,7 +39,22 @@ class _GroundTruthUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in self._ALLOWED:
             return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a ground-truth file")
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name} (a data file may hold only lists, "
+                                     "dicts, strings, numbers and numpy arrays)")
+
+
+def load_plain_pickle(path: str | Path, what: str = "pickle") -> Any:
+    """The one loader of every ``.pkl`` a user gives cbir (ground truths, SfM-120k training dbs):
+    plain containers, numbers, strings and numpy arrays only, so a crafted file cannot run code.
+    A missing file raises FileNotFoundError, a refused or damaged one FormatError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        return _PlainDataUnpickler(io.BytesIO(path.read_bytes())).load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError,
+            KeyError, MemoryError, ImportError) as exc:
+        raise FormatError(f"{path} is not a readable {what}: {exc}") from exc
 
 
 def load_gnd(path: str | Path) -> dict[str, Any]:
@@ -42,10 +63,7 @@ def load_gnd(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"ground-truth file not found: {path}")
-    try:
-        data = _GroundTruthUnpickler(io.BytesIO(path.read_bytes())).load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as exc:
-        raise FormatError(f"{path} is not a readable revisitop ground-truth pickle: {exc}") from exc
+    data = load_plain_pickle(path, "revisitop ground-truth pickle")
     if not isinstance(data, dict) or not {"imlist", "qimlist", "gnd"} <= set(data):
         raise FormatError(f"{path}: expected a dict with imlist, qimlist and gnd (revisitop format)")
     imlist = [str(x) for x in data["imlist"]]
@@ -55,6 +73,8 @@ def load_gnd(path: str | Path) -> dict[str, Any]:
     gnd = []
     ndb = len(imlist)
     for i, g in enumerate(data["gnd"]):
+        if not isinstance(g, dict):
+            raise FormatError(f"{path}: gnd entry {i} is not a dict")
         entry: dict[str, Any] = {}
         for key in ("easy", "hard", "junk"):
             idx = [int(v) for v in g.get(key, [])]

@@ -6,6 +6,8 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
+
 from .embed import model_settings, source_of
 from .index import Index
 
@@ -29,7 +31,7 @@ def build_index(
     files: Sequence[str | os.PathLike[str]],
     *,
     model: str = "efficientnet_lite0",
-    pooling: str = "gem",
+    pooling: str = "gem",  # NAME[:key=value,...]
     weights: str = "default",
     imsize: int | None = 1024,
     scales: Sequence[float] = (1.0, 2 ** -0.5, 0.5),
@@ -37,6 +39,7 @@ def build_index(
     params: dict[str, Any] | None = None,
     device: str = "auto",
     batch_size: int | None = None,
+    precision: str = "auto",
     progress: bool = True,
 ) -> tuple[Index, list[dict[str, str]]]:
     """Index of ``files`` described by ``model`` (a backbone name + ``pooling``, or a saved model file).
@@ -45,18 +48,104 @@ def build_index(
     built (faiss training included) before returning, so its errors come here.
     """
     from ..extract import extract
-    from ..model import build_model, load_model
+    from ..model import ModelSpec
 
     files = [Path(f).resolve() for f in files]
     if not files:
         raise ValueError("no images to index")
-    net = load_model(model) if Path(model).is_file() else build_model(model, pooling=pooling, weights=weights)
-    settings = model_settings(net, source_of(model, pooling, weights, net), imsize, scales)
+    spec = ModelSpec(model, pooling, weights)
+    net = spec.build()
+    settings = model_settings(net, source_of(spec, net), imsize, scales)
     index = Index(net.dim, kind, params, settings=settings, device=device)
     res = extract(net, files, imsize=imsize, scales=tuple(scales), device=device, batch_size=batch_size,
-                  progress=progress)
+                  precision=precision, progress=progress)
     if len(res.ok) == 0:
         raise ValueError(f"none of the {len(files)} images could be read (first: {res.failed[0]['reason']})")
     index.add(res.vectors, [str(files[i]) for i in res.ok])
     index.search_vectors(res.vectors[:1], 1)  # trains / builds faiss structures now
     return index, res.failed
+
+
+def index_from_descriptors(
+    features: str | os.PathLike[str],
+    *,
+    kind: str = "exact",
+    params: dict[str, Any] | None = None,
+    device: str = "auto",
+) -> Index:
+    """Index of the descriptors of a ``cbir extract`` folder, without describing anything again.
+
+    The folder's ``meta.json`` gives each id's image path (``paths``), how to rebuild the model for
+    query images (``source``) and the extraction settings (``imsize``, ``scales``). ValueError when it
+    lacks the paths (written by an older cbir) or holds no descriptor.
+    """
+    paths, vectors, meta = descriptors_of_paths(features)
+    if len(paths) == 0:
+        raise ValueError(f"{features} holds no descriptor")
+    settings = {k: meta[k] for k in ("model", "weights", "pooling", "pooling_params", "whitening") if k in meta}
+    settings.update(source=dict(meta.get("source") or {}), imsize=meta.get("imsize"),
+                    scales=[float(s) for s in meta.get("scales") or (1.0,)], features=str(Path(features).resolve()))
+    index = Index(vectors.shape[1], kind, params, settings=settings, device=device)
+    index.add(vectors, [str(p) for p in paths])
+    index.search_vectors(vectors[:1], 1)  # trains / builds faiss structures now
+    return index
+
+
+def plan_add(index: Index, files: Sequence[str | os.PathLike[str]], *, update: bool = False
+             ) -> tuple[list[Path], dict[Path, int], list[Path]]:
+    """Which of ``files`` to describe for an add: (todo, already indexed {path: id}, duplicates).
+
+    A file named twice is described once (the repeats are returned as duplicates); an indexed file
+    is skipped unless ``update``.
+    """
+    todo: list[Path] = []
+    already: dict[Path, int] = {}
+    duplicates: list[Path] = []
+    seen: set[Path] = set()
+    for f in (Path(f).resolve() for f in files):
+        if f in seen:
+            duplicates.append(f)
+            continue
+        seen.add(f)
+        known = index.id_of_path(str(f))
+        if known is not None and not update:
+            already[f] = known
+        else:
+            todo.append(f)
+    return todo, already, duplicates
+
+
+def add_or_update(index: Index, paths: Sequence[str | os.PathLike[str]], vectors: np.ndarray, *,
+                  update: bool = False) -> dict[str, int]:
+    """Add each (path, vector) not in the index; replace the vector of an indexed path when
+    ``update``, else leave it (counted as ``present``). Returns {"added", "updated", "present"}."""
+    vectors = np.asarray(vectors, dtype=np.float32)
+    new_paths, new_vecs, updated, present = [], [], 0, 0
+    for path, v in zip(paths, vectors):
+        current = index.id_of_path(str(path))
+        if current is None:
+            new_paths.append(str(path))
+            new_vecs.append(v)
+        elif update:
+            index.update(current, v)
+            updated += 1
+        else:
+            present += 1
+    if new_paths:
+        index.add(np.stack(new_vecs), new_paths)
+    return {"added": len(new_paths), "updated": updated, "present": present}
+
+
+def descriptors_of_paths(features: str | os.PathLike[str]) -> tuple[list[Path], np.ndarray, dict[str, Any]]:
+    """(image paths, vectors, settings) of a ``cbir extract`` folder (see :func:`index_from_descriptors`)."""
+    from ..descriptors import Descriptors
+
+    desc = Descriptors.load(features)
+    paths = desc.meta.get("paths")
+    if not isinstance(paths, dict):
+        raise ValueError(f"{features} does not record the image paths of its descriptors (an older `cbir extract`); "
+                         "run `cbir extract` again, or give the images")
+    missing = next((i for i in desc.ids if i not in paths), None)
+    if missing is not None:
+        raise ValueError(f"{features}: no image path recorded for id {missing!r}")
+    return [Path(paths[i]).resolve() for i in desc.ids], np.asarray(desc.vectors, np.float32), dict(desc.meta)

@@ -39,14 +39,17 @@ def build_model_from_source(source: dict[str, Any]):
                        **dict(source.get("pooling_kw") or {}))
 
 
-def source_of(model_arg: str, pooling: str, weights: str, model: Any) -> dict[str, Any]:
-    """How to rebuild the model chosen on the command line: a saved model file, or names + weights."""
-    if Path(model_arg).suffix in (".pt", ".pth") or Path(model_arg).is_file():
-        return {"file": str(Path(model_arg).resolve())}
-    w = weights
+def source_of(spec: Any, model: Any) -> dict[str, Any]:
+    """How to rebuild the model of a :class:`cbir.model.ModelSpec`: a saved model file, or names + weights."""
+    from ..model import parse_pooling
+
+    if spec.is_file:
+        return {"file": str(Path(spec.model).resolve())}
+    w = spec.weights
     if w not in ("default", "imagenet", "hub", "none"):
         w = str(Path(w).resolve())
-    return {"model": model_arg, "pooling": pooling, "weights": w, "pooling_kw": dict(model.config.get("pooling_kw", {}))}
+    return {"model": spec.model, "pooling": parse_pooling(spec.pooling)[0], "weights": w,
+            "pooling_kw": dict(model.config.get("pooling_kw", {}))}
 
 
 class QueryEncoder:
@@ -67,10 +70,11 @@ class QueryEncoder:
         self.query_settings = made
         self._lock = threading.Lock()  # one forward pass at a time: torch already uses every core per pass
 
-    def encode(self, path: str | os.PathLike[str], bbox: Box | None = None) -> np.ndarray:
-        """(D,) L2-normalised descriptor of the image file, cropped to ``bbox`` (x1,y1,x2,y2) if given.
+    def encode(self, path: str | os.PathLike[str] | bytes, bbox: Box | None = None) -> np.ndarray:
+        """(D,) L2-normalised descriptor of the image (a file, or its bytes in memory), cropped to ``bbox``.
 
-        Raises cbir.extract.ImageError naming the file when it cannot be read.
+        ``bbox`` is (x1, y1, x2, y2) in the image's pixels. Raises cbir.extract.ImageError naming the
+        file when it cannot be read.
         """
         from ..extract import extract
 

@@ -32,6 +32,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from .. import __version__
+from ..descriptors import COMPAT_KEYS  # settings that must agree between the index and a query
 from ..fileio import FormatError, atomic_write_json, check_format, fsync_dir, read_json
 from .backends import KINDS, Backend, check_params, make_backend
 from .store import ImageRecord, MetadataDB, VectorStore
@@ -43,8 +44,10 @@ _GEN_DIR = re.compile(r"^(\.tmp-)?g\d{6}-[0-9a-f]{6}$")
 _TMP_MANIFEST = re.compile(r"^\.manifest\.json\..+\.tmp$")  # cbir.fileio.atomic_open's temporary name
 VECTORS, IDS, SQLITE = "vectors.npy", "ids.npy", "meta.sqlite"
 
-# Descriptor settings that must agree between the index and a query (see cbir.descriptors.COMPAT_KEYS).
-COMPAT_KEYS = ("model", "pooling", "whitening", "dim")
+
+
+class StaleIndexError(RuntimeError):
+    """Saving would overwrite a newer generation written by another writer (a lost update)."""
 
 
 class IncompatibleDescriptorError(ValueError):
@@ -145,6 +148,8 @@ class Index:
         self.backend: Backend = make_backend(kind, self.dim, params or {}, device)
         self.created = time.time()
         self.lock = RWLock()
+        self.path: Path | None = None  # the folder this index was loaded from / last saved to
+        self.generation = 0  # generation number loaded or last saved (0: never saved)
 
     # --- properties -----------------------------------------------------------------------
     @property
@@ -284,7 +289,13 @@ class Index:
         root = Path(path)
         root.mkdir(parents=True, exist_ok=True)
         previous = _read_manifest_or_none(root)
-        number = int(previous.get("generation_number", 0)) + 1 if previous else 1
+        latest = int(previous.get("generation_number", 0)) if previous else 0
+        if self.path is not None and _same_folder(self.path, root) and latest > self.generation:
+            raise StaleIndexError(
+                f"{root} was changed by another writer (generation {latest}, this copy was loaded at "
+                f"{self.generation}); saving would lose that change: reload it (cbir.index.open_for_write does)"
+            )
+        number = latest + 1
         gen = f"g{number:06d}-{uuid.uuid4().hex[:6]}"
         tmp = root / f".tmp-{gen}"
         with self.lock.read():
@@ -320,6 +331,7 @@ class Index:
                 "cbir_version": __version__,
             }
         atomic_write_json(root / MANIFEST, manifest)
+        self.path, self.generation = root, number
         for old in root.iterdir():  # best effort: older generations, abandoned temporary folders/files
             if old.is_dir() and old.name != gen and _GEN_DIR.match(old.name):
                 shutil.rmtree(old, ignore_errors=True)
@@ -383,7 +395,46 @@ class Index:
         if not np.array_equal(np.sort(ids), index.meta.all_ids()):
             raise FormatError(f"{gen}: the metadata database and the vectors list different image ids")
         index.backend.load(index.store, gen)
+        index.path, index.generation = root, int(manifest.get("generation_number", 0))
         return index
+
+    def reload_if_stale(self) -> bool:
+        """For readers: if another writer saved a newer generation of ``self.path``, load it in place.
+
+        Returns True when the index was reloaded. Searches running meanwhile finish on the old data;
+        the swap happens under the write lock. An index never saved (``path`` None) is never stale.
+        """
+        if self.path is None or latest_generation(self.path) <= self.generation:
+            return False
+        fresh = Index.load(self.path, device=self.backend.device)
+        with self.lock.write():
+            self._take(fresh)
+        return True
+
+    def _take(self, other: "Index") -> None:
+        """Adopt everything of ``other`` (a freshly loaded copy) except this object's lock."""
+        self.dim, self.settings, self.store, self.meta = other.dim, other.settings, other.store, other.meta
+        self.backend, self.created = other.backend, other.created
+        self.path, self.generation = other.path, other.generation
+
+
+def latest_generation(path: str | os.PathLike[str]) -> int:
+    """The generation number named by ``path``/manifest.json (reads that file only).
+
+    FileNotFoundError when there is no index at ``path``; FormatError when it is not one.
+    """
+    manifest = _read_manifest(Path(path))
+    try:
+        return int(manifest.get("generation_number", 0))
+    except (TypeError, ValueError) as exc:
+        raise FormatError(f"{Path(path) / MANIFEST}: bad generation_number") from exc
+
+
+def _same_folder(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve()
+    except OSError:
+        return False
 
 
 def _read_manifest_or_none(root: Path) -> dict | None:

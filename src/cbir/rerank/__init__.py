@@ -1,5 +1,6 @@
 """Online post-processing of a ranking: query expansion (AQE, alpha-QE, DBA) and diffusion.
 
+- :mod:`cbir.rerank.knn`       top-k of a score matrix, faiss k-nearest-neighbour search
 - :mod:`cbir.rerank.qe`        average / alpha-weighted query expansion, database-side augmentation
 - :mod:`cbir.rerank.diffusion` kNN affinity graph, diffusion by conjugate gradient (Iscen et al.
   CVPR'17), truncated and offline forms (Yang et al. AAAI'19)
@@ -7,7 +8,8 @@
   ``cbir evaluate`` and ``cbir search`` and the function composing them
 """
 
-from .qe import alpha_qe, average_qe, dba, topk
+from .knn import knn_search, topk
+from .qe import alpha_qe, average_qe, dba
 from .diffusion import (
     DiffusionParams,
     OfflineDiffusion,
@@ -22,6 +24,7 @@ __all__ = [
     "average_qe",
     "dba",
     "topk",
+    "knn_search",
     "DiffusionParams",
     "OfflineDiffusion",
     "diffusion_scores",

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..descriptors import l2_normalize
+from ..linalg import l2_normalize
+from .knn import knn_search, topk
 
 
 def _as_f32(x: np.ndarray, name: str) -> np.ndarray:
@@ -30,25 +31,6 @@ def _check_pair(q: np.ndarray, db: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if q.shape[1] != db.shape[1]:
         raise ValueError(f"query dimension {q.shape[1]} != database dimension {db.shape[1]}")
     return q, db
-
-
-def topk(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k of each row of ``scores`` (nq, n), best first -> (values (nq,k), indices (nq,k)).
-
-    Ties keep the lower index first (stable), so results are deterministic.
-    """
-    scores = np.asarray(scores)
-    k = int(min(max(k, 0), scores.shape[1]))
-    if k == 0:
-        return scores[:, :0], np.zeros((scores.shape[0], 0), dtype=np.int64)
-    if k < scores.shape[1]:
-        part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-    else:
-        part = np.broadcast_to(np.arange(scores.shape[1]), scores.shape).copy()
-    vals = np.take_along_axis(scores, part, axis=1)
-    order = np.lexsort((part, -vals), axis=1)
-    idx = np.take_along_axis(part, order, axis=1)
-    return np.take_along_axis(scores, idx, axis=1), idx.astype(np.int64)
 
 
 def _weighted_sum(db: np.ndarray, idx: np.ndarray, w: np.ndarray, chunk: int = 4096) -> np.ndarray:
@@ -100,8 +82,6 @@ def dba(db: np.ndarray, k: int, alpha: float = 0.0, batch: int = 4096) -> np.nda
     db = _as_f32(db, "database")
     if k <= 1:
         return db.copy()
-    from .diffusion import knn_search
-
     s, idx = knn_search(db, db, k, batch=batch)
     w = np.maximum(s, 0.0) ** np.float32(alpha) if alpha else np.ones_like(s)
     return l2_normalize(_weighted_sum(db, idx, w.astype(np.float32)))

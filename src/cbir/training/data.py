@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import csv
 import os
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -29,6 +28,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from ..datasets.revisitop import load_plain_pickle
 from ..fileio import FormatError
 from .mining import class_consistency_mask, hardest_positive, mine_diverse_negatives
 
@@ -41,6 +41,7 @@ __all__ = [
     "load_class_csv",
     "load_training_images",
     "clean_classes",
+    "split_classes",
     "build_epoch_tuples",
     "square_tensor",
     "TupleDataset",
@@ -78,6 +79,23 @@ class TrainingImages:
     @property
     def n_clusters(self) -> int:
         return len(np.unique(self.clusters))
+
+    def subset(self, indices: Sequence[int]) -> "TrainingImages":
+        """The images at ``indices`` (in that order); queries and positives restricted to them
+        (a query left without positives is dropped)."""
+        idx = np.asarray(indices, dtype=np.int64)
+        new = np.full(len(self.paths), -1, dtype=np.int64)
+        new[idx] = np.arange(len(idx))
+        queries, positives = [], []
+        for q, ps in zip(self.queries, self.positives):
+            if new[q] < 0:
+                continue
+            kept = new[ps][new[ps] >= 0]
+            if len(kept):
+                queries.append(new[q])
+                positives.append(kept)
+        return TrainingImages([self.paths[i] for i in idx], self.clusters[idx], np.asarray(queries, dtype=np.int64),
+                              positives, self.class_names)
 
     def cluster_members(self, i: int) -> np.ndarray:
         """Indices of the other images of image i's cluster."""
@@ -127,11 +145,7 @@ def load_sfm(
     pkl = Path(pkl)
     if not pkl.is_file():
         raise FileNotFoundError(f"SfM training db not found: {pkl}")
-    try:
-        with open(pkl, "rb") as fh:
-            db = pickle.load(fh)
-    except Exception as exc:
-        raise FormatError(f"{pkl} is not a readable pickle: {exc}") from exc
+    db = load_plain_pickle(pkl, "SfM training db (.pkl)")
     if not isinstance(db, dict) or split not in db:
         raise FormatError(f"{pkl}: no split {split!r} (has {sorted(db) if isinstance(db, dict) else type(db).__name__})")
     d = db[split]
@@ -211,6 +225,20 @@ def load_training_images(cfg: dict) -> TrainingImages:
     if kind == "csv":
         return load_class_csv(cfg["csv"], cfg.get("root"))
     raise ValueError(f"unknown data kind {kind!r}; choose sfm, folder or csv")
+
+
+def split_classes(data: TrainingImages, fraction: float, rng: np.random.Generator) -> tuple[TrainingImages, TrainingImages]:
+    """Hold out ``fraction`` of the clusters that have at least two images (at least two such
+    clusters): (training part, held-out part). No image of a held-out cluster is in the training part."""
+    ids, counts = np.unique(data.clusters, return_counts=True)
+    multi = ids[counts >= 2]
+    n = max(2, int(round(fraction * len(multi))))
+    if len(multi) - n < 2:
+        raise ValueError(f"validation.split={fraction}: {len(multi)} classes with two or more images are too few to "
+                         f"hold out {n} and train on the rest (need at least {n + 2})")
+    held = np.sort(rng.choice(multi, size=n, replace=False))
+    mask = np.isin(data.clusters, held)
+    return data.subset(np.flatnonzero(~mask)), data.subset(np.flatnonzero(mask))
 
 
 def clean_classes(data: TrainingImages, vectors: np.ndarray, k: float = 3.0, min_size: int = 4,

@@ -1,15 +1,23 @@
 """The training loop: mining every epoch, tuples through a RetrievalNet, one of the three losses.
 
-``train(config)`` runs a whole training from a plain-data config (see :data:`DEFAULTS` and
-``configs/*.yaml``); ``cbir train CONFIG [key=value …]`` is its command line. What it does, per
-epoch: describe the query images and a random pool with the current model, mine one positive and
-``k`` diverse hard negatives per query (:func:`~cbir.training.data.build_epoch_tuples`), then train
-on the tuples with batch-norm statistics frozen (BN layers in eval mode, as cirtorch does), GeM's
-``p`` in its own parameter group (learning rate × ``pool_lr_mult``, no weight decay), gradient
-accumulation, bf16 autocast on CUDA. Every ``validation.every`` epochs it measures revisitop mAP on
-a validation set; after every epoch it writes a checkpoint atomically (``OUT/last.pt``,
-format-stamped, with optimiser, scheduler and random states, so ``resume=True`` continues exactly),
-the model in the :func:`cbir.model.save_model` format (``OUT/model.pt``) and ``OUT/history.json``.
+``train(config)`` runs a whole training from a config (:class:`~cbir.training.config.TrainConfig`,
+or the same as plain data; see ``configs/*.yaml``); ``cbir train CONFIG [key=value …]`` is its
+command line. :func:`train` is a short loop over named steps:
+
+1. ``_setup``: check that every input exists (all missing ones in one error, before any work),
+   build the model, read the training images, clean them (progress bar), hold out the validation
+   classes (``validation.split``), initialise a whitening layer, build optimiser, scheduler, loss;
+   with ``resume=True`` restore all of it from ``OUT/last.pt``;
+2. per epoch: ``_mine`` (describe the queries and a random pool with the current model, one
+   positive and ``k`` diverse hard negatives per query, :func:`~cbir.training.data.build_epoch_tuples`),
+   ``_train_epoch`` (BN frozen as cirtorch does, GeM ``p`` in its own parameter group, gradient
+   accumulation, bf16 autocast on CUDA), ``_validate`` (every ``validation.every`` epochs),
+   ``_record`` (history, TensorBoard), ``_save`` (checkpoint, best model, history);
+3. stop early after ``validation.patience`` validations without improvement.
+
+With validation, ``OUT/model.pt`` and the returned model are the **best validated epoch**, the
+start (epoch 0) included, so fine-tuning never returns a model worse than the one it started from
+on the validation data. ``OUT/last.pt`` is always the last epoch (what ``resume`` continues).
 
 Multi-GPU: launched by ``torchrun --nproc_per_node N``, each process trains on every N-th tuple of
 the (identically mined) epoch, gradients averaged by DistributedDataParallel; ``batch_tuples`` is
@@ -18,13 +26,11 @@ per process, so N processes of ``b`` tuples make the step of one process of ``N�
 
 from __future__ import annotations
 
-import copy
 import math
-import re
 import os
-import pickle
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -33,7 +39,25 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..fileio import FormatError, atomic_write_json, atomic_write_with, check_format
+from ..fileio import atomic_write_json
+from .checkpoint import (
+    CHECKPOINT_FORMAT,
+    CHECKPOINT_VERSION,
+    load_checkpoint,
+    numpy_rng_state,
+    save_checkpoint,
+    set_numpy_rng_state,
+)
+from .config import (
+    DEFAULTS,
+    TrainConfig,
+    ValidationConfig,
+    WhiteningConfig,
+    load_config,
+    merge_config,
+    missing_inputs,
+    parse_overrides,
+)
 from .data import (
     ImageDataset,
     TrainingImages,
@@ -41,6 +65,7 @@ from .data import (
     build_epoch_tuples,
     clean_classes,
     load_training_images,
+    split_classes,
 )
 from .losses import APLoss, build_loss
 
@@ -48,6 +73,7 @@ __all__ = [
     "DEFAULTS",
     "CHECKPOINT_FORMAT",
     "CHECKPOINT_VERSION",
+    "TrainConfig",
     "merge_config",
     "parse_overrides",
     "load_config",
@@ -55,125 +81,11 @@ __all__ = [
     "param_groups",
     "lr_factor",
     "embed_images",
+    "heldout_benchmark",
+    "validate",
+    "is_better",
     "train",
 ]
-
-CHECKPOINT_FORMAT = "cbir-train-checkpoint"
-CHECKPOINT_VERSION = 1
-
-DEFAULTS: dict[str, Any] = {
-    "model": {"name": "efficientnet_lite0", "pooling": "gem", "weights": "default", "pooling_kw": {"p": 3.0}},
-    "data": {"kind": "folder", "root": None, "csv": None, "pkl": None, "split": "train", "layout": "cid",
-             "ext": "", "imsize": 224, "augment": False, "clean": None},
-    "mining": {"queries_per_epoch": 2000, "pool_size": 20000, "negatives": 5, "hard_positives": False,
-               "batch_size": 32},
-    "loss": {"name": "contrastive", "margin": 0.75},
-    "optim": {"name": "adamw", "lr": 1e-5, "weight_decay": 1e-4, "momentum": 0.9, "pool_lr_mult": 10.0,
-              "whiten_lr_mult": 1.0, "schedule": "exponential", "gamma": 0.99, "epochs": 10,
-              "batch_tuples": 5, "accumulate": 1, "freeze_bn": True, "freeze": [], "clip_grad": None},
-    "whitening": None,
-    "validation": None,
-    "out": "runs/train",
-    "device": "auto",
-    "bf16": True,
-    "workers": 0,
-    "seed": 0,
-    "tensorboard": True,
-    "keep_epochs": False,
-}
-
-
-# ---------------------------------------------------------------------------------------------
-# configuration
-
-
-def merge_config(base: dict, override: dict) -> dict:
-    """Recursive dict merge: ``override`` wins; nested dicts merge key by key (a None base takes the dict)."""
-    out = copy.deepcopy(base)
-    for k, v in override.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = merge_config(out[k], v)
-        else:
-            out[k] = copy.deepcopy(v)
-    return out
-
-
-_FLOAT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
-
-
-def _numbers(x: Any) -> Any:
-    """YAML 1.1 reads ``1e-5`` as a string; turn such strings back into floats, recursively."""
-    if isinstance(x, dict):
-        return {k: _numbers(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_numbers(v) for v in x]
-    if isinstance(x, str) and _FLOAT.match(x.strip()):
-        return float(x)
-    return x
-
-
-def parse_overrides(items: list[str]) -> dict:
-    """``["optim.lr=1e-4", "data.augment=true"]`` -> nested dict; values parsed as YAML scalars/lists."""
-    import yaml
-
-    out: dict = {}
-    for item in items:
-        if "=" not in item:
-            raise ValueError(f"override {item!r} is not KEY=VALUE (e.g. optim.lr=1e-5)")
-        key, raw = item.split("=", 1)
-        parts = [p for p in key.strip().split(".") if p]
-        if not parts:
-            raise ValueError(f"override {item!r} has an empty key")
-        value = yaml.safe_load(raw) if raw.strip() else None
-        node = out
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise ValueError(f"override {item!r} conflicts with another override")
-        node[parts[-1]] = value
-    return out
-
-
-def load_config(path: str | os.PathLike[str] | None, overrides: list[str] | None = None) -> dict:
-    """DEFAULTS ← the YAML (.yaml/.yml) or TOML (.toml) file ← ``key=value`` overrides; unknown
-    top-level keys are an error (they are typos)."""
-    cfg: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"training config not found: {path}")
-        text = path.read_text()
-        if path.suffix.lower() == ".toml":
-            import tomllib
-
-            try:
-                cfg = tomllib.loads(text)
-            except tomllib.TOMLDecodeError as exc:
-                raise FormatError(f"{path}: bad TOML: {exc}") from exc
-        else:
-            import yaml
-
-            try:
-                cfg = yaml.safe_load(text) or {}
-            except yaml.YAMLError as exc:
-                raise FormatError(f"{path}: bad YAML: {exc}") from exc
-        if not isinstance(cfg, dict):
-            raise FormatError(f"{path}: a training config must be a mapping of sections")
-    cfg = _numbers(merge_config(cfg, parse_overrides(overrides or [])))
-    unknown = sorted(set(cfg) - set(DEFAULTS))
-    if unknown:
-        raise ValueError(f"unknown config keys {unknown}; known: {sorted(DEFAULTS)}")
-    return _with_defaults(cfg)
-
-
-def _with_defaults(cfg: dict) -> dict:
-    """Merge onto DEFAULTS; a ``loss`` section that names another loss replaces the default one
-    (its parameters differ)."""
-    out = merge_config(DEFAULTS, cfg)
-    loss = cfg.get("loss") or {}
-    if loss.get("name", DEFAULTS["loss"]["name"]) != DEFAULTS["loss"]["name"]:
-        out["loss"] = copy.deepcopy(loss)
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,13 +103,17 @@ def freeze_batchnorm(model: nn.Module) -> int:
 
 
 def param_groups(model: nn.Module, lr: float, weight_decay: float, pool_lr_mult: float = 10.0,
-                 whiten_lr_mult: float = 1.0, freeze: list[str] | tuple[str, ...] = ()) -> list[dict]:
+                 whiten_lr_mult: float = 1.0, freeze: list[str] | tuple[str, ...] = (),
+                 train_only: list[str] | tuple[str, ...] | None = None) -> list[dict]:
     """Optimiser groups: backbone (lr, weight decay), pooling e.g. GeM p (lr·pool_lr_mult, no
-    decay), whitening (lr·whiten_lr_mult). Parameters whose name starts with a ``freeze`` prefix
-    get ``requires_grad=False`` and no group."""
+    decay), whitening (lr·whiten_lr_mult). Parameters whose name starts with a ``freeze`` prefix,
+    or (when ``train_only`` is given) with none of its prefixes, get ``requires_grad=False`` and no group."""
     groups: dict[str, list] = {"backbone": [], "pooling": [], "whiten": []}
     for name, p in model.named_parameters():
-        if any(name.startswith(f) for f in freeze):
+        frozen = any(name.startswith(f) for f in freeze)
+        if train_only is not None and not any(name.startswith(t) for t in train_only):
+            frozen = True
+        if frozen:
             p.requires_grad_(False)
             continue
         if not p.requires_grad:
@@ -207,7 +123,10 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float, pool_lr_mult:
     out = [{"params": groups["backbone"], "lr": lr, "weight_decay": weight_decay, "name": "backbone"},
            {"params": groups["pooling"], "lr": lr * pool_lr_mult, "weight_decay": 0.0, "name": "pooling"},
            {"params": groups["whiten"], "lr": lr * whiten_lr_mult, "weight_decay": weight_decay, "name": "whiten"}]
-    return [g for g in out if g["params"]]
+    out = [g for g in out if g["params"]]
+    if not out:
+        raise ValueError("no trainable parameters left (optim.freeze / optim.train_only exclude them all)")
+    return out
 
 
 def lr_factor(schedule: str, epoch: int, epochs: int, gamma: float = 0.99) -> float:
@@ -222,6 +141,13 @@ def lr_factor(schedule: str, epoch: int, epochs: int, gamma: float = 0.99) -> fl
     raise ValueError(f"unknown schedule {schedule!r}; choose exponential, cosine or constant")
 
 
+def is_better(score: float, best: float | None) -> bool:
+    """A validation score replaces the best one only if strictly higher (NaN never does)."""
+    if score != score:  # NaN
+        return False
+    return best is None or best != best or score > best
+
+
 def _autocast(device: torch.device, bf16: bool):
     if device.type == "cuda" and bf16:
         return torch.autocast("cuda", dtype=torch.bfloat16)
@@ -230,15 +156,22 @@ def _autocast(device: torch.device, bf16: bool):
 
 @torch.no_grad()
 def embed_images(model: nn.Module, paths: list[Path], indices: np.ndarray, size: int, *, device: torch.device,
-                 batch_size: int = 32, workers: int = 0, bf16: bool = True, pooled: bool = False) -> np.ndarray:
+                 batch_size: int = 32, workers: int = 0, bf16: bool = True, pooled: bool = False,
+                 progress: str | None = None) -> np.ndarray:
     """Descriptors (len(indices), D) float32 of square-resized images, as the training sees them.
-    ``pooled=True`` gives the vectors before whitening (``model.pool``)."""
+    ``pooled=True`` gives the vectors before whitening (``model.pool``); ``progress`` names a
+    progress bar (none when None)."""
     was_training = model.training
     model.eval()
     ds = ImageDataset(paths, indices, size, model.mean, model.std)
     dl = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=workers, shuffle=False)
+    it = dl
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(dl, desc=progress, unit="batch", leave=False)
     out = []
-    for _, x in dl:
+    for _, x in it:
         with _autocast(device, bf16):
             v = model.pool(x.to(device)) if pooled else model(x.to(device))
         out.append(v.float().cpu())
@@ -246,55 +179,73 @@ def embed_images(model: nn.Module, paths: list[Path], indices: np.ndarray, size:
     return torch.cat(out).numpy() if out else np.zeros((0, 1), np.float32)
 
 
-def _init_whitening(model: nn.Module, data: TrainingImages, cfg: dict, *, size: int, device, batch_size, workers, bf16,
-                    rng: np.random.Generator) -> dict:
+def _init_whitening(model: nn.Module, data: TrainingImages, wc: WhiteningConfig, *, size: int, device, batch_size,
+                    workers, bf16, rng: np.random.Generator) -> dict:
     """Learned whitening (Lw from query/positive pairs) or PCA whitening of the pooled training
     descriptors, attached as ``model.whiten`` (an nn.Linear that then trains with the rest)."""
     from ..whitening import learn_lw, learn_pca_whitening
 
-    kind = cfg.get("init", "lw")
     idx = np.arange(len(data.paths))
-    if cfg.get("max_images") and len(idx) > int(cfg["max_images"]):
-        idx = np.sort(rng.choice(len(idx), int(cfg["max_images"]), replace=False))
+    if wc.max_images and len(idx) > wc.max_images:
+        idx = np.sort(rng.choice(len(idx), wc.max_images, replace=False))
     x = embed_images(model, data.paths, idx, size, device=device, batch_size=batch_size, workers=workers, bf16=bf16,
                      pooled=True)
     pos = {int(i): r for r, i in enumerate(idx)}
-    if kind == "lw":
+    if wc.init == "lw":
         pairs = [(pos[int(q)], pos[int(p)]) for q, ps in zip(data.queries, data.positives) for p in ps
                  if int(q) in pos and int(p) in pos]
         if not pairs:
             raise ValueError("learned whitening needs matching pairs among the sampled training images")
-        w = learn_lw(x, np.asarray(pairs), dim=cfg.get("dim"), shrinkage=float(cfg.get("shrinkage", 0.1)))
-    elif kind == "pca":
-        w = learn_pca_whitening(x, dim=cfg.get("dim"), shrinkage=float(cfg.get("shrinkage", 0.0)))
+        w = learn_lw(x, np.asarray(pairs), dim=wc.dim, shrinkage=wc.shrinkage)
     else:
-        raise ValueError(f"unknown whitening init {kind!r}; choose lw or pca")
+        w = learn_pca_whitening(x, dim=wc.dim, shrinkage=wc.shrinkage)
     lin = w.to_linear().to(device)
-    model.set_whitening(lin, f"{kind} (learned on {len(idx)} training images, then fine-tuned)")
-    return {"whitening": kind, "images": int(len(idx)), "dim": int(lin.out_features)}
+    model.set_whitening(lin, f"{wc.init} (learned on {len(idx)} training images, then fine-tuned)")
+    return {"whitening": wc.init, "images": int(len(idx)), "dim": int(lin.out_features)}
 
 
-def validate(model: nn.Module, vcfg: dict, device: torch.device) -> dict:
-    """revisitop mAP (E/M/H) of ``model`` on ``vcfg``: ``gnd`` (.pkl), ``images`` folder (``name``
-    + ``ext``), ``imsize``, ``scales``; queries cropped to their boxes. ``query_indices``/``db_indices``
-    restrict the evaluation (a leave-one-out fold); returns {"mAP": {...}, "mP": {...}}."""
-    from ..evaluation import evaluate_revisitop
+# ---------------------------------------------------------------------------------------------
+# validation
+
+
+def heldout_benchmark(heldout: TrainingImages):
+    """The held-out classes as a benchmark: every image a query against all held-out images,
+    positives the other images of its class, itself junk (the Holidays convention)."""
+    from ..datasets.base import RetrievalDataset
+
+    names = [str(p) for p in heldout.paths]
+    c = heldout.clusters
+    gnd = [{"easy": [int(j) for j in np.flatnonzero(c == c[i]) if j != i], "hard": [], "junk": [i], "bbx": None}
+           for i in range(len(names))]
+    return RetrievalDataset(name="heldout", protocol="revisitop", db_ids=names, db_paths=list(heldout.paths),
+                            query_ids=names, query_paths=list(heldout.paths), query_bboxes=[None] * len(names),
+                            gnd=gnd, info={"split": "held-out training classes"})
+
+
+def _gnd_benchmark(vc: ValidationConfig):
+    from ..datasets.revisitop import from_gnd_file
+
+    bench = from_gnd_file(vc.gnd, images=vc.images, ext=vc.ext)
+    if vc.query_indices is not None:
+        qi = list(vc.query_indices)
+        bench.query_ids = [bench.query_ids[i] for i in qi]
+        bench.query_paths = [bench.query_paths[i] for i in qi]
+        bench.query_bboxes = [bench.query_bboxes[i] for i in qi]
+        bench.gnd = [bench.gnd[i] for i in qi]
+    return bench
+
+
+def validate(model: nn.Module, bench, vc: ValidationConfig, device: torch.device) -> dict:
+    """revisitop mAP (E/M/H, percent) of ``model`` on the benchmark ``bench`` (queries cropped to
+    their boxes), described at ``vc.imsize`` × ``vc.scales``; {"mAP": {...}, "mP": {...}}."""
     from ..extract import extract
 
-    with open(vcfg["gnd"], "rb") as fh:
-        gnd = pickle.load(fh)
-    root = Path(vcfg["images"])
-    ext = vcfg.get("ext", ".jpg")
-    qsel = vcfg.get("query_indices") or list(range(len(gnd["qimlist"])))
-    kw = dict(imsize=int(vcfg.get("imsize", 512)), scales=tuple(vcfg.get("scales", (1.0,))), progress=False,
-              device=device)
-    db = extract(model, [root / f"{n}{ext}" for n in gnd["imlist"]], **kw)
-    q = extract(model, [root / f"{gnd['qimlist'][i]}{ext}" for i in qsel],
-                bboxes=[tuple(gnd["gnd"][i]["bbx"]) for i in qsel], **kw)
+    kw = dict(imsize=vc.imsize, scales=tuple(vc.scales), progress=False, device=device)
+    db = extract(model, bench.db_paths, **kw)
+    q = extract(model, bench.query_paths, bboxes=bench.query_bboxes, **kw)
     if db.failed or q.failed:
         raise ValueError(f"validation images failed to load: {(db.failed + q.failed)[:3]}")
-    scores = q.vectors @ db.vectors.T
-    return evaluate_revisitop(scores, [gnd["gnd"][i] for i in qsel])
+    return bench.evaluate(q.vectors @ db.vectors.T)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -329,26 +280,166 @@ def _mean_across(x: float, world: int, device: torch.device) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
-# checkpoints
+# the run: state shared by the steps
 
 
-def _save_checkpoint(path: Path, obj: dict) -> None:
-    atomic_write_with(path, lambda tmp: torch.save(obj, tmp))
+@dataclass
+class _Run:
+    cfg: TrainConfig
+    model: nn.Module
+    data: TrainingImages
+    device: torch.device
+    rank: int
+    world: int
+    out: Path
+    rng: np.random.Generator
+    say: Callable[[str], None]
+    progress: bool
+    opt: torch.optim.Optimizer | None = None
+    sched: Any = None
+    loss_fn: nn.Module | None = None
+    net: nn.Module | None = None
+    bench: Any = None
+    writer: Any = None
+    history: list[dict] = field(default_factory=list)
+    setup: dict = field(default_factory=dict)
+    start: int = 0
+    best: dict = field(default_factory=lambda: {"epoch": None, "score": None, "stale": 0})
+    best_state: dict | None = None
+    kept_paths: list[str] | None = None
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def size(self) -> int:
+        return self.cfg.data.imsize
+
+    def embed(self, idx: np.ndarray, progress: str | None = None, pooled: bool = False) -> np.ndarray:
+        return embed_images(self.model, self.data.paths, idx, self.size, device=self.device,
+                            batch_size=self.cfg.mining.batch_size, workers=self.cfg.workers, bf16=self.cfg.bf16,
+                            pooled=pooled, progress=progress if self.progress and self.main else None)
 
 
-def _load_checkpoint(path: Path) -> dict:
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint to resume from: {path}")
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:
-        raise FormatError(f"{path} is not a readable checkpoint: {exc}") from exc
-    check_format(ck, CHECKPOINT_FORMAT, (CHECKPOINT_VERSION,), path, what="cbir training checkpoint")
-    return ck
+def _state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+def _setup(cfg: TrainConfig, model: nn.Module | None, resume: bool, progress: bool,
+           say: Callable[[str], None], dist_info: tuple[int, int, torch.device]) -> _Run:
+    from ..model import build_model
+
+    rank, world, device = dist_info
+    out = Path(cfg.out)
+    torch.manual_seed(cfg.seed)
+    ck = load_checkpoint(out / "last.pt") if resume else None
+    if model is None:
+        m = cfg.model
+        model = build_model(m.name, pooling=m.pooling, weights=m.weights or "none", **m.pooling_kw)
+    model = model.to(device)
+    run = _Run(cfg=cfg, model=model, data=load_training_images(cfg.data.model_dump()), device=device, rank=rank,
+               world=world, out=out, rng=np.random.default_rng(cfg.seed), say=say, progress=progress)
+    run.setup = {"images": len(run.data.paths), "clusters": run.data.n_clusters, "queries": len(run.data.queries)}
+    _select_images(run, ck)
+    _prepare_validation(run)
+    if ck is not None and ck.get("whiten_shape") is not None:
+        o, i = ck["whiten_shape"]
+        model.set_whitening(nn.Linear(i, o).to(device), ck.get("whiten_about"))
+    elif ck is None and cfg.whitening is not None:
+        run.setup.update(_init_whitening(model, run.data, cfg.whitening, size=run.size, device=device,
+                                         batch_size=cfg.mining.batch_size, workers=cfg.workers, bf16=cfg.bf16,
+                                         rng=run.rng))
+    _build_optimiser(run)
+    if ck is not None:
+        _restore(run, ck)
+    run.net = model
+    if world > 1:
+        run.net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if run.main and cfg.tensorboard:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            run.writer = SummaryWriter(str(out / "tb"))
+        except ImportError:  # tensorboard not installed: scalars still go to history.json
+            run.writer = None
+    return run
+
+
+def _select_images(run: _Run, ck: dict | None) -> None:
+    """Cleaning pass (first run) or the cleaned list of the checkpoint (resume)."""
+    cl = run.cfg.data.clean
+    if ck is not None and ck.get("kept_paths") is not None:
+        keep = set(ck["kept_paths"])
+        run.data = run.data.subset([i for i, p in enumerate(run.data.paths) if str(p) in keep])
+        run.kept_paths = list(ck["kept_paths"])
+    elif cl is not None:
+        vecs = run.embed(np.arange(len(run.data.paths)), progress="cleaning")
+        full = run.data
+        run.data, keep = clean_classes(full, vecs, k=cl.k, min_size=cl.min_size, nearest_class=cl.nearest_class)
+        run.setup["cleaning_dropped"] = int((~keep).sum())
+        run.setup["dropped_paths"] = [str(p) for p, k in zip(full.paths, keep) if not k]
+        run.kept_paths = [str(p) for p in run.data.paths]
+        run.say(f"cleaning: dropped {int((~keep).sum())} of {len(keep)} images inconsistent with their class")
+
+
+def _prepare_validation(run: _Run) -> None:
+    """The validation benchmark: a revisitop .pkl, or held-out training classes (removed from training)."""
+    vc = run.cfg.validation
+    if vc is None:
+        return
+    if vc.split is not None:
+        run.data, held = split_classes(run.data, vc.split, np.random.default_rng([run.cfg.seed, 7]))
+        run.bench = heldout_benchmark(held)
+        run.setup["validation"] = {"heldout_classes": held.n_clusters, "heldout_images": len(held.paths),
+                                   "train_classes": run.data.n_clusters, "train_images": len(run.data.paths)}
+        run.say(f"validation: {held.n_clusters} classes ({len(held.paths)} images) held out of training")
+    else:
+        run.bench = _gnd_benchmark(vc)
+
+
+def _build_optimiser(run: _Run) -> None:
+    oc = run.cfg.optim
+    groups = param_groups(run.model, oc.lr, oc.weight_decay, oc.pool_lr_mult, oc.whiten_lr_mult, oc.freeze,
+                          oc.train_only)
+    for g in groups:
+        g["initial_lr"] = g["lr"]
+    if oc.name == "adamw":
+        run.opt = torch.optim.AdamW(groups)
+    else:
+        run.opt = torch.optim.SGD(groups, momentum=oc.momentum)
+    run.sched = torch.optim.lr_scheduler.LambdaLR(run.opt, lambda e: lr_factor(oc.schedule, e, oc.epochs, oc.gamma))
+    lcfg = run.cfg.loss.model_dump()
+    run.loss_fn = build_loss(lcfg.pop("name"), **lcfg)
+
+
+def _restore(run: _Run, ck: dict) -> None:
+    run.model.load_state_dict(ck["model"])
+    run.opt.load_state_dict(ck["optimizer"])
+    run.sched.load_state_dict(ck["scheduler"])
+    set_numpy_rng_state(run.rng, ck["numpy_rng"])
+    torch.set_rng_state(ck["torch_rng"])
+    run.history, run.start = list(ck["history"]), int(ck["epoch"])
+    run.setup = ck.get("setup", run.setup)
+    run.best = dict(ck["best"])
+    run.best_state = ck["model"] if run.best["epoch"] == run.start else ck.get("best_model")
+    run.say(f"resumed from {run.out / 'last.pt'} after epoch {run.start}")
 
 
 # ---------------------------------------------------------------------------------------------
-# the loop
+# the steps of one epoch
+
+
+def _mine(run: _Run, epoch: int) -> np.ndarray:
+    """This process's share of the epoch's tuples (T, 2 + k), mined with the current model."""
+    mc, bt, world = run.cfg.mining, run.cfg.optim.batch_tuples, run.world
+    tuples = build_epoch_tuples(run.data, run.embed, n_queries=mc.queries_per_epoch, pool_size=mc.pool_size,
+                                n_negatives=mc.negatives, hard_positives=mc.hard_positives, rng=run.rng)
+    steps = len(tuples) // (bt * world)
+    if steps == 0:
+        raise ValueError(f"{len(tuples)} tuples make no batch of {bt} tuples × {world} processes")
+    mine = tuples[: steps * bt * world]
+    return mine.reshape(steps, world, bt, -1)[:, run.rank].reshape(steps * bt, -1)
 
 
 def _tuple_loss(loss_fn: nn.Module, emb: torch.Tensor, clusters: torch.Tensor) -> torch.Tensor:
@@ -361,209 +452,190 @@ def _tuple_loss(loss_fn: nn.Module, emb: torch.Tensor, clusters: torch.Tensor) -
     return loss_fn(q, p, n)
 
 
+def _train_epoch(run: _Run, epoch: int, tuples: np.ndarray) -> dict[str, Any]:
+    """One pass over the tuples: forward, loss, backward, (accumulated) optimiser step."""
+    cfg, oc, device = run.cfg, run.cfg.optim, run.device
+    bt, acc = oc.batch_tuples, oc.accumulate
+    steps = len(tuples) // bt
+    ds = TupleDataset(run.data, tuples, run.size, run.model.mean, run.model.std, augment=cfg.data.augment,
+                      seed=cfg.seed * 100_003 + epoch)
+    dl = torch.utils.data.DataLoader(ds, batch_size=bt, shuffle=False, num_workers=cfg.workers,
+                                     pin_memory=device.type == "cuda")
+    run.net.train()
+    if oc.freeze_bn:
+        freeze_batchnorm(run.model)
+    run.opt.zero_grad(set_to_none=True)
+    losses: list[float] = []
+    it = dl
+    if run.progress and run.main:
+        from tqdm.auto import tqdm
+
+        it = tqdm(dl, desc=f"epoch {epoch + 1}/{oc.epochs}", unit="batch", leave=False)
+    for step, (x, clusters) in enumerate(it):
+        b, t = x.shape[:2]
+        x = x.to(device, non_blocking=True).flatten(0, 1)
+        last = (step + 1) % acc == 0 or step + 1 == steps
+        sync = nullcontext() if (last or run.world == 1) else run.net.no_sync()
+        with sync:
+            with _autocast(device, cfg.bf16):
+                emb = run.net(x).float().view(b, t, -1)
+            loss = _tuple_loss(run.loss_fn, emb, clusters.to(device))
+            (loss / acc).backward()
+        if last:
+            if oc.clip_grad:
+                nn.utils.clip_grad_norm_(run.model.parameters(), oc.clip_grad)
+            run.opt.step()
+            run.opt.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+        if run.progress and run.main:
+            it.set_postfix(loss=f"{losses[-1]:.4f}")
+    lrs = [g["lr"] for g in run.opt.param_groups]
+    run.sched.step()
+    rec: dict[str, Any] = {"epoch": epoch + 1, "loss": _mean_across(float(np.mean(losses)), run.world, device),
+                           "lr": lrs, "tuples": int(steps * bt * run.world)}
+    p = getattr(run.model.pooling, "p", None)
+    if isinstance(p, torch.Tensor):
+        rec["gem_p"] = float(p.detach().float().mean())
+    return rec
+
+
+def _validate(run: _Run, rec: dict[str, Any]) -> None:
+    """Validation mAP into ``rec["val"]`` when due; keeps the best weights (strictly higher score)."""
+    vc = run.cfg.validation
+    epoch = rec["epoch"]
+    if vc is None or not run.main or (epoch > 0 and epoch % vc.every != 0):
+        return
+    rec["val"] = validate(run.model, run.bench, vc, run.device)["mAP"]
+    score = float(rec["val"][vc.metric])
+    if is_better(score, run.best["score"]):
+        run.best.update(epoch=epoch, score=score, stale=0)
+        run.best_state = _state_dict(run.model)
+    else:
+        run.best["stale"] = int(run.best["stale"]) + 1
+    rec["best_epoch"] = run.best["epoch"]
+
+
+def _record(run: _Run, rec: dict[str, Any]) -> None:
+    run.history.append(rec)
+    if rec["epoch"] == 0:
+        run.say(f"epoch 0 (before training): val mAP {rec.get('val')}")
+    else:
+        run.say(f"epoch {rec['epoch']}/{run.cfg.optim.epochs}: "
+                + ", ".join(f"{k}={v}" for k, v in rec.items() if k != "epoch"))
+    w, e = run.writer, rec["epoch"]
+    if w is None:
+        return
+    for key, tag in (("loss", "train/loss"), ("gem_p", "train/gem_p")):
+        if key in rec:
+            w.add_scalar(tag, rec[key], e)
+    if "lr" in rec:
+        w.add_scalar("train/lr", rec["lr"][0], e)
+    for k, v in rec.get("val", {}).items():
+        w.add_scalar(f"val/mAP_{k}", v, e)
+    w.flush()
+
+
+def _save(run: _Run, epoch: int) -> None:
+    """last.pt (checkpoint), model.pt (the best validated weights, or the last without validation), history."""
+    if not run.main:
+        return
+    model = run.model
+    w = getattr(model, "whiten", None)
+    ckpt = {
+        "epoch": epoch,
+        "config": run.cfg.to_dict(),
+        "model": _state_dict(model),
+        "optimizer": run.opt.state_dict(),
+        "scheduler": run.sched.state_dict(),
+        "numpy_rng": numpy_rng_state(run.rng),
+        "torch_rng": torch.get_rng_state(),
+        "history": run.history,
+        "setup": run.setup,
+        "kept_paths": run.kept_paths,
+        "best": dict(run.best),
+        "best_model": run.best_state if run.best["epoch"] != epoch else None,
+        "whiten_shape": None if w is None else [w.out_features, w.in_features],
+        "whiten_about": None if w is None else (model.config.get("whitening") or {}).get("about"),
+    }
+    save_checkpoint(run.out / "last.pt", ckpt)
+    if run.cfg.keep_epochs:
+        save_checkpoint(run.out / f"epoch_{epoch:03d}.pt", ckpt)
+    if run.cfg.validation is None or run.best["epoch"] == epoch:
+        _save_model(run)
+    atomic_write_json(run.out / "history.json", {"setup": run.setup, "history": run.history, "best": run.best})
+
+
+def _save_model(run: _Run) -> None:
+    from ..model import save_model
+
+    if hasattr(run.model, "describe"):
+        save_model(run.model, run.out / "model.pt")
+
+
+def _stop_early(run: _Run) -> bool:
+    vc = run.cfg.validation
+    stop = float(bool(vc and vc.patience and run.main and run.best["stale"] >= vc.patience))
+    return _mean_across(stop, run.world, run.device) > 0
+
+
+def _finish(run: _Run) -> dict:
+    """Load the best validated weights back (when validation chose an earlier epoch)."""
+    if run.writer:
+        run.writer.close()
+    if run.main and run.cfg.validation is not None and run.best_state is not None:
+        cur = run.best["epoch"]
+        if run.history and cur != run.history[-1]["epoch"]:
+            run.model.load_state_dict(run.best_state)
+            run.say(f"best validated epoch: {cur} ({run.cfg.validation.metric} mAP {run.best['score']:.2f})")
+    return {"history": run.history, "out": str(run.out), "model": run.model, "setup": run.setup,
+            "best": dict(run.best)}
+
+
 def train(
-    config: dict,
+    config: TrainConfig | dict,
     *,
     resume: bool = False,
     model: nn.Module | None = None,
     progress: bool = False,
     log: Callable[[str], None] | None = None,
 ) -> dict:
-    """Run a training described by ``config`` (merged onto :data:`DEFAULTS` by :func:`load_config`).
+    """Run a training described by ``config`` (a :class:`TrainConfig` or its plain-data form).
 
-    ``model`` replaces ``config["model"]`` (a RetrievalNet-like module with ``pool``, ``mean``,
-    ``std``, ``set_whitening``). Returns {"history": [per-epoch dicts], "out": folder,
-    "model": the trained module (unwrapped)}.
+    ``model`` replaces ``config.model`` (a RetrievalNet-like module with ``pool``, ``mean``,
+    ``std``, ``set_whitening``). Returns {"history": [per-epoch dicts], "out": folder, "model": the
+    trained module (unwrapped; the best validated epoch when there is validation), "setup", "best"}.
     """
-    from ..model import build_model, save_model
-
-    cfg = _with_defaults(config)
-    say = log or (lambda _msg: None)
-    rank, world, device, started = _dist_setup(cfg["device"])
-    main = rank == 0
-    out = Path(cfg["out"])
-    torch.manual_seed(int(cfg["seed"]))
-    rng = np.random.default_rng(int(cfg["seed"]))
-    oc, mc, dc = cfg["optim"], cfg["mining"], cfg["data"]
-    size, bf16, workers = int(dc["imsize"]), bool(cfg["bf16"]), int(cfg["workers"])
+    cfg = TrainConfig.from_dict(config)
+    missing = missing_inputs(cfg, resume=resume)
+    if model is not None:
+        missing = [m for m in missing if not m.startswith("model.weights")]
+    if missing:
+        raise FileNotFoundError("missing training inputs: " + "; ".join(missing))
+    rank, world, device, started = _dist_setup(cfg.device)
     try:
-        if model is None:
-            m = cfg["model"]
-            model = build_model(m["name"], pooling=m.get("pooling", "gem"), weights=m.get("weights", "default"),
-                                **(m.get("pooling_kw") or {}))
-        model = model.to(device)
-        data = load_training_images(dc)
-        setup: dict = {"images": len(data.paths), "clusters": data.n_clusters, "queries": len(data.queries)}
-        ck = _load_checkpoint(out / "last.pt") if resume else None
-        if ck is None and dc.get("clean"):
-            cl = dc["clean"] if isinstance(dc["clean"], dict) else {}
-            vecs = embed_images(model, data.paths, np.arange(len(data.paths)), size, device=device,
-                                batch_size=mc["batch_size"], workers=workers, bf16=bf16)
-            full = data
-            data, keep = clean_classes(data, vecs, k=float(cl.get("k", 3.0)), min_size=int(cl.get("min_size", 4)),
-                                       nearest_class=bool(cl.get("nearest_class", True)))
-            setup["cleaning_dropped"] = int((~keep).sum())
-            setup["dropped_paths"] = [str(p) for p, k in zip(full.paths, keep) if not k]
-            say(f"cleaning: dropped {int((~keep).sum())} of {len(keep)} images inconsistent with their class")
-        elif ck is not None and ck.get("kept_paths") is not None:
-            kept = set(ck["kept_paths"])
-            full = data
-            idx = [i for i, p in enumerate(full.paths) if str(p) in kept]
-            from .data import from_labels
-
-            data = from_labels([full.paths[i] for i in idx], full.clusters[idx].tolist(), class_names=full.class_names)
-        if ck is not None and ck.get("whiten_shape") is not None:
-            o, i = ck["whiten_shape"]
-            model.set_whitening(nn.Linear(i, o).to(device), ck.get("whiten_about"))
-        elif ck is None and cfg.get("whitening"):
-            setup.update(_init_whitening(model, data, cfg["whitening"], size=size, device=device,
-                                         batch_size=mc["batch_size"], workers=workers, bf16=bf16, rng=rng))
-        freeze = list(oc.get("freeze") or [])
-        groups = param_groups(model, float(oc["lr"]), float(oc["weight_decay"]), float(oc["pool_lr_mult"]),
-                              float(oc["whiten_lr_mult"]), freeze)
-        for g in groups:
-            g["initial_lr"] = g["lr"]
-        if oc["name"] == "adamw":
-            opt = torch.optim.AdamW(groups)
-        elif oc["name"] == "sgd":
-            opt = torch.optim.SGD(groups, momentum=float(oc["momentum"]))
-        else:
-            raise ValueError(f"unknown optimiser {oc['name']!r}; choose adamw or sgd")
-        epochs = int(oc["epochs"])
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda e: lr_factor(oc["schedule"], e, epochs, float(oc.get("gamma", 0.99))))
-        lcfg = dict(cfg["loss"])
-        loss_fn = build_loss(lcfg.pop("name"), **lcfg)
-        history: list[dict] = []
-        start = 0
-        if ck is not None:
-            model.load_state_dict(ck["model"])
-            opt.load_state_dict(ck["optimizer"])
-            sched.load_state_dict(ck["scheduler"])
-            rng.bit_generator.state = ck["numpy_rng"]
-            torch.set_rng_state(ck["torch_rng"])
-            history, start = list(ck["history"]), int(ck["epoch"])
-            setup = ck.get("setup", setup)
-            say(f"resumed from {out / 'last.pt'} after epoch {start}")
-        net = model
-        if world > 1:
-            net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-        writer = None
-        if main and cfg.get("tensorboard"):
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                writer = SummaryWriter(str(out / "tb"))
-            except ImportError:  # tensorboard not installed: scalars still go to history.json
-                writer = None
-        vcfg = cfg.get("validation")
-        if main and vcfg and vcfg.get("before", True) and start == 0 and not history:
-            res = validate(model, vcfg, device)
-            history.append({"epoch": 0, "val": res["mAP"]})
-            say(f"epoch 0 (before training): val mAP {res['mAP']}")
-            if writer:
-                for k, v in res["mAP"].items():
-                    writer.add_scalar(f"val/mAP_{k}", v, 0)
-        bt, acc = int(oc["batch_tuples"]), max(1, int(oc["accumulate"]))
-        for epoch in range(start, epochs):
+        run = _setup(cfg, model, resume, progress, log or (lambda _msg: None), (rank, world, device))
+        vc = cfg.validation
+        if vc is not None and vc.before and run.start == 0:
+            rec: dict[str, Any] = {"epoch": 0}
+            _validate(run, rec)
+            if run.main:
+                _record(run, rec)
+                _save_model(run)  # the start is the best so far
+        for epoch in range(run.start, cfg.optim.epochs):
             t0 = time.time()
-            embed = lambda idx: embed_images(model, data.paths, idx, size, device=device,  # noqa: E731
-                                             batch_size=mc["batch_size"], workers=workers, bf16=bf16)
-            tuples = build_epoch_tuples(data, embed, n_queries=int(mc["queries_per_epoch"]),
-                                        pool_size=int(mc["pool_size"]), n_negatives=int(mc["negatives"]),
-                                        hard_positives=bool(mc["hard_positives"]), rng=rng)
-            steps = len(tuples) // (bt * world)
-            if steps == 0:
-                raise ValueError(f"{len(tuples)} tuples make no batch of {bt} tuples × {world} processes")
+            tuples = _mine(run, epoch)
             mine_s = time.time() - t0
-            mine = tuples[: steps * bt * world]
-            mine = mine.reshape(steps, world, bt, -1)[:, rank].reshape(steps * bt, -1)  # this rank's share
-            ds = TupleDataset(data, mine, size, model.mean, model.std, augment=bool(dc["augment"]),
-                              seed=int(cfg["seed"]) * 100_003 + epoch)
-            dl = torch.utils.data.DataLoader(ds, batch_size=bt, shuffle=False, num_workers=workers,
-                                             pin_memory=device.type == "cuda")
-            net.train()
-            if oc.get("freeze_bn", True):
-                freeze_batchnorm(model)
-            opt.zero_grad(set_to_none=True)
-            losses = []
-            it = dl
-            if progress and main:
-                from tqdm.auto import tqdm
-
-                it = tqdm(dl, desc=f"epoch {epoch + 1}/{epochs}", unit="batch", leave=False)
-            for step, (x, clusters) in enumerate(it):
-                b, t = x.shape[:2]
-                x = x.to(device, non_blocking=True).flatten(0, 1)
-                last = (step + 1) % acc == 0 or step + 1 == steps
-                sync = nullcontext() if (last or world == 1) else net.no_sync()
-                with sync:
-                    with _autocast(device, bf16):
-                        emb = net(x).float().view(b, t, -1)
-                    loss = _tuple_loss(loss_fn, emb, clusters.to(device))
-                    (loss / acc).backward()
-                if last:
-                    if oc.get("clip_grad"):
-                        nn.utils.clip_grad_norm_(model.parameters(), float(oc["clip_grad"]))
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
-                losses.append(float(loss.detach()))
-                if progress and main:
-                    it.set_postfix(loss=f"{losses[-1]:.4f}")
-            lrs = [g["lr"] for g in opt.param_groups]
-            sched.step()
-            rec: dict[str, Any] = {
-                "epoch": epoch + 1,
-                "loss": _mean_across(float(np.mean(losses)), world, device),
-                "lr": lrs,
-                "tuples": int(steps * bt * world),
-                "mining_s": round(mine_s, 3),
-                "epoch_s": round(time.time() - t0, 3),
-            }
-            p = getattr(model.pooling, "p", None)
-            if isinstance(p, torch.Tensor):
-                rec["gem_p"] = float(p.detach().float().mean())
-            if main and vcfg and (epoch + 1) % int(vcfg.get("every", 1)) == 0:
-                rec["val"] = validate(model, vcfg, device)["mAP"]
-            history.append(rec)
-            say(f"epoch {epoch + 1}/{epochs}: " + ", ".join(f"{k}={v}" for k, v in rec.items() if k != "epoch"))
-            if writer:
-                writer.add_scalar("train/loss", rec["loss"], epoch + 1)
-                writer.add_scalar("train/lr", rec["lr"][0], epoch + 1)
-                if "gem_p" in rec:
-                    writer.add_scalar("train/gem_p", rec["gem_p"], epoch + 1)
-                for k, v in rec.get("val", {}).items():
-                    writer.add_scalar(f"val/mAP_{k}", v, epoch + 1)
-                writer.flush()
-            if main:
-                w = getattr(model, "whiten", None)
-                ckpt = {
-                    "format": CHECKPOINT_FORMAT,
-                    "format_version": CHECKPOINT_VERSION,
-                    "epoch": epoch + 1,
-                    "config": cfg,
-                    "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                    "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict(),
-                    "numpy_rng": rng.bit_generator.state,
-                    "torch_rng": torch.get_rng_state(),
-                    "history": history,
-                    "setup": setup,
-                    "kept_paths": [str(p) for p in data.paths] if dc.get("clean") else None,
-                    "whiten_shape": None if w is None else (w.out_features, w.in_features),
-                    "whiten_about": None if w is None else (model.config.get("whitening") or {}).get("about"),
-                }
-                _save_checkpoint(out / "last.pt", ckpt)
-                if cfg.get("keep_epochs"):
-                    _save_checkpoint(out / f"epoch_{epoch + 1:03d}.pt", ckpt)
-                if hasattr(model, "describe"):
-                    save_model(model, out / "model.pt")
-                atomic_write_json(out / "history.json", {"setup": setup, "history": history})
+            rec = _train_epoch(run, epoch, tuples)
+            _validate(run, rec)
+            rec.update(mining_s=round(mine_s, 3), epoch_s=round(time.time() - t0, 3))
+            _record(run, rec)
+            _save(run, epoch + 1)
             if world > 1:
                 dist.barrier()
-        if writer:
-            writer.close()
-        return {"history": history, "out": str(out), "model": model, "setup": setup}
+            if _stop_early(run):
+                run.say(f"early stop: no better validation in {vc.patience} validations")
+                break
+        return _finish(run)
     finally:
         if started:
             dist.destroy_process_group()

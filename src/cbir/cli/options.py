@@ -1,0 +1,78 @@
+"""The options several commands share, declared once: the model (``--model``, ``--pooling``,
+``--weights``) and the extraction (``--imsize``, ``--scales``, ``--device``, ``--batch-size``,
+``--precision``). Every command that describes images takes them with the same names, forms and
+defaults, and turns them into library objects with :func:`model_spec` / :func:`extraction`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from ..model import ModelSpec, parse_pooling
+from ..pipeline import DEFAULT_IMSIZE, DEFAULT_SCALES_TEXT
+
+POOLING_HELP = ("pooling and its parameters, NAME[:key=value,...]: spoc, mac, gem, gem:p=4, gem:per_channel=1, "
+                "rmac:levels=3, regional:base=gem, crow, bow:k=1024 (default: gem)")
+
+
+def add_model_options(parser: Any) -> None:
+    """``--model``, ``--pooling``, ``--weights`` (on a parser or an argument group)."""
+    parser.add_argument("--model", default="efficientnet_lite0",
+                        help="backbone name (timm or torchvision, e.g. resnet101, torchvision:resnet50, "
+                             "vit_small_patch16_224) or a model file saved by cbir (default: efficientnet_lite0)")
+    parser.add_argument("--pooling", default="gem", metavar="NAME[:k=v,...]", help=POOLING_HELP)
+    parser.add_argument("--weights", default="default",
+                        help="default (offline Lite0/1/2, else the library download), imagenet (download), "
+                             "none (random), or a weights FILE (default: default)")
+
+
+def add_extraction_options(parser: Any, *, small_default: str = "") -> None:
+    """``--imsize``, ``--scales``, ``--device``, ``--batch-size``, ``--precision``."""
+    parser.add_argument("--imsize", type=int, default=None, metavar="PX",
+                        help=f"longest image side; larger images are shrunk (default: {DEFAULT_IMSIZE}{small_default})")
+    parser.add_argument("--scales", default=None, metavar="S,S,...",
+                        help=f"comma-separated scales, combined by the pooling's generalized mean "
+                             f"(default: {DEFAULT_SCALES_TEXT}{small_default})")
+    add_device_option(parser)
+    parser.add_argument("--batch-size", type=int, default=None, metavar="N",
+                        help="images per forward pass (default: 1 on CPU, 16 on GPU)")
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                        help="compute precision: auto = bf16 autocast on CUDA and on CPUs with native bf16 "
+                             "(AMX, AVX512-BF16), else fp32 (default: auto)")
+
+
+def add_device_option(parser: Any) -> None:
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ... (default: auto)")
+
+
+def parse_scales(text: str) -> tuple[float, ...]:
+    """``"1,0.7071,0.5"`` -> (1.0, 0.7071, 0.5); ValueError unless positive numbers."""
+    try:
+        scales = tuple(float(s) for s in str(text).replace(" ", ",").split(",") if s)
+    except ValueError:
+        raise ValueError(f"--scales must be comma-separated numbers, got {text!r}") from None
+    if not scales or any(s <= 0 for s in scales):
+        raise ValueError(f"--scales must be positive numbers, got {text!r}")
+    return scales
+
+
+def model_spec(args: argparse.Namespace) -> ModelSpec:
+    """The ModelSpec of ``--model/--pooling/--weights`` (the pooling text is checked here)."""
+    spec = ModelSpec(model=args.model, pooling=args.pooling, weights=args.weights)
+    if not spec.is_file:
+        parse_pooling(spec.pooling)  # a malformed --pooling fails before any work
+    return spec
+
+
+def extraction(args: argparse.Namespace, bench: Any = None) -> tuple[int, tuple[float, ...]]:
+    """(imsize, scales) from ``--imsize``/``--scales``, the defaults of :func:`cbir.pipeline.extraction_defaults`
+    (for ``bench``) where not given."""
+    from ..pipeline import extraction_defaults
+
+    d_imsize, d_scales = extraction_defaults(bench)
+    imsize = d_imsize if args.imsize is None else int(args.imsize)
+    if imsize < 1:
+        raise ValueError(f"--imsize must be a positive number of pixels, got {imsize}")
+    scales = d_scales if args.scales is None else parse_scales(args.scales)
+    return imsize, tuple(scales)

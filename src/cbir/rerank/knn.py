@@ -1,0 +1,65 @@
+"""Nearest neighbours by inner product, shared by query expansion, DBA and diffusion.
+
+- :func:`topk`: the k best entries of each row of a score matrix (exact, deterministic ties);
+- :func:`knn_search`: k nearest database vectors of each query with faiss (exact ``IndexFlatIP``,
+  or an inverted file for large databases).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def topk(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k of each row of ``scores`` (nq, n), best first -> (values (nq,k), indices (nq,k)).
+
+    Ties keep the lower index first (stable), so results are deterministic.
+    """
+    scores = np.asarray(scores)
+    k = int(min(max(k, 0), scores.shape[1]))
+    if k == 0:
+        return scores[:, :0], np.zeros((scores.shape[0], 0), dtype=np.int64)
+    if k < scores.shape[1]:
+        part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    else:
+        part = np.broadcast_to(np.arange(scores.shape[1]), scores.shape).copy()
+    vals = np.take_along_axis(scores, part, axis=1)
+    order = np.lexsort((part, -vals), axis=1)
+    idx = np.take_along_axis(part, order, axis=1)
+    return np.take_along_axis(scores, idx, axis=1), idx.astype(np.int64)
+
+
+def knn_search(
+    q: np.ndarray, db: np.ndarray, k: int, batch: int = 16384, nlist: int = 0, nprobe: int = 8
+) -> tuple[np.ndarray, np.ndarray]:
+    """Inner-product k nearest neighbours with faiss -> (sims (nq,k) f32, idx (nq,k) i64).
+
+    Exact (``IndexFlatIP``) by default; ``nlist > 0`` uses an inverted file (``IndexIVFFlat``,
+    nlist k-means cells, ``nprobe`` visited) for large databases: approximate, missing
+    neighbours are returned as index -1. k is clamped to the database size; queries are searched
+    in batches to bound memory.
+    """
+    import faiss
+
+    db = np.ascontiguousarray(db, dtype=np.float32)
+    q = np.ascontiguousarray(q, dtype=np.float32)
+    if q.shape[1] != db.shape[1]:
+        raise ValueError(f"query dimension {q.shape[1]} != database dimension {db.shape[1]}")
+    k = int(min(k, db.shape[0]))
+    d = db.shape[1]
+    if nlist > 0:
+        quantizer = faiss.IndexFlatIP(d)
+        index = faiss.IndexIVFFlat(quantizer, d, int(nlist), faiss.METRIC_INNER_PRODUCT)
+        index.cp.niter = 10  # k-means on at most 64 points per cell: enough for a coarse quantiser
+        index.cp.max_points_per_centroid = 64
+        index.train(db)
+        index.add(db)
+        index.nprobe = int(nprobe)
+    else:
+        index = faiss.IndexFlatIP(d)
+        index.add(db)
+    sims = np.empty((q.shape[0], k), dtype=np.float32)
+    idx = np.empty((q.shape[0], k), dtype=np.int64)
+    for s in range(0, q.shape[0], batch):
+        sims[s : s + batch], idx[s : s + batch] = index.search(q[s : s + batch], k)
+    return sims, idx

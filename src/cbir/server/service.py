@@ -1,0 +1,178 @@
+"""The state the service's routes share: the index, the query encoder, the upload store, caches, limits.
+
+Checks on an upload (before any decoding of pixels): an image content type (415), at most
+``Limits.max_request_bytes`` (413), a format Pillow reads from the header among the accepted ones
+(415), at most ``Limits.max_pixels`` pixels (413: decompression bombs). Query images are described
+from memory; only photos added to the index are written to disk (``uploads.UploadStore``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+from fastapi import HTTPException, UploadFile
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from ..index import Index
+from .security import Guard
+from .uploads import UploadStore
+
+CONTENT_TYPES = {"image/jpeg": "JPEG", "image/png": "PNG", "image/webp": "WEBP", "image/bmp": "BMP",
+                 "image/gif": "GIF", "image/tiff": "TIFF"}
+SUFFIX = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "BMP": ".bmp", "GIF": ".gif", "TIFF": ".tif"}
+Box = tuple[float, float, float, float]
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_request_bytes: int = 20 * 1024 * 1024   # whole request body
+    max_pixels: int = 40_000_000                # width x height of an uploaded image
+    max_top: int = 500                          # results per search
+    thumb_sizes: tuple[int, int] = (32, 1024)   # allowed thumbnail sizes
+    thumb_cache: int = 512                      # thumbnails kept in memory
+    max_store_bytes: int | None = 10 * 10**9    # total size of the photos added through the service
+
+
+@dataclass
+class Upload:
+    """An uploaded image after the checks: its bytes, Pillow format, (width, height) and the client's file name."""
+
+    data: bytes
+    format: str
+    size: tuple[int, int]
+    filename: str | None = None
+
+
+@dataclass
+class Service:
+    """Everything the app shares between requests."""
+
+    index: Index
+    index_path: Path
+    limits: Limits = field(default_factory=Limits)
+    read_only: bool = False
+    device: str = "auto"
+    encoder: Any = None
+    guard: Guard = field(default_factory=Guard)
+    uploads: UploadStore | None = None
+    _encoder_lock: threading.Lock = field(default_factory=threading.Lock)
+    _write_lock: threading.Lock = field(default_factory=threading.Lock)
+    _thumbs: "OrderedDict[tuple[int, int], bytes]" = field(default_factory=OrderedDict)
+    _thumb_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        if self.uploads is None:
+            self.uploads = UploadStore(self.index_path / "uploads", self.limits.max_store_bytes)
+
+    # --- the index ------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[Index]:
+        """The index for a change, exclusive among this service's writers; saved when the block succeeds."""
+        with self._write_lock:
+            yield self.index
+            self.index.save(self.index_path)
+        with self._thumb_lock:
+            self._thumbs.clear()
+
+    def get_encoder(self):
+        """The query encoder, built on first use (once per process)."""
+        with self._encoder_lock:
+            if self.encoder is None:
+                from ..index.embed import QueryEncoder
+
+                if not (self.index.settings.get("source") or {}):
+                    raise HTTPException(409, "this index does not record the model that made it, so it cannot "
+                                             "describe uploaded images (search by id instead)")
+                self.encoder = QueryEncoder(self.index.settings, device=self.device)
+            return self.encoder
+
+    # --- uploads --------------------------------------------------------------------------
+    def read_upload(self, file: UploadFile) -> Upload:
+        """The uploaded image after the type and size checks (HTTPException 400/413/415 otherwise)."""
+        ctype = (file.content_type or "").split(";")[0].strip().lower()
+        if ctype not in CONTENT_TYPES:
+            raise HTTPException(415, f"unsupported content type {ctype or 'none'!r}; send one of "
+                                     f"{', '.join(sorted(CONTENT_TYPES))}")
+        data = file.file.read(self.limits.max_request_bytes + 1)
+        if not data:
+            raise HTTPException(400, "the uploaded file is empty")
+        if len(data) > self.limits.max_request_bytes:
+            raise HTTPException(413, f"image too large (limit {self.limits.max_request_bytes} bytes)")
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                fmt, (w, h) = im.format, im.size
+        except Image.DecompressionBombError as exc:
+            raise HTTPException(413, f"image has too many pixels: {exc}") from None
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+            raise HTTPException(415, "the upload is not a readable image") from None
+        if fmt not in SUFFIX:
+            raise HTTPException(415, f"image format {fmt} is not accepted")
+        if w * h > self.limits.max_pixels:
+            raise HTTPException(413, f"image has {w}x{h} = {w * h} pixels, the limit is {self.limits.max_pixels}")
+        return Upload(data, fmt, (w, h), file.filename)
+
+    def encode(self, upload: Upload, bbox: Box | None) -> np.ndarray:
+        """(D,) descriptor of the uploaded image (decoded in memory), cropped to ``bbox``; 400 if unusable."""
+        from ..extract import ImageError
+
+        encoder = self.get_encoder()
+        try:
+            return encoder.encode(upload.data, bbox)
+        except ImageError as exc:
+            raise HTTPException(400, f"cannot use the image: {exc.reason}") from None
+
+    # --- thumbnails -----------------------------------------------------------------------
+    def thumbnail(self, id_: int, size: int) -> bytes:
+        key = (int(id_), int(size))
+        with self._thumb_lock:
+            if key in self._thumbs:
+                self._thumbs.move_to_end(key)
+                return self._thumbs[key]
+        try:
+            path = self.index.get(id_).path
+        except KeyError:
+            raise HTTPException(404, f"image id {id_} is not in the index") from None
+        try:
+            with Image.open(path) as im:
+                if im.size[0] * im.size[1] > self.limits.max_pixels:
+                    raise HTTPException(404, f"image {id_} is too large to make a thumbnail")
+                im.draft("RGB", (size, size))
+                im = ImageOps.exif_transpose(im).convert("RGB")
+                im.thumbnail((size, size))
+                buf = io.BytesIO()
+                im.save(buf, "JPEG", quality=85)
+        except FileNotFoundError:
+            raise HTTPException(404, f"the file of image {id_} is no longer there") from None
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+            raise HTTPException(404, f"the file of image {id_} cannot be read: {exc}") from None
+        data = buf.getvalue()
+        with self._thumb_lock:
+            self._thumbs[key] = data
+            while len(self._thumbs) > self.limits.thumb_cache:
+                self._thumbs.popitem(last=False)
+        return data
+
+
+def parse_bbox(text: str | None, size: tuple[int, int]) -> Box | None:
+    """"x1,y1,x2,y2" in original pixels -> a box inside the image, or HTTP 400."""
+    if text is None or not text.strip():
+        return None
+    try:
+        x1, y1, x2, y2 = (float(v) for v in text.split(","))
+    except ValueError:
+        raise HTTPException(400, f"bbox must be 'x1,y1,x2,y2', got {text!r}") from None
+    if not all(math.isfinite(v) for v in (x1, y1, x2, y2)):
+        raise HTTPException(400, f"bbox must be four finite numbers, got {text!r}")
+    w, h = size
+    x1, y1, x2, y2 = max(0.0, x1), max(0.0, y1), min(float(w), x2), min(float(h), y2)
+    if x2 - x1 < 1 or y2 - y1 < 1:
+        raise HTTPException(400, f"bbox {text!r} is empty inside the {w}x{h} image")
+    return x1, y1, x2, y2

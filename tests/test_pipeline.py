@@ -1,0 +1,121 @@
+"""cbir.pipeline: benchmark loading, description with a cache, scoring with one Rerank object."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cbir import pipeline
+from cbir.descriptors import Descriptors
+from cbir.evaluation import evaluate_revisitop
+from cbir.model import ModelSpec, build_model
+from cbir.rerank.options import Rerank
+
+
+def _toy(tmp_path):
+    """3 database images + 1 query; q is red, a red-ish, b green, c blue."""
+    jpg = tmp_path / "jpg"
+    jpg.mkdir()
+    colours = {"q": (200, 10, 10), "a": (190, 20, 10), "b": (10, 200, 10), "c": (10, 10, 200)}
+    for n, c in colours.items():
+        Image.new("RGB", (40, 30), c).save(jpg / f"{n}.jpg")
+    gnd = {"imlist": ["a", "b", "c"], "qimlist": ["q"],
+           "gnd": [{"bbx": [0, 0, 20, 20], "easy": [0], "hard": [2], "junk": [1]}]}
+    gpath = tmp_path / "gnd_toy.pkl"
+    gpath.write_bytes(pickle.dumps(gnd))
+    return gpath
+
+
+def test_load_benchmark_sources(tmp_path):
+    gpath = _toy(tmp_path)
+    b = pipeline.load_benchmark(gpath)
+    assert b.protocol == "revisitop" and b.db_ids == ["a", "b", "c"] and b.query_bboxes == [(0, 0, 20, 20)]
+    assert pipeline.load_benchmark("demo").name == "demo"
+    moved = pipeline.load_benchmark(dataset="demo", images=tmp_path)
+    assert all(str(p).startswith(str(tmp_path)) for p in moved.db_paths)
+    # a labelled folder: one sub-folder per class
+    for cls in ("x", "y"):
+        (tmp_path / "lab" / cls).mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (8, 8)).save(tmp_path / "lab" / cls / f"{i}.jpg")
+    lab = pipeline.load_benchmark(tmp_path / "lab", n_queries=2)
+    assert lab.protocol == "labels" and len(lab.db_ids) == 4
+    with pytest.raises(FileNotFoundError, match="nope"):
+        pipeline.load_benchmark(tmp_path / "nope.pkl")
+    with pytest.raises(ValueError):
+        pipeline.load_benchmark()
+
+
+def test_score_matches_the_protocol_and_records_rerank(tmp_path):
+    bench = pipeline.load_benchmark(_toy(tmp_path))
+    q = np.array([[1, 0, 0]], np.float32)
+    db = np.array([[0.9, 0.1, 0], [0.7, 0.7, 0], [0.5, 0.2, 0.8]], np.float32)
+    res = pipeline.score(bench, q, db)
+    from cbir.descriptors import l2_normalize
+
+    ref = evaluate_revisitop(l2_normalize(q) @ l2_normalize(db).T, bench.gnd)
+    assert res["mAP"] == pytest.approx(ref["mAP"]) and res["applied"] == {}
+    res = pipeline.score(bench, q, db, Rerank(qe=1), keep_scores=True)
+    assert res["applied"]["qe"]["k"] == 1 and res["scores"].shape == (1, 3)
+    # a distractor equal to the query comes first: Easy (ok {a}, junk {b, c}) ranks d, a; the
+    # revisitop AP (trapezoid) of one positive at 0-based rank 1 is (0/1 + 1/2) / 2 = 1/4
+    dis = Descriptors(ids=["d"], vectors=np.array([[1, 0, 0]], np.float32))
+    res = pipeline.score(bench, q, db, distractors=dis)
+    assert res["n_distractors"] == 1 and res["mAP"]["easy"] == pytest.approx(25.0)
+
+
+def test_describe_uses_the_cache(tmp_path, monkeypatch):
+    """Second describe with the same settings runs no extraction and gives the same vectors;
+    another setting (or a changed image) is a miss."""
+    bench = pipeline.load_benchmark(_toy(tmp_path))
+    calls = []
+    real = pipeline._run_extract
+
+    def counting(model, paths, **kw):
+        calls.append(len(paths))
+        return real(model, paths, **kw)
+
+    monkeypatch.setattr(pipeline, "_run_extract", counting)
+    spec = ModelSpec("efficientnet_lite0", "gem:p=4", "none")
+    kw = dict(imsize=32, scales=(1.0,), device="cpu", cache_dir=tmp_path / "cache")
+    q1, db1 = pipeline.describe(bench, spec, **kw)
+    assert calls == [3, 1] and q1.meta["cache"] == "miss" and q1.meta["pooling_params"]["p"] == pytest.approx(4)
+    q2, db2 = pipeline.describe(bench, spec, **kw)
+    assert calls == [3, 1] and q2.meta["cache"] == "hit"
+    np.testing.assert_array_equal(q1.vectors, q2.vectors)
+    np.testing.assert_array_equal(db1.vectors, db2.vectors)
+    pipeline.describe(bench, spec, **{**kw, "imsize": 24})
+    assert len(calls) == 4
+    Image.new("RGB", (40, 30), (0, 0, 0)).save(bench.db_paths[2])  # an edited image: described again
+    pipeline.describe(bench, spec, **kw)
+    assert len(calls) == 6
+
+
+def test_describe_an_in_memory_net_is_not_cached_and_crops(tmp_path, monkeypatch):
+    bench = pipeline.load_benchmark(_toy(tmp_path))
+    net = build_model("efficientnet_lite0", pooling="gem", weights="none")
+    q, db = pipeline.describe(bench, net, imsize=32, scales=(1.0,), device="cpu", cache_dir=tmp_path / "c")
+    assert q.meta["cache"] is None and not (tmp_path / "c").exists()
+    assert q.ids == ["q"] and db.ids == ["a", "b", "c"] and q.meta["cropped_queries"] is True
+    from cbir.extract import extract
+
+    crop = extract(net, [bench.query_paths[0]], bboxes=[(0, 0, 20, 20)], imsize=32, scales=(1.0,), device="cpu",
+                   progress=False)
+    np.testing.assert_allclose(q.vectors, crop.vectors, atol=1e-5)
+
+
+def test_evaluate_from_features_equals_score(tmp_path):
+    gpath = _toy(tmp_path)
+    vec = {"q": [1, 0, 0], "a": [0.9, 0.1, 0], "b": [0.7, 0.7, 0], "c": [0.5, 0.2, 0.8]}
+    Descriptors(ids=list(vec), vectors=np.array(list(vec.values()), np.float32)).save(tmp_path / "f")
+    res = pipeline.evaluate(gpath, features=tmp_path / "f", rerank=Rerank(qe=1))
+    assert res["mAP"]["medium"] == pytest.approx(100.0) and res["applied"]["qe"]["k"] == 1
+    assert res["n_db"] == 3 and res["protocol"] == "revisitop"
+    with pytest.raises(KeyError, match="'c'"):
+        Descriptors(ids=["a", "b", "q"], vectors=np.eye(3, dtype=np.float32)).save(tmp_path / "few")
+        pipeline.evaluate(gpath, features=tmp_path / "few")
+    with pytest.raises(ValueError):
+        pipeline.evaluate(gpath)
