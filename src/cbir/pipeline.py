@@ -318,9 +318,16 @@ def score(
     top_k: int | None = None,
     distractors: str | os.PathLike[str] | Descriptors | None = None,
     keep_scores: bool = False,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """Re-rank (whitening, DBA, QE, diffusion as ``rerank`` says; default: cosine) and score with
     the benchmark's protocol.
+
+    With ``distractors`` and ``top_k``, and no re-ranking beyond whitening, the database and the
+    memory-mapped distractors are scored block by block (:func:`cbir.topk.chunked_topk`, on
+    ``device``: "cpu" float32, "cuda" float16) and only the top K per query are kept: memory is
+    bounded whatever the number of distractors, and the ranking is the in-memory one. Otherwise
+    (DBA, QE, diffusion need every score) all rows are loaded (N x D x 4 bytes).
 
     Returns ``{"mAP": {easy, medium, hard} (or {"all"}), "mP": {...: {k: ..}}, "kappas", "applied",
     "n_distractors"}`` in percent (+ ``"scores"`` (nq, n) when ``keep_scores``). ``top_k`` ranks only
@@ -329,6 +336,8 @@ def score(
     rerank = rerank or Rerank()
     qm, dbm = _matrix(q), _matrix(db)
     n_dis = 0
+    if distractors is not None and top_k is not None and not keep_scores and (rerank.is_off() or _whiten_only(rerank)):
+        return _score_chunked(bench, qm, dbm, rerank, top_k, distractors, device)
     if distractors is not None:
         before = dbm.shape[0]
         dbm = with_distractors(dbm, distractors)
@@ -339,6 +348,42 @@ def score(
     res["n_distractors"] = n_dis
     if keep_scores:
         res["scores"] = scores
+    return res
+
+
+def _whiten_only(rerank: Rerank) -> bool:
+    return bool(rerank.whiten) and Rerank(whiten=rerank.whiten) == rerank
+
+
+def _score_chunked(bench: Benchmark, qm: np.ndarray, dbm: np.ndarray, rerank: Rerank, top_k: int,
+                   distractors: str | os.PathLike[str] | Descriptors, device: str) -> dict[str, Any]:
+    """:func:`score` for +distractors with a top-K cut: chunked top-k over [database, distractors]."""
+    from .linalg import l2_normalize
+    from .topk import chunked_topk, iter_blocks
+
+    dis = distractors if isinstance(distractors, Descriptors) else Descriptors.load(distractors, mmap=True)
+    if dis.dim != dbm.shape[1]:
+        raise ValueError(f"distractor descriptors are {dis.dim}-D, the database {dbm.shape[1]}-D")
+    applied: dict[str, Any] = {}
+    transform = l2_normalize
+    if rerank.whiten:
+        from .whitening import Whitening
+
+        w = Whitening.load(rerank.whiten)
+        transform = w.apply
+        applied["whiten"] = {k: v for k, v in w.meta.items() if isinstance(v, (int, float, str))}
+        applied["whiten"].update(out_dim=w.out_dim, file=str(Path(rerank.whiten)))
+    n_db = dbm.shape[0]
+
+    def blocks():
+        yield 0, dbm
+        for start, block in iter_blocks(dis.vectors if isinstance(dis.vectors, np.ndarray) else dis):
+            yield n_db + start, block
+
+    _, ranks = chunked_topk(transform(qm), blocks(), top_k, device=device, transform=transform)
+    res = dict(bench.evaluate(ranks, top_k=top_k))
+    res["applied"] = applied
+    res["n_distractors"] = len(dis)
     return res
 
 
