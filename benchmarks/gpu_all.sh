@@ -24,7 +24,7 @@ export CBIR_SHARED="${CBIR_SHARED:-$(cd "$ROOT/.." && pwd)/shared}"
 JPG="${GPU_JPG:-$CBIR_SHARED/data/rparis6k-250/jpg}"
 PARTS="${GPU_PARTS:-a b c d e}"
 R1M_N="${R1M_N:-1000000}"
-TMPF="${TMPDIR:-/tmp}/cbir_gpu_r1m.npy"
+TMPF="${TMPDIR:-/tmp}/cbir_gpu_r1m"
 LOG="$OUTDIR/gpu_all.log"
 
 say() { echo "== $*" | tee -a "$LOG"; }
@@ -46,7 +46,7 @@ for p in $PARTS; do
   case "$p" in
     a) part r1m 140 "$PY" "$ROOT/benchmarks/r1m.py" --device cuda --dim 2048 --n "$R1M_N" --file "$TMPF" \
          --json "$OUTDIR/r1m_cuda_2048.json"
-       rm -f "$TMPF" "$TMPF.part" ;;
+       rm -rf "$TMPF" "${TMPF}_features" "$(dirname "$TMPF")/cli_result.json" ;;
     b) part search 120 "$PY" "$ROOT/benchmarks/gpu_search.py" --n 1000000 --dim 2048 --nq 10000 --k 100 \
          --json "$OUTDIR/search_cuda.json" ;;
     c) part extract 120 "$PY" "$ROOT/benchmarks/gpu_extract.py" --folder "$JPG" --images 40 --model resnet101 \

@@ -9,19 +9,22 @@ Data (synthetic distractors, real queries and database; FOR TIMING AND MEMORY ON
   isotropic Gaussian noise of norm ~0.5 in all D dimensions, L2-normalised, stored as float16.
   They are NOT real images: the +1M mAP printed is not comparable to published +1M figures.
 
-The distractors are written block by block to a .npy file (never all in memory), in a child
-process; then a second child process evaluates: ``cbir.topk.chunked_topk`` over [the 4993 real
+The distractors are written block by block (never all in memory), in a child process, as a
+`cbir extract`-style descriptor folder (descriptors.npy float16 + meta.json with 1M ids); then a
+second child process evaluates: ``cbir.topk.chunked_topk`` over [the 4993 real
 rows, then the memory-mapped distractors] -> top-K rows -> revisitop E/M/H mAP
 (``cbir.evaluation.evaluate_revisitop`` on the top-K ranks: positives beyond K count as missed).
 The child's peak RSS (``resource.getrusage(RUSAGE_SELF).ru_maxrss``) is reported, and its wall
 time for the search and for the mAP. The evaluation runs twice: first with the file evicted from
 the page cache (``posix_fadvise(DONTNEED)``: read from disk, "cold"), then again ("warm").
+A third child runs the user's command end to end, in-process, cold cache, and reports its peak RSS:
+``cbir evaluate --gnd gnd_roxford5k.pkl --features <5k+70 rows> --distractors <folder> --top-k K``.
 
     python benchmarks/r1m.py --dim 2048                       # CPU, 1M x 2048 (4 GB file in /tmp)
     python benchmarks/r1m.py --dim 512 --n 1000000 --json r1m_512.json
     python benchmarks/r1m.py --dim 2048 --device cuda         # GPU: fp16 matmul + torch.topk per block
 
-The file is deleted at the end unless --keep.
+The folders are deleted at the end unless --keep.
 """
 
 from __future__ import annotations
@@ -86,7 +89,9 @@ def make(args) -> dict:
     dev = torch.device(args.device)
     gen = torch.Generator(device=dev).manual_seed(args.seed)
     base = torch.from_numpy(db).to(dev)
-    path = Path(args.file)
+    folder = Path(args.file)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "descriptors.npy"
     tmp = path.with_name(path.name + ".part")
     t = time.perf_counter()
     with open(tmp, "wb") as fh:
@@ -105,8 +110,34 @@ def make(args) -> dict:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+    write_meta(folder, args.n, args.dim)
     return {"make_s": round(time.perf_counter() - t, 2), "file_gb": round(path.stat().st_size / 1e9, 3),
             "make_peak_rss_mb": round(peak_rss_mb(), 1)}
+
+
+def write_meta(folder: Path, n: int, dim: int) -> None:
+    """meta.json of a `cbir extract` descriptor folder (format stamp, ids), so that the folder is
+    a :class:`cbir.descriptors.Descriptors` for every consumer (``cbir evaluate --distractors``)."""
+    from cbir import descriptors as d
+    from cbir.fileio import atomic_write_json
+
+    atomic_write_json(folder / d.META_NAME, {
+        "format": d.FORMAT, "format_version": d.FORMAT_VERSION, "ids": [f"distractor_{i:07d}" for i in range(n)],
+        "failed": [], "dim": dim, "dtype": "float16", "model": "synthetic (benchmarks/r1m.py)"})
+
+
+def write_features(folder: Path, dim: int, seed: int) -> tuple[Path, Path]:
+    """The 4993 + 70 real rows (lifted to dim) as a descriptor folder named by image, and the gnd."""
+    from cbir.datasets.revisitop import load_gnd
+    from cbir.descriptors import Descriptors
+
+    q, db, _ = real_data(dim, seed)
+    gpath = shared_dir() / "data" / "revisitop" / "gnd_roxford5k.pkl"
+    g = load_gnd(gpath)
+    out = folder.with_name(folder.name + "_features")
+    Descriptors(ids=list(g["imlist"]) + list(g["qimlist"]), vectors=np.concatenate([db, q]),
+                meta={"model": "fc7-128d lifted (benchmarks/r1m.py)"}).save(out)
+    return out, gpath
 
 
 # --------------------------------------------------------------------------------------------
@@ -128,7 +159,9 @@ def evaluate(args) -> dict:
 
     q, db, gnd = real_data(args.dim, args.seed)
     rss_data = peak_rss_mb()
-    dis = np.load(args.file, mmap_mode="r")
+    from cbir.descriptors import Descriptors
+
+    dis = Descriptors.load(args.file, mmap=True).vectors  # memory-mapped
     chunk = args.chunk_rows or default_chunk_rows(args.dim)
     out: dict = {"chunk_rows": chunk, "top_k": args.top_k, "n_distractors": int(dis.shape[0]),
                  "rss_after_loading_5k_mb": round(rss_data, 1)}
@@ -146,7 +179,7 @@ def evaluate(args) -> dict:
     runs = []
     for label in ("cold", "warm"):
         if label == "cold":
-            evict(Path(args.file))
+            evict(Path(args.file) / "descriptors.npy")
         t = time.perf_counter()
         _, rows = chunked_topk(q, blocks(), args.top_k, device=args.device)
         search = time.perf_counter() - t
@@ -198,11 +231,31 @@ def resident_gpu(q, db, dis, args) -> dict:
     return {"upload_s": round(upload, 2), "search_70q_ms_median": round(1000 * float(np.median(times)), 2)}
 
 
+def cli_eval(args) -> dict:
+    """`cbir evaluate --features F --distractors DIR --top-k K` in this process; its peak RSS."""
+    from cbir.cli import main as cbir_main
+
+    feats, gpath = write_features(Path(args.file), args.dim, args.seed)
+    argv = ["evaluate", "--gnd", str(gpath), "--features", str(feats), "--distractors", args.file,
+            "--top-k", str(args.top_k), "--json", str(Path(args.file).with_name("cli_result.json"))]
+    if args.device.startswith("cuda"):
+        argv += ["--device", args.device]
+    evict(Path(args.file) / "descriptors.npy")
+    rss0 = peak_rss_mb()
+    t = time.perf_counter()
+    rc = cbir_main(argv)
+    wall = time.perf_counter() - t
+    res = json.loads(Path(args.file).with_name("cli_result.json").read_text())
+    return {"cli": {"command": "cbir " + " ".join(argv), "exit": rc, "wall_s": round(wall, 2),
+                    "peak_rss_mb": round(peak_rss_mb(), 1), "rss_before_mb": round(rss0, 1),
+                    "mAP": {k: round(v, 2) for k, v in res["mAP"].items()}}}
+
+
 # --------------------------------------------------------------------------------------------
 
 
 def child(mode: str, args) -> dict:
-    cmd = [sys.executable, __file__, f"--{mode}", "--dim", str(args.dim), "--n", str(args.n), "--file", args.file,
+    cmd = [sys.executable, str(Path(__file__).resolve()), f"--{mode}", "--dim", str(args.dim), "--n", str(args.n), "--file", args.file,
            "--top-k", str(args.top_k), "--device", args.device, "--seed", str(args.seed), "--block", str(args.block)]
     if args.chunk_rows:
         cmd += ["--chunk-rows", str(args.chunk_rows)]
@@ -219,23 +272,27 @@ def main(argv=None) -> int:
     ap.add_argument("--top-k", type=int, default=1000, help="ranks kept per query (default 1000)")
     ap.add_argument("--chunk-rows", type=int, default=None, help="database rows per block (default ~64 MiB float32)")
     ap.add_argument("--device", default="cpu", help="cpu, or cuda (fp16 scoring)")
-    ap.add_argument("--file", default=None, help="distractor .npy (default /tmp/cbir_r1m_<n>x<dim>.npy)")
-    ap.add_argument("--keep", action="store_true", help="keep the distractor file")
+    ap.add_argument("--file", default=None,
+                    help="distractor descriptor folder (default /tmp/cbir_r1m_<n>x<dim>; descriptors.npy + meta.json)")
+    ap.add_argument("--keep", action="store_true", help="keep the distractor folder (reused by the next run)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--block", type=int, default=16384, help="rows generated per write (default 16384)")
     ap.add_argument("--json", metavar="FILE")
     ap.add_argument("--make", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--eval", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--cli-eval", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--no-cli", action="store_true", help="skip the end-to-end `cbir evaluate` run")
     args = ap.parse_args(argv)
     if args.file is None:
-        args.file = f"/tmp/cbir_r1m_{args.n}x{args.dim}.npy"
-    if args.make or args.eval:
-        print(json.dumps(make(args) if args.make else evaluate(args)))
+        args.file = f"/tmp/cbir_r1m_{args.n}x{args.dim}"
+    if args.make or args.eval or args.cli_eval:
+        fn = make if args.make else evaluate if args.eval else cli_eval
+        print(json.dumps(fn(args)))
         return 0
 
     import shutil
 
-    free = shutil.disk_usage(Path(args.file).parent).free
+    free = shutil.disk_usage(Path(args.file).resolve().parent).free
     need = 2 * args.n * args.dim
     if free < need * 1.2:
         raise SystemExit(f"{Path(args.file).parent} has {free / 1e9:.1f} GB free; the file needs {need / 1e9:.1f} GB")
@@ -246,15 +303,17 @@ def main(argv=None) -> int:
               f"(mixtures of {N_MIX} real vectors + noise {NOISE_NORM}, L2, fp16)", "file": args.file}
     print(f"r1m: {args.n:,} x {args.dim} fp16 distractors ({need / 1e9:.1f} GB) -> {args.file}", flush=True)
     try:
-        if not Path(args.file).is_file():
+        if not (Path(args.file) / "meta.json").is_file():
             record.update(child("make", args))
             print(f"  made in {record['make_s']} s (peak RSS {record['make_peak_rss_mb']} MB)", flush=True)
-        ev = child("eval", args)
-        record.update(ev)
+        record.update(child("eval", args))
+        if not args.no_cli:
+            record.update(child("cli-eval", args))
     finally:
         if not args.keep:
-            Path(args.file).unlink(missing_ok=True)
-            Path(args.file + ".part").unlink(missing_ok=True)
+            shutil.rmtree(args.file, ignore_errors=True)
+            shutil.rmtree(args.file + "_features", ignore_errors=True)
+            Path(args.file).with_name("cli_result.json").unlink(missing_ok=True)
     for r in record["runs"]:
         print(f"  {r['cache']:<4}: top-{args.top_k} search {r['search_s']:7.2f} s, mAP {r['map_s']:.2f} s; "
               f"E/M/H {r['mAP']['easy']:.2f} / {r['mAP']['medium']:.2f} / {r['mAP']['hard']:.2f}", flush=True)
@@ -262,6 +321,10 @@ def main(argv=None) -> int:
     print(f"  5k alone (full ranking): E/M/H {m5['easy']:.2f} / {m5['medium']:.2f} / {m5['hard']:.2f}")
     print(f"  peak RSS of the evaluating process: {record['peak_rss_mb']:.0f} MB "
           f"(after loading the 5k data: {record['rss_after_loading_5k_mb']:.0f} MB)")
+    if "cli" in record:
+        c = record["cli"]
+        print(f"  end to end: {c['command']}\n    exit {c['exit']}, {c['wall_s']} s (cold cache), peak RSS "
+              f"{c['peak_rss_mb']:.0f} MB; E/M/H {c['mAP']['easy']:.2f} / {c['mAP']['medium']:.2f} / {c['mAP']['hard']:.2f}")
     if "gpu" in record:
         print(f"  GPU {record['gpu']}: peak GPU memory {record['gpu_peak_mem_mb']} MB; resident fp16 database: "
               f"upload {record['resident']['upload_s']} s, 70-query top-{args.top_k} "
