@@ -226,3 +226,29 @@ def test_cuda_fp16_equals_in_memory_fp16_ranking():  # pragma: no cover - GPU on
     full = (torch.from_numpy(q).cuda().half() @ torch.from_numpy(db).cuda().half().T).float().cpu().numpy()
     np.testing.assert_array_equal(rows, rank_from_scores(full, top_k=100))
     np.testing.assert_array_equal(scores, np.take_along_axis(full, rows, axis=1))
+
+
+def test_objects_with_iter_chunks_and_descriptors(tmp_path):
+    from cbir.descriptors import Descriptors
+
+    q, db = _data(n=900, seed=9)
+    want = rank_from_scores(q @ db.T, top_k=30)
+
+    class Sharded:  # the interface of a sharded descriptor store: iter_chunks(rows) -> (start, block)
+        dim = db.shape[1]
+
+        def __init__(self):
+            self.asked = []
+
+        def iter_chunks(self, rows):
+            self.asked.append(rows)
+            for s in range(0, 900, 400):  # its own shard size, whatever was asked
+                yield s, db[s:s + 400]
+
+    sh = Sharded()
+    _, rows = chunked_topk(q, sh, 30, chunk_rows=128)
+    np.testing.assert_array_equal(rows, want)
+    assert sh.asked == [128]
+    Descriptors(ids=[str(i) for i in range(900)], vectors=db).save(tmp_path / "d")
+    _, rows = chunked_topk(q, Descriptors.load(tmp_path / "d", mmap=True), 30, chunk_rows=100)
+    np.testing.assert_array_equal(rows, want)
