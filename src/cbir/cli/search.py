@@ -50,15 +50,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def parse_bbox(text: str | None) -> tuple[float, float, float, float] | None:
-    if text is None:
-        return None
+    from ..extraction.images import parse_bbox as parse
+
     try:
-        box = tuple(float(v) for v in text.split(","))
-    except ValueError:
-        box = ()
-    if len(box) != 4 or box[2] <= box[0] or box[3] <= box[1] or min(box) < 0:
-        raise ValueError(f"--bbox must be x1,y1,x2,y2 with x2 > x1 >= 0 and y2 > y1 >= 0, got {text!r}")
-    return box  # type: ignore[return-value]
+        return parse(text)
+    except ValueError as exc:
+        raise ValueError(f"--{exc}") from None
 
 
 def _check_index_path(path: Path) -> None:

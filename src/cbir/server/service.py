@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import math
 import threading
 import time
 from collections import OrderedDict
@@ -205,17 +204,15 @@ class Service:
 
 
 def parse_bbox(text: str | None, size: tuple[int, int]) -> Box | None:
-    """"x1,y1,x2,y2" in original pixels -> a box inside the image, or HTTP 400."""
-    if text is None or not text.strip():
-        return None
+    """"x1,y1,x2,y2" in original pixels -> a box inside the image (whole pixels), or HTTP 400."""
+    from ..extraction.images import ImageError, clip_box
+    from ..extraction.images import parse_bbox as parse
+
     try:
-        x1, y1, x2, y2 = (float(v) for v in text.split(","))
-    except ValueError:
-        raise HTTPException(400, f"bbox must be 'x1,y1,x2,y2', got {text!r}") from None
-    if not all(math.isfinite(v) for v in (x1, y1, x2, y2)):
-        raise HTTPException(400, f"bbox must be four finite numbers, got {text!r}")
-    w, h = size
-    x1, y1, x2, y2 = max(0.0, x1), max(0.0, y1), min(float(w), x2), min(float(h), y2)
-    if x2 - x1 < 1 or y2 - y1 < 1:
-        raise HTTPException(400, f"bbox {text!r} is empty inside the {w}x{h} image")
-    return x1, y1, x2, y2
+        box = parse(text)
+        if box is None:
+            return None
+        x1, y1, x2, y2 = clip_box("bbox", box, *size)
+    except (ValueError, ImageError) as exc:
+        raise HTTPException(400, str(exc)) from None
+    return float(x1), float(y1), float(x2), float(y2)
