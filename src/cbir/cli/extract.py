@@ -11,12 +11,14 @@ from .options import add_extraction_options, add_model_options, extraction, mode
 
 EPILOG = """\
 examples:
-  cbir extract photos/ --out feats/                         # Lite0 + GeM, 1024 px, 3 scales (offline weights)
+  cbir extract photos/ --out feats/                         # Lite0 + GeM at its default 512 px, 3 scales (offline)
   cbir extract a.jpg b.jpg --out feats/ --imsize 512 --scales 1
   cbir extract photos/ --out feats/ --model resnet101 --pooling gem:p=3 --device cuda
   cbir extract photos/ --out feats/ --model resnet50 --weights resnet50.pth   # offline: a local state dict
   cbir extract photos/ --out feats/ --model my_trained.pt   # a model saved by `cbir train`
   cbir extract photos/ --out feats/ --pooling rmac:levels=3
+  cbir extract photos/ --out feats/ --model gl18-tl-resnet101-gem-w      # a published network (`cbir models`)
+  cbir extract photos/ --out feats/ --model gl18-tl-resnet101-gem-w-a4d43db.pth   # ... from its file
   cbir extract photos/ --out feats/ --pooling bow:k=1024 --codebook cb.npz    # fits cb.npz if it is missing
   cbir extract photos/ --out feats/ --dtype float16 --strict
   cbir extract photos/ --out feats/ --engine ray                # local Ray: decode tasks + a pool of model actors
@@ -80,7 +82,7 @@ def handler(args: argparse.Namespace) -> int:
     from ..index.embed import source_of
 
     spec = model_spec(args)
-    imsize, scales = extraction(args)
+    extraction(args)  # bad --imsize/--scales fail before any work
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise CLIError(f"--out {out} is a file; give a folder (new, or one written by `cbir extract` to resume)")
@@ -92,6 +94,7 @@ def handler(args: argparse.Namespace) -> int:
         except (ValueError, OSError):
             before = None
     model = spec.build()
+    imsize, scales = extraction(args, model=model)  # not given: the model's own default (`cbir models`)
     extra: dict = {"source": source_of(spec, model), "paths": {i: str(f.resolve()) for i, f in zip(ids, files)}}
     if model.pooling.name == "bow" and not bool(model.pooling.fitted):
         cb_path = Path(args.codebook) if args.codebook else out / "codebook.npz"

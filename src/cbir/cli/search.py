@@ -20,7 +20,9 @@ examples:
   cbir search big.index --image query.jpg --nprobe 64    # ivfpq: visit more lists
 
 --json FILE writes a list of {"id", "path", "score"}, best first ("-" = standard output).
-Re-ranking options search the whole index exactly (they need every descriptor).
+Re-ranking runs on the index's stored descriptors: QE on the query's neighbours, --diffusion on
+the kNN graph stored with the index (`cbir index build --graph K`; built for this call if absent),
+truncated to the query's top --diffusion-trunc; --whiten and --dba transform every descriptor.
 """
 
 
@@ -78,14 +80,14 @@ def wants_rerank(args: argparse.Namespace) -> bool:
 def cmd_search(args: argparse.Namespace) -> int:
     from ..index import Index
     from ..pipeline import find_image, search_index
-    from ..rerank.options import Rerank
+    from ..rerank.options import settings_from_args
 
     if args.top < 1:
         raise CLIError("--top must be at least 1")
     bbox = parse_bbox(args.bbox)
     if bbox is not None and args.image is None:
         raise CLIError("--bbox applies to --image")
-    rerank = Rerank.from_args(args)
+    rerank = settings_from_args(args, index=args.index)  # a Rerank, or the --recipe (or the index's)
     image = None
     if args.image is not None:
         image = Path(args.image)
