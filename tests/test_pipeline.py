@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from cbir import pipeline
+from cbir.pipeline import describing
 from cbir.descriptors import Descriptors
 from cbir.evaluation import evaluate_revisitop
 from cbir.model import ModelSpec, build_model
@@ -72,13 +73,13 @@ def test_describe_uses_the_cache(tmp_path, monkeypatch):
     another setting (or a changed image) is a miss."""
     bench = pipeline.load_benchmark(_toy(tmp_path))
     calls = []
-    real = pipeline._run_extract
+    real = describing._run_extract
 
     def counting(model, paths, **kw):
         calls.append(len(paths))
         return real(model, paths, **kw)
 
-    monkeypatch.setattr(pipeline, "_run_extract", counting)
+    monkeypatch.setattr(describing, "_run_extract", counting)
     spec = ModelSpec("efficientnet_lite0", "gem:p=4", "none")
     kw = dict(imsize=32, scales=(1.0,), device="cpu", cache_dir=tmp_path / "cache")
     q1, db1 = pipeline.describe(bench, spec, **kw)
@@ -119,6 +120,46 @@ def test_evaluate_from_features_equals_score(tmp_path):
         pipeline.evaluate(gpath, features=tmp_path / "few")
     with pytest.raises(ValueError):
         pipeline.evaluate(gpath)
+
+
+def test_distractors_with_top_k_scan_in_blocks_and_agree_with_the_full_matrix(tmp_path):
+    """+distractors with top_k: the block scan (cbir.topk) gives the figures of the stacked matrix."""
+    bench = pipeline.load_benchmark(_toy(tmp_path))
+    rng = np.random.default_rng(0)
+    q = np.array([[1, 0, 0]], np.float32)
+    db = np.array([[0.9, 0.1, 0], [0.7, 0.7, 0], [0.5, 0.2, 0.8]], np.float32)
+    Descriptors(ids=[f"d{i}" for i in range(500)],
+                vectors=rng.normal(size=(500, 3)).astype(np.float16)).save(tmp_path / "dis")
+    for k in (2, 50, 503):
+        blocks = pipeline.score(bench, q, db, distractors=tmp_path / "dis", top_k=k)
+        full = pipeline.score(bench, q, db, distractors=tmp_path / "dis", top_k=k, keep_scores=True)
+        assert blocks["n_distractors"] == 500 and blocks["mAP"] == pytest.approx(full["mAP"])
+        for proto in blocks["mP"]:
+            assert blocks["mP"][proto] == pytest.approx(full["mP"][proto])
+    assert 0 < blocks["mAP"]["medium"] < 100  # the distractors really compete
+
+
+def test_describe_poolings_matches_the_extractor(tmp_path):
+    """One backbone pass, several poolings: each equals describing with that pooling (up to the
+    float16 storage of the feature maps)."""
+    from cbir.pooling import build_pooling
+
+    import torch
+
+    bench = pipeline.load_benchmark(_toy(tmp_path))
+    torch.manual_seed(0)  # random weights: the same ones in both builds
+    out = pipeline.describe_poolings(bench, "efficientnet_lite0", {"gem": build_pooling("gem"), "mac": build_pooling("mac")},
+                                     imsize=48, scale_sets={"one": (1.0,), "two": (1.0, 0.5)}, weights="none")
+    for name in ("gem", "mac"):
+        for label, scales in (("one", (1.0,)), ("two", (1.0, 0.5))):
+            torch.manual_seed(0)
+            net = build_model("efficientnet_lite0", pooling=name, weights="none")
+            q, db = pipeline.describe(bench, net, imsize=48, scales=scales, device="cpu", precision="fp32")
+            qp, dbp = out[name][label]
+            assert qp.ids == q.ids and dbp.ids == db.ids
+            cos = np.sum(dbp.vectors * db.vectors, axis=1)
+            assert np.all(cos > 0.999), (name, label, cos)
+            assert np.sum(qp.vectors * q.vectors) > 0.999
 
 
 # --- +distractors with a top-K cut: the chunked path (cbir.topk) ------------------------------

@@ -43,7 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                           "on the GPU); without it, or with DBA/QE/diffusion, all rows are loaded")
     m = p.add_argument_group("model (with images)")
     add_model_options(m)
-    add_extraction_options(m, small_default="; demo: 512 and 1, its photos are small")
+    add_extraction_options(m, per_benchmark=True)
     m.add_argument("--no-crop", action="store_true", help="do not crop queries to their box")
     m.add_argument("--cache-dir", metavar="DIR", default=None,
                    help="keep the descriptors here, keyed by model, weights, settings and images, so that a "
@@ -104,13 +104,13 @@ def handler(args: argparse.Namespace) -> int:
     from ..fileio import atomic_write_json
     from ..pipeline import default_cache_dir, describe, lookup, score
     from ..report import format_table, jsonable, plot_top10
-    from ..rerank.options import Rerank
+    from ..rerank.options import settings_from_args
 
     if args.images and args.features:
         raise CLIError("give either --images or --features, not both")
     if args.query_features and not args.features:
         raise CLIError("--query-features goes with --features")
-    rerank = Rerank.from_args(args)
+    rerank = settings_from_args(args)  # a Rerank, or the --recipe
     bench = load_benchmark(args)
     if args.features:
         q, db = lookup(bench, args.features, args.query_features)
