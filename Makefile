@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test bench clean browser-deps
+.PHONY: setup demo test lint bench clean browser-deps
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -27,6 +27,10 @@ demo: setup
 
 test: setup browser-deps
 	$(BIN)/python -m pytest -q -n 2 --dist loadgroup
+
+# Architecture checks: no import cycle inside cbir, no library module importing the CLI.
+lint: setup
+	$(BIN)/python -m pytest -q -n 0 tests/test_architecture.py
 
 # Speed benchmarks at sizes that finish in minutes on 2 cores; each prints a ratio against a
 # baseline measured in the same run. The README gives the larger runs and their commands.

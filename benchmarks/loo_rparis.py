@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import pickle
 import sys
 import tempfile
 import time
@@ -36,14 +35,13 @@ def landmark(name: str) -> str:
     return name.split("_")[1]
 
 
-def describe(model, gnd, jpg: Path, imsize: int, qsel: list[int]):
-    from cbir.extract import extract
+def evaluate(bench, model, imsize: int, qsel: list[int]) -> dict:
+    """E/M/H mAP of the queries ``qsel`` against the whole database, single scale, on the CPU."""
+    from cbir.pipeline import describe, score, select_queries
 
-    kw = dict(imsize=imsize, scales=(1.0,), progress=False, device="cpu")
-    db = extract(model, [jpg / f"{n}.jpg" for n in gnd["imlist"]], **kw)
-    q = extract(model, [jpg / f"{gnd['qimlist'][i]}.jpg" for i in qsel], bboxes=[tuple(gnd["gnd"][i]["bbx"]) for i in qsel], **kw)
-    assert not db.failed and not q.failed, (db.failed, q.failed)
-    return q.vectors, db.vectors
+    fold = select_queries(bench, qsel)
+    q, db = describe(fold, model, imsize=imsize, scales=(1.0,), device="cpu")
+    return score(fold, q, db)["mAP"]
 
 
 def main() -> int:
@@ -66,8 +64,8 @@ def main() -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from cbir.evaluation import evaluate_revisitop
     from cbir.model import build_model
+    from cbir.pipeline import describe, load_benchmark, score, select_queries
     from cbir.training.trainer import train
 
     root = SHARED / "data" / "rparis6k-250"
@@ -75,18 +73,17 @@ def main() -> int:
     if not jpg.is_dir():
         print(f"reference data not found: {root}", file=sys.stderr)
         return 2
-    with open(root / "gnd_rparis6k_subset250.pkl", "rb") as fh:
-        gnd = pickle.load(fh)
-    allq = list(range(len(gnd["qimlist"])))
+    bench = load_benchmark(root / "gnd_rparis6k_subset250.pkl")
+    allq = list(range(len(bench.query_ids)))
     t0 = time.time()
     base = build_model("efficientnet_lite0", pooling="gem")
-    q0, db0 = describe(base, gnd, jpg, args.eval_size, allq)
+    q0, db0 = describe(bench, base, imsize=args.eval_size, scales=(1.0,), device="cpu")
     before_s = time.time() - t0
     budget = {k: getattr(args, k) for k in ("epochs", "tuples", "negatives", "pool", "train_size", "eval_size", "lr", "loss", "train_all")}
     results = {"budget": budget, "torch_threads": torch.get_num_threads(), "folds": {}}
     for lm in args.folds.split(","):
-        qsel = [i for i in allq if landmark(gnd["qimlist"][i]) == lm]
-        before = evaluate_revisitop(q0[qsel] @ db0.T, [gnd["gnd"][i] for i in qsel])["mAP"]
+        qsel = [i for i in allq if landmark(bench.query_ids[i]) == lm]
+        before = score(select_queries(bench, qsel), q0.vectors[qsel], db0)["mAP"]
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)
             csv = tmp / "train.csv"
@@ -106,8 +103,7 @@ def main() -> int:
             t = time.time()
             res = train(cfg, model=model, log=lambda m: print(f"[{lm}] {m}", file=sys.stderr, flush=True))
             train_s = time.time() - t
-            q1, db1 = describe(res["model"], gnd, jpg, args.eval_size, qsel)
-            after = evaluate_revisitop(q1 @ db1.T, [gnd["gnd"][i] for i in qsel])["mAP"]
+            after = evaluate(bench, res["model"], args.eval_size, qsel)
         results["folds"][lm] = {
             "queries": len(qsel), "train_images": len(names), "cleaning_dropped": res["setup"].get("cleaning_dropped"),
             "before": before, "after": after, "train_s": round(train_s, 1),

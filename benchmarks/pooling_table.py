@@ -21,63 +21,18 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from cbir.datasets import from_gnd_file  # noqa: E402
-from cbir.evaluation import evaluate_revisitop  # noqa: E402
-from cbir.extract import combine_scales, image_tensor, load_image  # noqa: E402
 from cbir.fileio import atomic_write_json  # noqa: E402
 from cbir.model import build_model  # noqa: E402
-from cbir.pooling import bow_hard, bow_idf, build_pooling, fit_codebook, local_features  # noqa: E402
+from cbir.pipeline import describe_poolings, load_benchmark, score  # noqa: E402
+from cbir.pooling import build_pooling  # noqa: E402
 
 METHODS = ("spoc", "mac", "gem", "rmac", "crow", "bow")
 MULTI = (1.0, 1.0 / math.sqrt(2.0), 0.5)
-
-
-def feature_maps(model, paths, boxes, imsize, scales, what="images"):
-    """Per image, the backbone maps at each scale (float16 to keep memory small)."""
-    out = []
-    with torch.inference_mode():
-        for i, (path, box) in enumerate(zip(paths, boxes)):
-            if i % 25 == 0:
-                print(f"{what}: {i}/{len(paths)}", file=sys.stderr, flush=True)
-            x = image_tensor(load_image(path, box), imsize, model.mean, model.std)[None]
-            maps = []
-            for s in scales:
-                xs = x if s == 1.0 else F.interpolate(x, scale_factor=s, mode="bilinear", align_corners=False,
-                                                       antialias=True)
-                maps.append(model.features(xs).half())
-            out.append(maps)
-    return out
-
-
-def fit_bow_from_maps(pool, maps, seed=0, sample=200, per_image=300):
-    rng = np.random.default_rng(seed)
-    pick = sorted(rng.choice(len(maps), size=min(sample, len(maps)), replace=False).tolist())
-    feats = []
-    for i in pick:
-        loc = local_features(maps[i][0].float())[0].numpy()
-        take = rng.choice(loc.shape[0], size=min(per_image, loc.shape[0]), replace=False)
-        feats.append(loc[take])
-    codebook = fit_codebook(np.concatenate(feats), pool.k, seed=seed)
-    hist = np.stack([bow_hard(maps[i][0].float(), torch.from_numpy(codebook))[0].numpy() for i in pick])
-    pool.set_codebook(codebook, bow_idf(hist))
-
-
-def pooled(pool, maps, n_scales):
-    """(N, D) descriptors: per scale pooling + L2, scales combined by the pooling's mean, L2."""
-    rows = []
-    with torch.inference_mode():
-        for per_image in maps:
-            vs = torch.stack([F.normalize(pool(m.float()).float(), dim=-1) for m in per_image[:n_scales]])
-            v = vs[0] if n_scales == 1 else combine_scales(vs, pool.multiscale_p())
-            rows.append(v[0].numpy())
-    return np.stack(rows).astype(np.float32)
 
 
 def main() -> int:
@@ -95,28 +50,24 @@ def main() -> int:
     if gnd is None:
         print(f"no gnd_*.pkl in {data}", file=sys.stderr)
         return 2
-    ds = from_gnd_file(gnd)
+    ds = load_benchmark(gnd)
     model = build_model(args.model, pooling="gem")
+    poolings = {name: build_pooling(name, **({"k": args.bow_k, "channels": model.channels} if name == "bow" else {}))
+                for name in METHODS}
     t0 = time.perf_counter()
-    db_maps = feature_maps(model, ds.db_paths, [None] * len(ds.db_paths), args.imsize, MULTI, "database")
-    q_maps = feature_maps(model, ds.query_paths, ds.query_bboxes, args.imsize, MULTI, "queries")
-    t_maps = time.perf_counter() - t0
+    described = describe_poolings(ds, args.model, poolings, imsize=args.imsize,
+                                  scale_sets={"single": (1.0,), "multi": MULTI},
+                                  log=lambda m: print(m, file=sys.stderr, flush=True))
+    t_maps = time.perf_counter() - t0  # backbone pass and poolings together
 
     rows, record = [], {"dataset": ds.name, "model": args.model, "imsize": args.imsize, "scales_multi": list(MULTI),
                         "n_db": len(ds.db_ids), "n_queries": len(ds.query_ids), "results": {}}
     for name in METHODS:
-        kw = {"k": args.bow_k, "channels": model.channels} if name == "bow" else {}
-        pool = build_pooling(name, **kw).eval()
-        print(f"pooling: {name}", file=sys.stderr, flush=True)
-        if name == "bow":
-            fit_bow_from_maps(pool, db_maps)
         res = {}
-        for label, n_scales in (("single", 1), ("multi", len(MULTI))):
-            db = pooled(pool, db_maps, n_scales)
-            q = pooled(pool, q_maps, n_scales)
-            r = evaluate_revisitop(q @ db.T, ds.gnd)
-            res[label] = {k: round(v, 2) for k, v in r["mAP"].items()}
-        record["results"][name] = {"params": pool.params(), **res}
+        for label in ("single", "multi"):
+            q, db = described[name][label]
+            res[label] = {k: round(v, 2) for k, v in score(ds, q, db)["mAP"].items()}
+        record["results"][name] = {"params": poolings[name].params(), **res}
         s, m = res["single"], res["multi"]
         rows.append(f"| {name} | {s['easy']:.2f} | {s['medium']:.2f} | {s['hard']:.2f} "
                     f"| {m['easy']:.2f} | {m['medium']:.2f} | {m['hard']:.2f} |")
@@ -130,7 +81,7 @@ def main() -> int:
     print("|---|---|---|---|---|---|---|")
     print("\n".join(rows))
     print()
-    print(f"(backbone {t_maps:.0f} s, total {record['seconds_total']:.0f} s on this machine)")
+    print(f"(description {t_maps:.0f} s, total {record['seconds_total']:.0f} s on this machine)")
     if args.json:
         atomic_write_json(args.json, record)
     return 0

@@ -20,66 +20,56 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
-import pickle
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from cbir.descriptors import l2_normalize, read_fvecs
-from cbir.evaluation import evaluate_revisitop
+from cbir.descriptors import Descriptors, l2_normalize, read_fvecs
+from cbir.model import ModelSpec
+from cbir.pipeline import describe, load_benchmark, lookup, score
 from cbir.rerank.diffusion import PAPER, DiffusionParams
-from cbir.rerank.options import rerank
+from cbir.rerank.options import Rerank
 
 PAPER_QE = {"qe_k": 2, "qe_alpha": 3.0}  # untuned: alpha = 3 as Radenovic et al. TPAMI'18, a small k
 PAPER_DBA = {"dba_k": 10, "dba_alpha": 3.0}  # untuned
 PAPER_DIFF = PAPER  # Iscen et al.: k=50, kq=10, gamma=3, alpha=0.99, R=1000
 
 
-def load_oxford(shared: Path) -> tuple[np.ndarray, np.ndarray, dict]:
+def load_oxford(shared: Path):
+    """(benchmark, queries, database): rOxford5k rows of the fc7-128d descriptors, by image name."""
     root = shared / "data" / "oxford5k-fc7-128d"
     x = l2_normalize(read_fvecs(root / "oxford_features.fvecs"))
     names = (root / "row_order_sorted_names.txt").read_text().split()
-    with open(shared / "data" / "revisitop" / "gnd_roxford5k.pkl", "rb") as fh:
-        gnd = pickle.load(fh)
-    row = {n: i for i, n in enumerate(names)}
-    return x[[row[n] for n in gnd["qimlist"]]], x[[row[n] for n in gnd["imlist"]]], gnd
+    bench = load_benchmark(shared / "data" / "revisitop" / "gnd_roxford5k.pkl")
+    q, db = lookup(bench, Descriptors(ids=names, vectors=x))
+    return bench, q.vectors, db.vectors
 
 
-def load_rparis250(shared: Path, cache: Path) -> tuple[np.ndarray, np.ndarray, dict]:
-    root = shared / "data" / "rparis6k-250"
-    with open(root / "gnd_rparis6k_subset250.pkl", "rb") as fh:
-        gnd = pickle.load(fh)
-    path = cache / "rparis250_lite0_gem_512.npz"
-    if not path.exists():
-        from cbir.extract import extract
-        from cbir.model import build_model
-
-        model = build_model("efficientnet_lite0", pooling="gem")
-        jpg = root / "jpg"
-        db = extract(model, [jpg / f"{n}.jpg" for n in gnd["imlist"]], imsize=512, scales=(1.0,), progress=False)
-        q = extract(model, [jpg / f"{n}.jpg" for n in gnd["qimlist"]], imsize=512, scales=(1.0,),
-                    bboxes=[tuple(g["bbx"]) for g in gnd["gnd"]], progress=False)
-        if db.failed or q.failed:
-            raise RuntimeError(f"extraction failed: {db.failed + q.failed}")
-        cache.mkdir(parents=True, exist_ok=True)
-        np.savez(path, db=db.vectors, q=q.vectors)
-    data = np.load(path)
-    return data["q"], data["db"], gnd
+def load_rparis250(shared: Path, cache: Path):
+    """(benchmark, queries, database): Lite0 + GeM, 512 px, single scale, cropped queries, described
+    once and kept in the pipeline's extraction cache under ``cache``."""
+    bench = load_benchmark(shared / "data" / "rparis6k-250" / "gnd_rparis6k_subset250.pkl")
+    q, db = describe(bench, ModelSpec("efficientnet_lite0", "gem"), imsize=512, scales=(1.0,), cache_dir=cache)
+    return bench, q.vectors, db.vectors
 
 
-def evaluate(q, db, gnd, **kw) -> dict:
-    scores, applied = rerank(q, db, **kw)
-    return evaluate_revisitop(scores, gnd)["mAP"]
+def _rerank(kw: dict, whiten: str | None = None) -> Rerank:
+    return Rerank(whiten=whiten, qe=kw.get("qe_k", 0), alpha_qe=kw.get("qe_alpha") if kw.get("qe_k") else None,
+                  dba=kw.get("dba_k", 0), dba_alpha=kw.get("dba_alpha"), diffusion=kw.get("diffusion"))
+
+
+def evaluate(bench, q, db, whiten: str | None = None, **kw) -> dict:
+    return score(bench, q, db, _rerank(kw, whiten))["mAP"]
 
 
 def _mh(r: dict) -> float:
     return (r["medium"] + r["hard"]) / 2
 
 
-def _best(q, db, gnd, grid: list[dict]) -> tuple[dict, dict]:
-    results = [(kw, evaluate(q, db, gnd, **kw)) for kw in grid]
+def _best(gnd, q, db, grid: list[dict]) -> tuple[dict, dict]:
+    results = [(kw, evaluate(gnd, q, db, **kw)) for kw in grid]
     return max(results, key=lambda t: _mh(t[1]))
 
 
@@ -95,7 +85,7 @@ def _describe(kw: dict) -> str:
     return " + ".join(parts) or "raw"
 
 
-def table(name: str, q, db, gnd) -> str:
+def table(name: str, gnd, q, db) -> str:
     n = len(db)
     t0 = time.perf_counter()
     qe_grid = [{"qe_k": k, "qe_alpha": a} for k in (1, 2, 5, 10) for a in (0.0, 3.0)]
@@ -105,23 +95,28 @@ def table(name: str, q, db, gnd) -> str:
         for k, kq, a in itertools.product((10, 20, 50, 100), (5, 10), (0.9, 0.99))
         if k < n
     ]
-    raw = evaluate(q, db, gnd)
+    raw = evaluate(gnd, q, db)
     paper_diff = {"diffusion": DiffusionParams(**{**PAPER_DIFF.to_dict(), "k": min(PAPER_DIFF.k, n - 1)})}
     rows = [("raw", {}, raw)]
     if n > 4 * q.shape[1]:  # enough vectors to estimate a D x D covariance
+        import tempfile
+
         from cbir.whitening import learn_pca_whitening
 
         for power in (0.5, 1.0):
-            w = learn_pca_whitening(db, power=power)
-            rows.append((f"PCA-whitening learned on the database (no labels), power {power:g}", {}, evaluate(q, db, gnd, whitening=w)))
-    rows.append((f"+aQE, untuned ({_describe(PAPER_QE)})", PAPER_QE, evaluate(q, db, gnd, **PAPER_QE)))
-    best_qe = _best(q, db, gnd, qe_grid)
+            with tempfile.TemporaryDirectory() as tmp:
+                w_file = str(Path(tmp) / "w.npz")
+                learn_pca_whitening(db, power=power).save(w_file)
+                rows.append((f"PCA-whitening learned on the database (no labels), power {power:g}", {},
+                             evaluate(gnd, q, db, whiten=w_file)))
+    rows.append((f"+aQE, untuned ({_describe(PAPER_QE)})", PAPER_QE, evaluate(gnd, q, db, **PAPER_QE)))
+    best_qe = _best(gnd, q, db, qe_grid)
     rows.append((f"+QE, tuned ({_describe(best_qe[0])})", *best_qe))
-    rows.append((f"+DBA, untuned ({_describe(PAPER_DBA)})", PAPER_DBA, evaluate(q, db, gnd, **PAPER_DBA)))
-    best_dba = _best(q, db, gnd, dba_grid)
+    rows.append((f"+DBA, untuned ({_describe(PAPER_DBA)})", PAPER_DBA, evaluate(gnd, q, db, **PAPER_DBA)))
+    best_dba = _best(gnd, q, db, dba_grid)
     rows.append((f"+DBA, tuned ({_describe(best_dba[0])})", *best_dba))
-    rows.append((f"+diffusion, paper defaults ({_describe(paper_diff)})", paper_diff, evaluate(q, db, gnd, **paper_diff)))
-    best_dif = _best(q, db, gnd, dif_grid)
+    rows.append((f"+diffusion, paper defaults ({_describe(paper_diff)})", paper_diff, evaluate(gnd, q, db, **paper_diff)))
+    best_dif = _best(gnd, q, db, dif_grid)
     rows.append((f"+diffusion, tuned ({_describe(best_dif[0])})", *best_dif))
     combos = [
         {**best_qe[0], **best_dba[0]},
@@ -129,7 +124,7 @@ def table(name: str, q, db, gnd) -> str:
         {**best_qe[0], **best_dif[0]},
         {**best_dba[0], **best_qe[0], **best_dif[0]},
     ]
-    best_combo = _best(q, db, gnd, combos + [best_qe[0], best_dba[0], best_dif[0]])
+    best_combo = _best(gnd, q, db, combos + [best_qe[0], best_dba[0], best_dif[0]])
     rows.append((f"best combination ({_describe(best_combo[0])})", *best_combo))
     out = [f"### {name}: {len(q)} queries, {n} database images, D = {q.shape[1]}", "",
            "| method | Easy | Medium | Hard |", "|---|---|---|---|"]
@@ -141,19 +136,19 @@ def table(name: str, q, db, gnd) -> str:
     return "\n".join(out)
 
 
-def graph_purity(q, db, gnd) -> str:
+def graph_purity(bench, q, db) -> str:
     """Why diffusion needs care on weak features: how often the graph's edges and the query's
     neighbours stay within the query's landmark (positives = easy + hard)."""
     from cbir.rerank.diffusion import knn_graph
 
-    res = evaluate_revisitop(q @ db.T, gnd)
-    npos = [len(e["easy"]) + len(e["hard"]) for e in gnd["gnd"]]
+    res = score(bench, q, db)
+    npos = [len(e["easy"]) + len(e["hard"]) for e in bench.gnd]
     out = [f"raw mP@10 Medium {res['mP']['medium'][10]:.1f}%, positives per query: median {np.median(npos):.0f}, "
            f"min {min(npos)}, max {max(npos)}", "", "| graph k | mean degree (mutual) | edges from a positive that reach a positive of the same query |", "|---|---|---|"]
     for k in (10, 20, 50, 100):
         w = knn_graph(db, k=min(k, len(db) - 1))
         prec, deg = [], []
-        for e in gnd["gnd"]:
+        for e in bench.gnd:
             pos = np.zeros(len(db), bool)
             pos[list(e["easy"]) + list(e["hard"])] = True
             for i in np.flatnonzero(pos):

@@ -67,7 +67,7 @@ def main() -> int:
         amp = torch.autocast("cuda", dtype=torch.bfloat16) if "bf16" in mode else nullcontext()
         xb = x.to(dev)
 
-        def step():
+        def step() -> float:
             if mode == "per-image (cirtorch-style)":
                 embs = []
                 for i in range(args.tuples):
@@ -83,7 +83,9 @@ def main() -> int:
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
+            return float(loss.detach())
 
+        first_loss[mode] = step()  # same weights, same inputs: every mode must give the same loss
         for _ in range(args.warmup):
             step()
         sync()
@@ -95,7 +97,15 @@ def main() -> int:
 
     modes = ["per-image (cirtorch-style)", "batched"]
     modes += ["batched+channels_last"] if dev.type == "cpu" else ["batched+bf16+channels_last"]
+    first_loss: dict[str, float] = {}
     res = {m: run(m) for m in modes}
+    # correctness: BN frozen, so a batched step computes what the per-image one does (bf16: ~1e-2)
+    ref = first_loss[modes[0]]
+    for m, v in first_loss.items():
+        tol = 3e-2 if "bf16" in m else 1e-4
+        if abs(v - ref) > tol * max(1.0, abs(ref)):
+            print(f"{m}: first-step loss {v:.6f} differs from the per-image baseline {ref:.6f}", file=sys.stderr)
+            return 1
     base = res[modes[0]]
     out = {
         "device": str(dev) if dev.type == "cpu" else torch.cuda.get_device_name(dev),
@@ -103,6 +113,7 @@ def main() -> int:
         "model": args.model, "weights": args.weights, "imsize": args.imsize, "tuples_per_step": args.tuples, "images_per_tuple": t,
         "steps": args.steps,
         "images_per_s": {m: round(v, 2) for m, v in res.items()},
+        "first_step_loss": {m: round(v, 6) for m, v in first_loss.items()},
         "ratio_to_baseline": {m: round(v / base, 2) for m, v in res.items()},
     }
     print(json.dumps(out, indent=2))

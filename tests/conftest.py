@@ -20,6 +20,12 @@ SHARED = Path(os.environ.get("CBIR_SHARED", REPO.parent / "shared")).resolve()
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+@pytest.fixture(autouse=True)
+def _private_descriptor_cache(tmp_path, monkeypatch):
+    """Each test gets its own extraction cache (cbir.pipeline), never the user's ~/.cache."""
+    monkeypatch.setenv("CBIR_CACHE", str(tmp_path / "cbir-cache"))
+
+
 def shared_path(*parts: str) -> Path:
     """Path inside ../shared, or skip the test with a clear reason."""
     path = SHARED.joinpath(*parts)
@@ -62,8 +68,9 @@ def _code_version() -> str:
     import hashlib
 
     digest = hashlib.sha256()
-    for name in ("backbones.py", "pooling.py", "model.py", "extract.py"):
-        digest.update((REPO / "src" / "cbir" / name).read_bytes())
+    src = REPO / "src" / "cbir"
+    for path in [src / n for n in ("backbones.py", "pooling.py", "model.py")] + sorted((src / "extraction").glob("*.py")):
+        digest.update(path.read_bytes())
     return digest.hexdigest()[:12]
 
 

@@ -315,3 +315,178 @@ def test_short_cpu_training_raises_heldout_map(rparis250, tmp_path):
     after = _heldout_map(trained, heldout, size)
     assert before < 0.65, before  # the off-the-shelf model is weak here
     assert after > before + 0.05, (before, after)  # measured: 0.513 -> 0.606
+
+
+# ---------------------------------------------------------------------------------------------
+# validation split of the training data, best epoch, early stopping, pre-flight checks, CLI order
+
+
+def _split_cfg(images: Path, out: Path, **optim) -> dict:
+    cfg = base_cfg(images, out, **optim)
+    cfg["validation"] = {"split": 0.25, "split_by": "images", "imsize": 32, "every": 1}
+    return cfg
+
+
+def test_split_by_classes_and_images_never_share_an_image(tmp_path):
+    from cbir.training.data import load_class_folder, split_classes, split_images
+
+    data = load_class_folder(make_class_images(tmp_path / "c", n_classes=10, per=5))
+    train_part, held = split_classes(data, 0.2, np.random.default_rng(0))
+    assert held.n_clusters == 2 and train_part.n_clusters == 8
+    assert not set(map(str, train_part.paths)) & set(map(str, held.paths))
+    assert not set(train_part.clusters.tolist()) & set(held.clusters.tolist())
+    # the held-out part's queries and positives stay inside it (indices remapped)
+    assert all(set(held.clusters[p]) == {held.clusters[q]} for q, p in zip(held.queries, held.positives))
+    tr, ho = split_images(data, 0.2, np.random.default_rng(0))
+    assert len(ho.paths) == 20 and tr.n_clusters == ho.n_clusters == 10  # 2 of each class's 5
+    assert not set(map(str, tr.paths)) & set(map(str, ho.paths))
+    with pytest.raises(ValueError, match="too few"):
+        split_classes(load_class_folder(make_class_images(tmp_path / "d", n_classes=3, per=3)), 0.2,
+                      np.random.default_rng(0))
+
+
+def test_best_validated_epoch_is_returned_never_worse_than_the_start(images, tmp_path):
+    from cbir.training.trainer import heldout_benchmark, is_better, validate
+
+    assert is_better(1.0, None) and not is_better(1.0, 1.0) and is_better(1.1, 1.0)
+    assert not is_better(float("nan"), 1.0) and is_better(0.5, float("nan"))
+    # a learning rate that wrecks the network: every trained epoch validates worse than the start
+    m0 = tiny_model()
+    start = _state(m0)
+    cfg = _split_cfg(images, tmp_path / "wreck", name="sgd", lr=50.0, epochs=3)
+    cfg["validation"]["patience"] = 2
+    r = train(cfg, model=m0)
+    h = r["history"]
+    scores = [rec["val"]["medium"] for rec in h]
+    assert h[0]["epoch"] == 0 and r["best"]["epoch"] == int(np.nanargmax(scores))
+    # model.pt and the returned model are the best epoch; here the start
+    assert r["best"]["epoch"] == 0, scores
+    for k, v in start.items():
+        assert torch.equal(r["model"].state_dict()[k], v), k
+    saved = load_model(tmp_path / "wreck" / "model.pt")
+    for k, v in start.items():
+        assert torch.equal(saved.state_dict()[k], v), k
+    # early stopping: patience 2 -> stopped after epoch 2 of 3
+    assert [rec["epoch"] for rec in h] == [0, 1, 2]
+    # the saved model re-validates to the recorded best score
+    vc = train.__globals__["TrainConfig"].from_dict(cfg).validation
+    from cbir.training.data import load_class_folder, split_images
+
+    _, held = split_images(load_class_folder(images), 0.25, np.random.default_rng([0, 7]))
+    again = validate(saved, heldout_benchmark(held), vc, torch.device("cpu"))["mAP"]["medium"]
+    assert again == pytest.approx(r["best"]["score"], abs=1e-6)
+
+
+def _scripted_validation(monkeypatch, scores: list[float]) -> list[dict]:
+    """Replace the measurement (not the selection logic) by a scripted score per validation; records
+    the weights each validation saw."""
+    import cbir.training.trainer as tr
+
+    seen: list[dict] = []
+
+    def fake(model, bench, vc, device):
+        seen.append(_state(model))
+        s = scores[len(seen) - 1]
+        return {"mAP": {"easy": s, "medium": s, "hard": float("nan")}}
+
+    monkeypatch.setattr(tr, "validate", fake)
+    return seen
+
+
+def test_best_epoch_is_model_pt_and_resume_keeps_it(images, tmp_path, monkeypatch):
+    scores = [50.0, 40.0, 60.0, 55.0, 58.0]  # epoch 0 (start) .. 4: best is epoch 2
+    seen = _scripted_validation(monkeypatch, scores)
+    cfg = _split_cfg(images, tmp_path / "a", lr=1e-2, epochs=4)
+    cfg["keep_epochs"] = True
+    full = train(cfg, model=tiny_model())
+    assert full["best"]["epoch"] == 2 and full["best"]["score"] == 60.0
+    assert [r["best_epoch"] for r in full["history"]] == [0, 0, 2, 2, 2]
+    for k, v in seen[2].items():  # returned model and model.pt: the weights validated at epoch 2
+        assert torch.equal(full["model"].state_dict()[k], v), k
+        assert torch.equal(load_model(tmp_path / "a" / "model.pt").state_dict()[k], v), k
+    assert not torch.equal(full["model"].state_dict()["backbone.net.conv_head.weight"],
+                           seen[4]["backbone.net.conv_head.weight"])
+    # interrupted after epoch 3 (best epoch 2 then in the past), resumed: same best weights returned
+    (tmp_path / "a" / "last.pt").write_bytes((tmp_path / "a" / "epoch_003.pt").read_bytes())
+    seen2 = _scripted_validation(monkeypatch, scores[4:])
+    resumed = train(cfg, model=tiny_model(seed=5), resume=True)
+    assert len(seen2) == 1 and resumed["best"]["epoch"] == 2
+    for k, v in seen[2].items():
+        assert torch.equal(resumed["model"].state_dict()[k], v), k
+    for k, v in seen[4].items():  # and the resumed epoch 4 is the uninterrupted epoch 4
+        assert torch.allclose(seen2[0][k], v, atol=1e-6), k
+
+
+def test_early_stopping_after_patience(images, tmp_path, monkeypatch):
+    _scripted_validation(monkeypatch, [50.0, 51.0, 49.0, 50.0, 99.0, 99.0])
+    cfg = _split_cfg(images, tmp_path / "p", lr=1e-2, epochs=5)
+    cfg["validation"]["patience"] = 2
+    r = train(cfg, model=tiny_model())
+    assert [h["epoch"] for h in r["history"]] == [0, 1, 2, 3] and r["best"]["epoch"] == 1
+
+
+def test_every_missing_input_is_reported_before_any_work(tmp_path, capsys):
+    from cbir.cli import main
+
+    cfg = tmp_path / "t.yaml"
+    cfg.write_text("model: {name: test_efficientnet, weights: none}\n"
+                   f"data: {{root: {tmp_path / 'nophotos'}}}\n"
+                   f"validation: {{gnd: {tmp_path / 'none.pkl'}, images: {tmp_path / 'noimgs'}}}\n")
+    out = tmp_path / "run"
+    assert main(["train", str(cfg), f"out={out}", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    for needle in ("data.root", "nophotos", "validation.gnd", "none.pkl", "validation.images", "noimgs"):
+        assert needle in err, (needle, err)
+    assert not out.exists()  # nothing started
+
+
+def test_cli_options_and_overrides_in_any_order(images, tmp_path, capsys):
+    from cbir.cli import main
+
+    cfg = tmp_path / "t.yaml"
+    cfg.write_text("model: {name: test_efficientnet, weights: none}\n"
+                   f"data: {{root: {images}, imsize: 32}}\n"
+                   "mining: {queries_per_epoch: 8, pool_size: 16, negatives: 2}\n"
+                   "optim: {epochs: 1, batch_tuples: 4, lr: 1.0e-3}\n"
+                   "tensorboard: false\n")
+    out = tmp_path / "o"
+    assert main(["train", str(cfg), f"out={out}", "--no-progress"]) == 0
+    capsys.readouterr()
+    # CONFIG key=value --resume key=value: the issue's failing form
+    assert main(["train", str(cfg), f"out={out}", "--resume", "optim.epochs=2", "--no-progress"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["epochs"] == 2
+    assert main(["train", "--no-progress", str(cfg), "optim.epochs=3", "--resume", "--out", str(out)]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["epochs"] == 3
+    assert main(["train", str(cfg), "--print-config", "optim.lr=0.5"]) == 0
+    assert json.loads(capsys.readouterr().out)["optim"]["lr"] == 0.5
+    assert main(["train", str(cfg), "--bogus"]) == 2
+    assert "--bogus" in capsys.readouterr().err
+
+
+def test_cleaning_shows_a_progress_bar(images, tmp_path, capsys):
+    cfg = base_cfg(images, tmp_path / "c", epochs=1)
+    cfg["data"]["clean"] = True
+    train(cfg, model=tiny_model(), progress=True)
+    assert "cleaning" in capsys.readouterr().err
+
+
+def test_example_configs_run_on_a_users_folder(tmp_path):
+    """No example config names the project's own data; own_photos.yaml needs only data.root."""
+    from cbir.training.config import load_config, missing_inputs
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    for f in sorted(root.iterdir()):
+        text = f.read_text()
+        assert "shared" not in text and "demo" not in text, f
+        load_config(f)  # every example is a valid config
+    photos = make_class_images(tmp_path / "photos", n_classes=6, per=4)
+    cfg = load_config(root / "own_photos.yaml", [f"data.root={photos}", f"out={tmp_path / 'run'}"])
+    assert missing_inputs(cfg) == []
+    # and it trains as written (only the sizes shrunk for a test)
+    small = ["model.name=test_efficientnet", "model.weights=none", "data.imsize=32", "validation.imsize=32",
+             "mining.queries_per_epoch=8", "mining.pool_size=16", "optim.epochs=1", "workers=0",
+             "tensorboard=false", f"data.root={photos}", f"out={tmp_path / 'run'}"]
+    r = train(load_config(root / "own_photos.yaml", small))
+    assert r["history"][-1]["epoch"] == 1 and "val" in r["history"][0]
+    assert (tmp_path / "run" / "model.pt").is_file()

@@ -160,3 +160,40 @@ def check_format(
         raise FormatError(
             f"{path}: {what} format version {version!r} is not supported (this cbir reads {supported})"
         )
+
+
+def save_stamped_npz(path: str | os.PathLike[str], arrays: dict[str, np.ndarray], meta: dict[str, Any],
+                     kind: str, version: int) -> None:
+    """Atomic ``.npz`` of ``arrays`` plus a JSON ``meta`` entry carrying the format stamp
+    (``format=kind``, ``format_version=version``). No pickles: loadable with allow_pickle=False."""
+    if "meta" in arrays:
+        raise ValueError("'meta' is reserved for the stamp")
+    stamp = json.dumps({**meta, "format": kind, "format_version": version})
+    buf = io.BytesIO()
+    np.savez(buf, meta=np.array(stamp), **{k: np.asarray(v) for k, v in arrays.items()})
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def load_stamped_npz(path: str | os.PathLike[str], kind: str, supported: tuple[int, ...],
+                     what: str | None = None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """(arrays, meta) of a file written by :func:`save_stamped_npz`; FileNotFoundError when missing,
+    FormatError (naming the file and ``what`` it should be) when damaged or of another kind/version.
+    ``meta`` comes back without the stamp keys."""
+    path = Path(path)
+    what = what or f"cbir {kind}"
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} file not found: {path}")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if "meta" not in z.files:
+                raise FormatError(f"{path} is not a {what} file (no meta)")
+            meta = json.loads(str(z["meta"]))
+            check_format(meta, kind, supported, path, what)
+            arrays = {k: z[k] for k in z.files if k != "meta"}
+    except FormatError:
+        raise
+    except Exception as exc:  # zip/npy/JSON damage: name the file
+        raise FormatError(f"{path} is not a readable {what} file: {exc}") from exc
+    meta.pop("format", None)
+    meta.pop("format_version", None)
+    return arrays, meta

@@ -8,6 +8,10 @@ from typing import Any
 
 import numpy as np
 
+class MissingDependency(RuntimeError):
+    """An optional dependency (an extra of the package) is not installed."""
+
+
 PROTO_LABEL = {"easy": "Easy", "medium": "Medium", "hard": "Hard", "all": "all"}
 
 
@@ -33,7 +37,10 @@ def format_table(res: dict) -> str:
 def plot_top10(path: str | Path, ds, scores: np.ndarray, max_queries: int = 20) -> int:
     """PNG grid: per query, the (cropped) query then its top-10 framed green (positive), red
     (negative) or grey (junk); revisitop datasets use the Medium protocol. Returns #queries drawn."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError as exc:
+        raise MissingDependency("--plot needs matplotlib: pip install 'cbir[plot]'") from exc
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

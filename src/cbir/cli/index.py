@@ -66,6 +66,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_model_options(g)
     add_extraction_options(g)
     _add_type_args(b)
+    b.add_argument("--recipe", metavar="FILE",
+                   help="a `cbir tune` recipe kept with the index (INDEX/recipe.json): `cbir search` and "
+                        "`cbir serve` re-rank with it unless told otherwise")
     b.set_defaults(func=cmd_build)
 
     a = isub.add_parser("add", help="add images (files or folders) to an index", epilog=ADD_EPILOG,
@@ -144,8 +147,9 @@ def check_output(out: str | Path) -> None:
         raise CLIError(f"--out {out} is a folder that is not a cbir index; give a new path or an existing index")
     if out.exists() and not out.is_dir():
         raise CLIError(f"--out {out} is an existing file, not an index folder; give a new path or an existing index")
-    if not out.parent.exists():
-        raise CLIError(f"--out {out}: the folder {out.parent} does not exist")
+    blocked = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if blocked is not None:
+        raise CLIError(f"--out {out}: {blocked} is a file, so the index folder cannot be made there")
 
 
 def _finish_and_save(index, args: argparse.Namespace) -> None:
@@ -163,6 +167,14 @@ def _finish_and_save(index, args: argparse.Namespace) -> None:
         index.save(args.out)
 
 
+def keep_recipe(args: argparse.Namespace) -> None:
+    """``--recipe FILE``: a copy in the index folder (INDEX/recipe.json), used by search and serve."""
+    if getattr(args, "recipe", None):
+        from ..rerank.recipe import INDEX_RECIPE, Recipe
+
+        Recipe.load(args.recipe).save(Path(args.out) / INDEX_RECIPE)
+
+
 def cmd_build(args: argparse.Namespace) -> int:
     from ..index.build import IMAGE_SUFFIXES, build_index, index_from_descriptors, list_images
 
@@ -170,9 +182,14 @@ def cmd_build(args: argparse.Namespace) -> int:
         raise CLIError("give a FOLDER of images or --features DIR (a `cbir extract` output), one of them")
     params = type_params(args)
     check_output(args.out)
+    if args.recipe:
+        from ..rerank.recipe import Recipe
+
+        Recipe.load(args.recipe)  # a bad recipe fails before any work
     if args.features:
         index = index_from_descriptors(args.features, kind=args.type, params=params, device=args.device)
         _finish_and_save(index, args)
+        keep_recipe(args)
         s = index.settings
         print(f"indexed {len(index)} images from {args.features} ({s.get('model')} + {s.get('pooling')}, "
               f"{index.dim}-d, nothing described) -> {args.out}")
@@ -194,6 +211,7 @@ def cmd_build(args: argparse.Namespace) -> int:
                                 device=args.device, batch_size=args.batch_size, precision=args.precision)
     _report_failed(failed)
     _finish_and_save(index, args)
+    keep_recipe(args)
     s = index.settings
     print(f"indexed {len(index)} images ({len(failed)} skipped as unreadable; {s['model']} + {s['pooling']}, "
           f"{index.dim}-d) -> {args.out}")

@@ -20,7 +20,6 @@ its own with :func:`latest_generation` to know whether it is stale.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import shutil
@@ -32,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .. import __version__
-from ..fileio import FormatError, atomic_write_json, check_format, fsync_dir, read_json
+from ..fileio import FormatError, atomic_write_json, check_format, fsync_dir, read_json, sha256_file
 from .backends import KINDS, check_params
 from .graph import KnnGraph
 from .store import MetadataDB, VectorStore
@@ -50,14 +49,6 @@ VECTORS, IDS, SQLITE = "vectors.npy", "ids.npy", "meta.sqlite"
 
 class StaleIndexError(RuntimeError):
     """Saving would overwrite a newer generation written by another writer (a lost update)."""
-
-
-def _sha256(file: Path) -> str:
-    h = hashlib.sha256()
-    with open(file, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _fsync_file(file: Path) -> None:
@@ -98,7 +89,7 @@ def save_generation(index: "Index", root: Path) -> tuple[Path, int]:
         files = {}
         for name in names:
             _fsync_file(tmp / name)
-            files[name] = {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
+            files[name] = {"bytes": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)}
         fsync_dir(tmp)
         os.replace(tmp, root / gen)
         fsync_dir(root)
@@ -163,7 +154,7 @@ def _load_generation(cls: type["Index"], root: Path, manifest: dict, device: str
             raise FileNotFoundError(f"index file missing: {file}")
         if file.stat().st_size != desc.get("bytes"):
             raise FormatError(f"{file} has {file.stat().st_size} bytes, the manifest says {desc.get('bytes')}: damaged or truncated")
-        if verify and _sha256(file) != desc.get("sha256"):
+        if verify and sha256_file(file) != desc.get("sha256"):
             raise FormatError(f"{file} does not match its checksum in the manifest: the index is damaged")
     try:
         vectors = np.load(gen / VECTORS, allow_pickle=False)

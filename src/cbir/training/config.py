@@ -135,8 +135,10 @@ class WhiteningConfig(_Section):
 
 class ValidationConfig(_Section):
     """Either a revisitop benchmark (``gnd`` + ``images``) or ``split``: a fraction of the training
-    classes held out (never trained on), each held-out image a query against the other held-out
-    images. The returned model is the best validated epoch (epoch 0 = the start included)."""
+    classes (``split_by: classes``) or of each class's images (``split_by: images``, for data with
+    few classes) held out and never trained on; each held-out image is a query against the other
+    held-out images. The returned model is the best validated epoch (epoch 0 = the start included);
+    ``patience`` stops after that many validations without improvement of ``metric``."""
 
     gnd: str | None = None
     images: str | None = None
@@ -144,6 +146,7 @@ class ValidationConfig(_Section):
     imsize: int = Field(512, gt=0)
     scales: list[float] = Field(default_factory=lambda: [1.0])
     split: float | None = Field(None, gt=0, lt=1)
+    split_by: Literal["classes", "images"] = "classes"
     every: int = Field(1, ge=1)
     before: bool = True
     metric: Literal["easy", "medium", "hard"] = "medium"

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from ..datasets.revisitop import load_plain_pickle
+from ..extraction.images import IMAGE_EXTENSIONS
 from ..fileio import FormatError
 from .mining import class_consistency_mask, hardest_positive, mine_diverse_negatives
 
@@ -42,13 +43,13 @@ __all__ = [
     "load_training_images",
     "clean_classes",
     "split_classes",
+    "split_images",
     "build_epoch_tuples",
     "square_tensor",
     "TupleDataset",
     "ImageDataset",
 ]
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
 @dataclass
@@ -238,6 +239,25 @@ def split_classes(data: TrainingImages, fraction: float, rng: np.random.Generato
                          f"hold out {n} and train on the rest (need at least {n + 2})")
     held = np.sort(rng.choice(multi, size=n, replace=False))
     mask = np.isin(data.clusters, held)
+    return data.subset(np.flatnonzero(~mask)), data.subset(np.flatnonzero(mask))
+
+
+def split_images(data: TrainingImages, fraction: float, rng: np.random.Generator) -> tuple[TrainingImages, TrainingImages]:
+    """Hold out ``fraction`` of the images of every cluster with at least four images (at least two
+    per such cluster, and two left to train on): (training part, held-out part). For data with few
+    classes (landmarks), where holding out whole classes would leave too few to train on."""
+    held: list[int] = []
+    for c in np.unique(data.clusters):
+        members = np.flatnonzero(data.clusters == c)
+        if len(members) < 4:
+            continue
+        n = min(max(2, int(round(fraction * len(members)))), len(members) - 2)
+        held.extend(rng.choice(members, size=n, replace=False).tolist())
+    if not held:
+        raise ValueError(f"validation.split={fraction} (by images): no class has the four images needed to hold "
+                         "two out; set validation=null to train without validation")
+    mask = np.zeros(len(data.paths), dtype=bool)
+    mask[held] = True
     return data.subset(np.flatnonzero(~mask)), data.subset(np.flatnonzero(mask))
 
 

@@ -39,6 +39,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..device import resolve_device
 from ..fileio import atomic_write_json
 from .checkpoint import (
     CHECKPOINT_FORMAT,
@@ -66,6 +67,7 @@ from .data import (
     clean_classes,
     load_training_images,
     split_classes,
+    split_images,
 )
 from .losses import APLoss, build_loss
 
@@ -237,15 +239,17 @@ def _gnd_benchmark(vc: ValidationConfig):
 
 def validate(model: nn.Module, bench, vc: ValidationConfig, device: torch.device) -> dict:
     """revisitop mAP (E/M/H, percent) of ``model`` on the benchmark ``bench`` (queries cropped to
-    their boxes), described at ``vc.imsize`` × ``vc.scales``; {"mAP": {...}, "mP": {...}}."""
-    from ..extract import extract
+    their boxes), described at ``vc.imsize`` × ``vc.scales`` through :mod:`cbir.pipeline`;
+    {"mAP": {...}, "mP": {...}}. A network whose descriptors are not finite (diverged) scores NaN,
+    which is never the best."""
+    from ..pipeline import describe, score
 
-    kw = dict(imsize=vc.imsize, scales=tuple(vc.scales), progress=False, device=device)
-    db = extract(model, bench.db_paths, **kw)
-    q = extract(model, bench.query_paths, bboxes=bench.query_bboxes, **kw)
-    if db.failed or q.failed:
-        raise ValueError(f"validation images failed to load: {(db.failed + q.failed)[:3]}")
-    return bench.evaluate(q.vectors @ db.vectors.T)
+    # the library chain: every image must load (ImageError naming the first that does not)
+    q, db = describe(bench, model, imsize=vc.imsize, scales=tuple(vc.scales), device=device)
+    if not (np.isfinite(q.vectors).all() and np.isfinite(db.vectors).all()):  # a diverged network
+        return {"mAP": {k: float("nan") for k in ("easy", "medium", "hard")}, "mP": {}, "diverged": True}
+    res = score(bench, q, db)
+    return {"mAP": res["mAP"], "mP": res["mP"]}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -256,12 +260,7 @@ def _dist_setup(device_cfg: str) -> tuple[int, int, torch.device, bool]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    if device_cfg == "auto":
-        device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(device_cfg)
-        if device.type == "cuda" and device.index is None:
-            device = torch.device(f"cuda:{local}")
+    device = resolve_device(device_cfg, local_rank=local)
     started = False
     if world > 1 and not dist.is_initialized():
         if device.type == "cuda":
@@ -389,11 +388,13 @@ def _prepare_validation(run: _Run) -> None:
     if vc is None:
         return
     if vc.split is not None:
-        run.data, held = split_classes(run.data, vc.split, np.random.default_rng([run.cfg.seed, 7]))
+        split = split_classes if vc.split_by == "classes" else split_images
+        run.data, held = split(run.data, vc.split, np.random.default_rng([run.cfg.seed, 7]))
         run.bench = heldout_benchmark(held)
         run.setup["validation"] = {"heldout_classes": held.n_clusters, "heldout_images": len(held.paths),
                                    "train_classes": run.data.n_clusters, "train_images": len(run.data.paths)}
-        run.say(f"validation: {held.n_clusters} classes ({len(held.paths)} images) held out of training")
+        run.say(f"validation: {len(held.paths)} images of {held.n_clusters} classes held out of training "
+                f"(split by {vc.split_by})")
     else:
         run.bench = _gnd_benchmark(vc)
 
