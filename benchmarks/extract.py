@@ -4,14 +4,16 @@ Baseline (the way cirtorch's ``extract_vectors`` / revisitop examples work): one
 fp32, contiguous (NCHW) tensors, one forward pass per scale, pooled vectors combined by the same
 generalized mean. cbir: ``cbir.extract.extract`` with its defaults for the device (CPU: batch 1 +
 channels_last; CUDA: size-bucketed batches of 16, bf16 autocast, channels_last, decoding workers).
-Same model, same images, same scales; the two are run alternately (``--rounds``) so that load
-from other processes hits both alike, and the ratio of the summed times is reported. The
+Same model, same images, same scales; the two are run alternately (``--rounds``, default 3) so that
+load from other processes hits both alike, and the median of the per-round ratios is reported.
+On CUDA cbir decodes the JPEGs on the GPU (nvjpeg, ``--decode auto``); the baseline decodes with PIL. The
 descriptors of the two are also compared (cosine similarity).
 
   python benchmarks/extract.py                                   # CPU, Lite0, 16 photos, 1024 px, 3 scales
   python benchmarks/extract.py --images 24 --rounds 2
   python benchmarks/extract.py --sweep                           # CPU: batch size / channels_last / workers
-  python benchmarks/extract.py --device cuda --model resnet101 --weights none --images 256
+  python benchmarks/extract.py --backend openvino                # the optional CPU backend
+  python benchmarks/extract.py --device cuda --model resnet101 --weights none --images 256 --imsize 1024
 
 Needs ../shared/data/rparis6k-250 (or --folder DIR of images).
 """
@@ -32,7 +34,7 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from cbir.extract import extract, image_tensor, load_image  # noqa: E402
+from cbir.extract import extract, image_tensor, is_image_file, load_image  # noqa: E402
 from cbir.model import build_model  # noqa: E402
 
 
@@ -83,7 +85,10 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=None)
     ap.add_argument("--precision", default="auto", help="cbir precision: auto (bf16 on CUDA and on CPUs with "
                     "native bf16), fp32, bf16")
-    ap.add_argument("--rounds", type=int, default=1, help="alternate baseline/cbir this many times")
+    ap.add_argument("--rounds", type=int, default=3, help="alternate baseline/cbir this many times; the median "
+                    "of the per-round ratios is reported (default: 3)")
+    ap.add_argument("--backend", default="torch", help="cbir inference backend: torch, openvino, onnxruntime")
+    ap.add_argument("--decode", default="auto", help="cbir JPEG decoding: auto (GPU on CUDA), cpu, cuda")
     ap.add_argument("--sweep", action="store_true", help="also time other batch sizes / memory formats / workers")
     args = ap.parse_args()
 
@@ -91,7 +96,7 @@ def main() -> int:
     if not folder.is_dir():
         print(f"image folder not found: {folder} (set CBIR_SHARED or --folder)", file=sys.stderr)
         return 2
-    files = sorted(f for f in folder.iterdir() if f.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    files = sorted(f for f in folder.iterdir() if is_image_file(f))
     step = max(1, len(files) // args.images)
     paths = files[::step][: args.images]  # spread over all landmarks
     scales = tuple(float(s) for s in args.scales.split(","))
@@ -103,39 +108,42 @@ def main() -> int:
         print(f"gpu: {torch.cuda.get_device_name(0)}")
 
     def run_cbir(**kw):
-        opts = dict(imsize=args.imsize, scales=scales, device=dev, progress=False,
-                    batch_size=args.batch_size, workers=args.workers, precision=args.precision)
+        opts = dict(imsize=args.imsize, scales=scales, device=dev, progress=False, batch_size=args.batch_size,
+                    workers=args.workers, precision=args.precision, backend=args.backend, decode=args.decode)
         opts.update(kw)
         return extract(model, paths, **opts).vectors
 
-    # warm-up (allocator, kernels, cudnn autotune) on two images for both
+    # warm-up (allocator, kernels, cudnn autotune, backend compilation) on two images for both
     baseline(model, paths[:2], args.imsize, scales, dev)
-    extract(model, paths[:2], imsize=args.imsize, scales=scales, device=dev, progress=False)
-    from cbir.extract import _device, _precision
+    run_cbir()
+    from cbir.device import resolve_device, resolve_precision
 
-    amp = _precision(_device(dev), args.precision)
-    also_fp32 = amp == "bf16"  # then also time cbir in fp32, to show what bf16 adds
-    t_base = t_cbir = t_fp32 = 0.0
+    amp = resolve_precision(resolve_device(dev), args.precision)
+    if args.backend == "onnxruntime":
+        amp = "fp32"  # the ONNX Runtime backend computes in fp32 whatever the precision
+    also_fp32 = amp == "bf16" and args.backend == "torch"  # then also time cbir in fp32, to show what bf16 adds
+    ratios, ratios32, t_base, t_cbir = [], [], 0.0, 0.0
     for r in range(args.rounds):
         tb, vb = timed(lambda: baseline(model, paths, args.imsize, scales, dev))
         tc, vc = timed(run_cbir)
-        t_base += tb
-        t_cbir += tc
-        line = f"round {r + 1}: baseline {len(paths) / tb:.2f} img/s, cbir {len(paths) / tc:.2f} img/s"
+        t_base, t_cbir = t_base + tb, t_cbir + tc
+        ratios.append(tb / tc)
+        line = f"round {r + 1}: baseline {len(paths) / tb:.2f} img/s, cbir {len(paths) / tc:.2f} img/s ({tb / tc:.2f}x)"
         if also_fp32:
-            tf, vf = timed(lambda: run_cbir(precision="fp32"))
-            t_fp32 += tf
-            line += f", cbir fp32 {len(paths) / tf:.2f} img/s"
-        print(line)
+            tf, vf = timed(lambda: run_cbir(precision="fp32", backend="torch"))
+            ratios32.append(tb / tf)
+            line += f", cbir fp32 {len(paths) / tf:.2f} img/s ({tb / tf:.2f}x)"
+        print(line, flush=True)
     n = len(paths) * args.rounds
     cos = (vb * vc).sum(axis=1)
     print(f"baseline (1 image, fp32, NCHW, 1 pass per scale): {n / t_base:.2f} descriptors/s")
-    print(f"cbir extract (defaults for {dev}, {amp}):        {n / t_cbir:.2f} descriptors/s")
-    print(f"speed-up: {t_base / t_cbir:.2f}x   (descriptor agreement: min cosine {cos.min():.4f})")
+    print(f"cbir extract (defaults for {dev}, {amp}, backend {args.backend}, decode {args.decode}): "
+          f"{n / t_cbir:.2f} descriptors/s")
+    print(f"speed-up: median {np.median(ratios):.2f}x over {len(ratios)} rounds "
+          f"(min {min(ratios):.2f}, max {max(ratios):.2f}); descriptor agreement: min cosine {cos.min():.4f}")
     if also_fp32:
         cos32 = (vb * vf).sum(axis=1)
-        print(f"cbir extract in fp32: {n / t_fp32:.2f} descriptors/s, {t_base / t_fp32:.2f}x the baseline "
-              f"(min cosine {cos32.min():.4f})")
+        print(f"cbir extract in fp32: median {np.median(ratios32):.2f}x the baseline (min cosine {cos32.min():.4f})")
 
     if args.sweep:
         print("sweep (each against a fresh baseline run right before it):")

@@ -11,6 +11,14 @@ ANN recall meaningless (no neighbour structure).
     python benchmarks/search.py --n 1000000 --dim 512 --types exact,ivfpq
     python benchmarks/search.py --n 100000 --dim 512 --types exact,hnsw
     python benchmarks/search.py --n 1000000 --dim 2048 --types exact --device cuda      # GPU, fp16
+    python benchmarks/search.py --n 1000000 --dim 512 --types faiss \
+        --factory "IVF16384_HNSW32,PQ64x4fs,RFlat" --target 0.95 --json out.json
+
+--types faiss: each --factory string (repeatable) is built, then its search parameters (nprobe,
+quantizer_efSearch, k_factor_rf, ...) are chosen by ``Index.tune`` (faiss ParameterSpace) for
+recall@k >= --target on --tune-nq *held-out* queries drawn from the same distribution as, but
+distinct from, the --nq reported queries; the reported recall and speed are on the reported queries.
+Without "exact" in --types, the exact baseline is a bare exact_topk over the data (no index copy).
 """
 
 from __future__ import annotations
@@ -79,6 +87,9 @@ def main(argv=None) -> int:
     ap.add_argument("--M", type=int, default=32)
     ap.add_argument("--ef-construction", type=int, default=100)
     ap.add_argument("--ef-search", default="128,256,512", help="comma-separated efSearch values to measure")
+    ap.add_argument("--factory", action="append", default=[], help="faiss index_factory string (repeatable; --types faiss)")
+    ap.add_argument("--target", type=float, default=0.95, help="recall@k target for the automatic tuning (default 0.95)")
+    ap.add_argument("--tune-nq", type=int, default=1000, help="held-out tuning queries (default 1000)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     args = ap.parse_args(argv)
@@ -86,8 +97,10 @@ def main(argv=None) -> int:
     types = [t.strip() for t in args.types.split(",") if t.strip()]
     clusters = args.clusters or max(10, args.n // 100)
     t = time.perf_counter()
-    x = clustered(args.n + args.nq, args.dim, clusters, args.spread, args.seed)
-    x, q = x[:args.n], np.ascontiguousarray(x[args.n:])
+    x = clustered(args.n + args.nq + args.tune_nq, args.dim, clusters, args.spread, args.seed)
+    tq = np.ascontiguousarray(x[args.n + args.nq:])
+    q = np.ascontiguousarray(x[args.n:args.n + args.nq])
+    x = x[:args.n]
     print(f"data: {args.n:,} x {args.dim} float32 ({x.nbytes / 2**30:.1f} GiB), {clusters} clusters, spread "
           f"{args.spread}, {args.nq} queries, k={args.k}; generated in {time.perf_counter() - t:.1f} s", flush=True)
     import faiss
@@ -108,16 +121,49 @@ def main(argv=None) -> int:
               f"recall@{args.k} {row['recall']:.4f}", flush=True)
 
     # exact search: the baseline and the ground truth
-    t = time.perf_counter()
-    exact = Index(args.dim, "exact", device=args.device)
-    exact.add(x, paths)
-    build = time.perf_counter() - t
-    want, qps, one = timed_search(exact, q, args.k, args.single)
+    if "exact" in types or args.device != "cpu":
+        t = time.perf_counter()
+        exact = Index(args.dim, "exact", device=args.device)
+        exact.add(x, paths)
+        build = time.perf_counter() - t
+        want, qps, one = timed_search(exact, q, args.k, args.single)
+        del exact
+    else:  # memory-lean: no index copy of the data
+        from cbir.index.tuning import exact_ground_truth
+
+        build = 0.0
+        exact_ground_truth(x, q[:2], args.k)
+        t = time.perf_counter()
+        want = exact_ground_truth(x, q, args.k)
+        qps = len(q) / (time.perf_counter() - t)
+        t = time.perf_counter()
+        for i in range(min(args.single, 10)):
+            exact_ground_truth(x, q[i:i + 1], args.k)
+        one = 1000 * (time.perf_counter() - t) / max(min(args.single, 10), 1)
     report({"type": "exact", "params": {"device": args.device}, "build_s": build, "qps": qps, "single_ms": one,
             "recall": 1.0, "n": args.n, "dim": args.dim})
     if "exact" not in types:
         rows[0]["baseline_only"] = True
-    del exact
+
+    if "faiss" in types:
+        for factory in args.factory or ["IVF4096_HNSW32,PQ64x4fs,RFlat"]:
+            t = time.perf_counter()
+            idx = Index(args.dim, "faiss", {"factory": factory}, device="cpu")
+            idx.add(x, paths)
+            idx.search_vectors(q[:1], 1)  # train + add now
+            build = time.perf_counter() - t
+            t = time.perf_counter()
+            tuned = idx.tune(tq, target=args.target, k=args.k)
+            tune_s = time.perf_counter() - t
+            print(f"tuned {factory} in {tune_s:.1f} s on {len(tq)} held-out queries: {tuned.search} "
+                  f"(held-out recall {tuned.recall:.4f}, {tuned.ms_per_query:.3f} ms/query); curve:", flush=True)
+            for rec, ms, key in tuned.curve:
+                print(f"    recall {rec:.4f}  {ms:8.3f} ms/query  {key}", flush=True)
+            got, qps, one = timed_search(idx, q, args.k, args.single)
+            report({"type": "faiss", "params": {"factory": factory, "search": idx.params["search"]}, "build_s": build,
+                    "tune_s": tune_s, "qps": qps, "single_ms": one, "batch_ms": 1000.0 / qps,
+                    "recall": recall_at(got, want), "n": args.n, "dim": args.dim, "tuned": tuned.to_dict()})
+            del idx
 
     if "ivfpq" in types:
         t = time.perf_counter()

@@ -68,8 +68,9 @@ def _code_version() -> str:
     import hashlib
 
     digest = hashlib.sha256()
-    for name in ("backbones.py", "pooling.py", "model.py", "extract.py"):
-        digest.update((REPO / "src" / "cbir" / name).read_bytes())
+    src = REPO / "src" / "cbir"
+    for path in [src / n for n in ("backbones.py", "pooling.py", "model.py")] + sorted((src / "extraction").glob("*.py")):
+        digest.update(path.read_bytes())
     return digest.hexdigest()[:12]
 
 

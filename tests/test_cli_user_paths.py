@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from cbir import pipeline
+from cbir.pipeline import describing
 from cbir.cli import main
 from cbir.datasets import demo_root
 from cbir.descriptors import Descriptors
@@ -84,6 +85,8 @@ def test_index_build_checks_the_output_before_any_work(tmp_path, capsys, monkeyp
     existing.write_text("keep me")
     rc, _, err = run(capsys, "index", "build", PHOTOS[0].parent, "--out", existing)
     assert rc == 2 and "existing file" in err and existing.read_text() == "keep me"
+    rc, _, err = run(capsys, "index", "build", PHOTOS[0].parent, "--out", existing / "sub.index")
+    assert rc == 2 and "is a file" in err
     (tmp_path / "folder").mkdir()
     (tmp_path / "folder" / "x.txt").write_text("")
     rc, _, err = run(capsys, "index", "build", PHOTOS[0].parent, "--out", tmp_path / "folder")
@@ -162,8 +165,8 @@ def _toy_gnd(tmp_path) -> Path:
 def test_evaluate_images_hits_the_cache_and_takes_pooling_params(tmp_path, capsys, monkeypatch):
     gnd = _toy_gnd(tmp_path)
     calls = []
-    real = pipeline._run_extract
-    monkeypatch.setattr(pipeline, "_run_extract", lambda m, p, **k: calls.append(len(p)) or real(m, p, **k))
+    real = describing._run_extract
+    monkeypatch.setattr(describing, "_run_extract", lambda m, p, **k: calls.append(len(p)) or real(m, p, **k))
     argv = ["evaluate", "--gnd", gnd, "--images", tmp_path / "jpg", "--weights", "none", "--pooling", "gem:p=4",
             "--imsize", "32", "--scales", "1", "--cache-dir", tmp_path / "cache", "--quiet", "--json", tmp_path / "r.json"]
     rc, out1, _ = run(capsys, *argv)

@@ -128,9 +128,10 @@ def test_single_scale_equals_direct_forward(lite0, small_images):
 def test_extract_to_dir_resumes_after_interruption(lite0, small_images, tmp_path, monkeypatch):
     import cbir.extract as ex
     from cbir.descriptors import Descriptors
+    from cbir.extraction import loop
 
     out = tmp_path / "feats"
-    real = ex.extract
+    real = loop.extract
     calls = []
     fail_at = [2]
 
@@ -140,17 +141,17 @@ def test_extract_to_dir_resumes_after_interruption(lite0, small_images, tmp_path
             raise RuntimeError("power cut")  # the run dies in the middle
         return real(model, images, **kw)
 
-    monkeypatch.setattr(ex, "extract", flaky)
+    monkeypatch.setattr(loop, "extract", flaky)
     kw = dict(imsize=64, scales=(1.0,), chunk=2, progress=False, dtype="float16", precision="fp32")
     with pytest.raises(RuntimeError, match="power cut"):
         ex.extract_to_dir(lite0, small_images, out, **kw)
-    assert not (out / "meta.json").exists() and len(list((out / ex.PARTIAL).glob("chunk_*.npz"))) == 1
+    assert not (out / "meta.json").exists() and len(list((out / "shards").glob("*.json"))) == 2  # job + 1 shard
     calls.clear()
     fail_at[0] = 0
     desc = ex.extract_to_dir(lite0, small_images, out, **kw)
     assert calls == [["im2.png", "im3.png"]]  # only the unfinished chunk
     assert desc.ids == ["im0", "im1", "im2", "im3"] and desc.vectors.dtype == np.float16
-    assert not (out / ex.PARTIAL).exists()
+    assert not (out / "shards" / "job.json").exists() and len(list((out / "shards").glob("*.npy"))) == 2
     fresh = real(lite0, small_images, imsize=64, scales=(1.0,), progress=False, precision="fp32").vectors
     np.testing.assert_allclose(Descriptors.load(out).vectors.astype(np.float32), fresh, atol=2e-3)
     # a complete folder with the same job: nothing to do

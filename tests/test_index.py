@@ -288,3 +288,44 @@ def test_concurrent_searches_and_changes():
         t.join()
     assert not errors, errors
     assert len(idx) == 2000 - 10
+
+
+# --- faiss factory strings and recall-target tuning (issue 11.4) -----------------------------------
+
+def test_tuning_reaches_its_recall_target_on_held_out_queries():
+    from cbir.index.tuning import exact_ground_truth
+
+    x = clustered(6000 + 400, 32, 60, seed=3, spread=1.0)
+    db, tune_q, held_out = x[:6000], x[6000:6200], x[6200:]
+    idx = Index(32, "faiss", {"factory": "IVF64_HNSW16,PQ8x4fs,RFlat"})
+    idx.add(db, [str(i) for i in range(len(db))])
+    k, target = 20, 0.9
+    _, before = idx.search_vectors(held_out, k)  # faiss defaults (nprobe=1, no refine factor)
+    result = idx.tune(tune_q, target=target, k=k)
+    want = idx.store.ids[exact_ground_truth(db, held_out, k)]
+    _, got = idx.search_vectors(held_out, k)
+    recall = np.mean([len(set(a) & set(b)) / k for a, b in zip(got, want)])
+    recall_before = np.mean([len(set(a) & set(b)) / k for a, b in zip(before, want)])
+    assert result.reached and result.recall >= target
+    assert recall >= target > recall_before  # the default would not have reached it
+    assert idx.params["search"] == result.search and idx.params["tuned"]["target"] == target
+    faster = [p for p in result.curve if p[0] >= target + 0.005]
+    assert result.ms_per_query == min(p[1] for p in faster)  # the fastest point that reaches it
+
+
+def test_faiss_factory_index_follows_changes_and_saves_its_tuning(tmp_path):
+    x = clustered(3000, 32, 30, seed=4, spread=1.0)
+    for factory in ("IVF32,PQ8x4fs", "IVF32_HNSW16,PQ8x4fs,Refine(SQfp16)"):
+        idx = Index(32, "faiss", {"factory": factory, "search": "nprobe=32"})  # nprobe = nlist: every list
+        ids = idx.add(x[:2500], [str(i) for i in range(2500)])
+        idx.search_vectors(x[:1], 1)
+        new = idx.add(x[2500:], [str(i) for i in range(2500, 3000)])
+        idx.remove(ids[:100])
+        _, got = idx.search_vectors(x[[0, 5, 2600]], 5)
+        assert not np.isin(got, ids[:100]).any()
+        assert got[2, 0] == new[100]  # an added vector finds itself
+        idx.set_search_params(nprobe=16)
+        idx.save(tmp_path / factory)
+        again = Index.load(tmp_path / factory)
+        assert again.params["search"] == "nprobe=16" and again.kind == "faiss"
+        np.testing.assert_array_equal(again.search_vectors(x[:50], 10)[1], idx.search_vectors(x[:50], 10)[1])

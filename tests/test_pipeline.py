@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from cbir import pipeline
+from cbir.pipeline import describing
 from cbir.descriptors import Descriptors
 from cbir.evaluation import evaluate_revisitop
 from cbir.model import ModelSpec, build_model
@@ -72,13 +73,13 @@ def test_describe_uses_the_cache(tmp_path, monkeypatch):
     another setting (or a changed image) is a miss."""
     bench = pipeline.load_benchmark(_toy(tmp_path))
     calls = []
-    real = pipeline._run_extract
+    real = describing._run_extract
 
     def counting(model, paths, **kw):
         calls.append(len(paths))
         return real(model, paths, **kw)
 
-    monkeypatch.setattr(pipeline, "_run_extract", counting)
+    monkeypatch.setattr(describing, "_run_extract", counting)
     spec = ModelSpec("efficientnet_lite0", "gem:p=4", "none")
     kw = dict(imsize=32, scales=(1.0,), device="cpu", cache_dir=tmp_path / "cache")
     q1, db1 = pipeline.describe(bench, spec, **kw)
@@ -159,3 +160,58 @@ def test_describe_poolings_matches_the_extractor(tmp_path):
             cos = np.sum(dbp.vectors * db.vectors, axis=1)
             assert np.all(cos > 0.999), (name, label, cos)
             assert np.sum(qp.vectors * q.vectors) > 0.999
+
+
+# --- +distractors with a top-K cut: the chunked path (cbir.topk) ------------------------------
+
+
+def _fc7_bench(oxford_fc7, tmp_path, n_dis=6000, seed=0):
+    """rOxford with the real fc7-128d descriptors, plus synthetic distractors saved as float16."""
+    from cbir.datasets.revisitop import from_gnd_file
+    from cbir.descriptors import l2_normalize
+
+    from conftest import shared_path
+
+    x, names = oxford_fc7
+    gpath = shared_path("data", "revisitop", "gnd_roxford5k.pkl")
+    bench = from_gnd_file(gpath)
+    row = {n: i for i, n in enumerate(names)}
+    q = x[[row[n] for n in bench.query_ids]]
+    db = x[[row[n] for n in bench.db_ids]]
+    rng = np.random.default_rng(seed)
+    mix = db[rng.integers(0, len(db), n_dis)] + 0.5 * db[rng.integers(0, len(db), n_dis)]
+    dis = l2_normalize(mix + 0.3 / np.sqrt(128) * rng.standard_normal(mix.shape)).astype(np.float16)
+    Descriptors(ids=[f"d{i}" for i in range(n_dis)], vectors=dis).save(tmp_path / "dis")
+    return bench, q, db, tmp_path / "dis"
+
+
+@pytest.mark.shared
+@pytest.mark.parametrize("top_k", [100, 1000])
+def test_distractors_top_k_chunked_equals_in_memory(oxford_fc7, tmp_path, monkeypatch, top_k):
+    bench, q, db, dis = _fc7_bench(oxford_fc7, tmp_path)
+    full = pipeline.score(bench, q, db, top_k=top_k, distractors=str(dis), keep_scores=True)  # in memory
+    # the chunked path, in small blocks, must not load the distractors as one matrix
+    import cbir.topk as topk
+
+    monkeypatch.setattr(topk, "default_chunk_rows", lambda dim, nbytes=0: 512)
+    monkeypatch.setattr(pipeline, "with_distractors", lambda *a, **k: pytest.fail("loaded all rows"))
+    chunked = pipeline.score(bench, q, db, top_k=top_k, distractors=str(dis))
+    assert chunked["n_distractors"] == full["n_distractors"] == 6000
+    for proto in ("easy", "medium", "hard"):
+        assert chunked["mAP"][proto] == pytest.approx(full["mAP"][proto], abs=1e-9)
+        assert chunked["mP"][proto] == pytest.approx(full["mP"][proto], abs=1e-9)
+    assert chunked["top_k"] == top_k and chunked["applied"] == {}
+
+
+@pytest.mark.shared
+def test_distractors_top_k_chunked_with_whitening(oxford_fc7, tmp_path):
+    from cbir.whitening import learn_pca_whitening
+
+    bench, q, db, dis = _fc7_bench(oxford_fc7, tmp_path, n_dis=3000)
+    w = learn_pca_whitening(db, dim=64)
+    w.save(tmp_path / "w.npz")
+    rr = Rerank(whiten=str(tmp_path / "w.npz"))
+    full = pipeline.score(bench, q, db, rr, top_k=500, distractors=str(dis), keep_scores=True)
+    chunked = pipeline.score(bench, q, db, rr, top_k=500, distractors=str(dis))
+    assert chunked["mAP"] == pytest.approx(full["mAP"], abs=1e-9)
+    assert chunked["applied"]["whiten"]["out_dim"] == 64 == full["applied"]["whiten"]["out_dim"]

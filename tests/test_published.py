@@ -220,3 +220,36 @@ def test_saved_as_cbir_model_round_trip(tmp_path, images):
     with torch.no_grad():
         np.testing.assert_allclose(again(x).numpy(), net(x).numpy(), atol=1e-6)
         np.testing.assert_allclose(again(x).numpy(), ref(x).numpy(), atol=1e-5)
+
+
+def test_cli_uses_the_models_default_resolution(tmp_path, images):
+    """`cbir extract` without --imsize/--scales takes the backbone's default (Lite0: the measured 512 px,
+    3 scales; a cirtorch network: 1024 px and the scales of its published figures); given ones win."""
+    import json
+
+    from cbir.backbones import default_resolution
+    from cbir.cli import main
+
+    assert default_resolution("efficientnet_lite0") == (512, (1.0, 0.7071, 0.5))
+    assert default_resolution("torchvision:resnet101")[0] == 1024
+    assert main(["extract", str(images[0]), "--out", str(tmp_path / "a"), "--quiet"]) == 0
+    meta = json.loads((tmp_path / "a" / "meta.json").read_text())
+    assert meta["imsize"] == 512 and meta["scales"] == [1.0, 0.7071, 0.5]
+    assert main(["extract", str(images[0]), "--out", str(tmp_path / "b"), "--quiet", "--imsize", "64",
+                 "--scales", "1"]) == 0
+    meta = json.loads((tmp_path / "b" / "meta.json").read_text())
+    assert meta["imsize"] == 64 and meta["scales"] == [1.0]
+    torch.manual_seed(4)
+    f = tmp_path / "e2e.pth"
+    write_cirtorch(f, RefNet("resnet50", whitening=True, p=3.0).eval(), "resnet50")
+    net = load_model(f)
+    assert default_resolution(net.config["model"], net.config) == (1024, (1.0, 1.4142, 0.7071))
+
+
+def test_published_names_default_to_their_published_setting():
+    from cbir.backbones import default_resolution
+
+    for name, entry in PUBLISHED.items():
+        imsize, scales = default_resolution(name)
+        assert imsize == entry.imsize == 1024
+        np.testing.assert_allclose(scales, entry.scales, atol=1e-4)

@@ -105,7 +105,7 @@ def test_search_by_id_with_query_expansion(paris_index, capsys):
     q2 = q + x[top].sum(0)
     q2 /= np.linalg.norm(q2)
     want = np.argsort(-(x @ q2), kind="stable")[:10]
-    rc, out, err = run(capsys, "search", ix, "--id", "5", "--qe", str(k), "--top", "10", "--json", "-")
+    rc, out, err = run(capsys, "search", ix, "--id", "5", "--qe", str(k), "--alpha-qe", "0", "--top", "10", "--json", "-")
     got = json.loads(out)
     assert rc == 0 and '"qe"' in err
     assert [h["id"] for h in got] == ids[want].tolist()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import subprocess
 import sys
+from urllib.parse import urlsplit
 
 import numpy as np
 import pytest
@@ -154,3 +155,43 @@ def test_store_budget(demo_index):
     # the budget counts what is already stored when the service starts
     client2 = client_for(demo_index, limits=Limits(max_store_bytes=int(2.5 * one)))
     assert upload(client2, 4).status_code == 413
+
+
+def test_hostile_headers_property(demo_index):
+    """Random Host and Origin headers (hypothesis, 200 each): never a 5xx; a read passes exactly when the
+    host is allowed; a write passes the Origin check exactly when Origin names the request's own host."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from cbir.server.security import host_of
+
+    client = client_for(demo_index)
+    allowed = {"localhost", "127.0.0.1", "::1"}
+    text = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=40)
+    hosts = st.one_of(text, st.sampled_from(["localhost", "127.0.0.1", "[::1]"]).flatmap(
+        lambda h: st.tuples(st.just(h), st.integers(0, 65535)).map(lambda t: f"{t[0]}:{t[1]}")))
+    seen = {"reads": 0, "writes": 0}
+
+    @settings(max_examples=200, deadline=None, database=None, derandomize=True,
+              suppress_health_check=list(HealthCheck))
+    @given(host=hosts)
+    def reads(host):
+        r = client.get("/api/health", headers={"host": host})
+        seen["reads"] += 1
+        assert r.status_code == (200 if host.strip() and host_of(host) in allowed else 400), (host, r.status_code)
+
+    @settings(max_examples=200, deadline=None, database=None, derandomize=True,
+              suppress_health_check=list(HealthCheck))
+    @given(origin=st.one_of(text, text.map(lambda t: "http://" + t), st.just("http://127.0.0.1:8000")))
+    def writes(origin):
+        r = client.delete(f"/api/images/{10**12}", headers={"origin": origin, "host": "127.0.0.1:8000"})
+        seen["writes"] += 1
+        try:  # an origin is scheme://host[:port]; it must name this host and port
+            same = urlsplit(origin.strip()).netloc.lower() == "127.0.0.1:8000"
+        except ValueError:
+            same = False
+        assert r.status_code == (404 if same else 403), (origin, r.status_code)
+
+    reads()
+    writes()
+    assert seen["reads"] >= 200 and seen["writes"] >= 200

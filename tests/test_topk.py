@@ -188,12 +188,67 @@ def test_topk_evaluation_counts_positives_beyond_the_cut_as_missed():
     assert cut.map < full.map
 
 
+@pytest.mark.parametrize("chunk", [1, 100, 5000])
+def test_torch_path_equals_in_memory_ranking(chunk):
+    # the GPU code path (int64 keys + torch.topk), run on the CPU in float32 so that it is tested here
+    from cbir.topk import _chunked_topk_torch
+
+    q, db = _data(nq=4, n=700, d=16, seed=8)
+    blocks = [(s, db[s:s + 250]) for s in (500, 0, 250)]  # out of order
+    for src in (db, blocks):
+        scores, rows = _chunked_topk_torch(q, src, 300, chunk, "cpu", "float32", None)
+        want = rank_from_scores(q @ db.T, top_k=300)
+        np.testing.assert_array_equal(rows, want)
+        np.testing.assert_array_equal(scores, np.take_along_axis(q @ db.T, want, axis=1))
+    _, rows = _chunked_topk_torch(q, db, 5000, chunk, "cpu", "float32", None)  # k > N
+    np.testing.assert_array_equal(rows, np.argsort(-(q @ db.T), axis=1, kind="stable"))
+
+
+def test_cuda_refused_without_a_gpu():
+    import torch
+
+    if torch.cuda.is_available():  # pragma: no cover
+        pytest.skip("a GPU is present")
+    q, db = _data(n=10)
+    with pytest.raises(ValueError, match="no GPU"):
+        chunked_topk(q, db, 3, device="cuda")
+
+
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_fp16_equals_in_memory_fp16_ranking():  # pragma: no cover - GPU only
     import torch
 
-    q, db = _data(nq=5, n=5000, d=64, seed=6)
+    # small integers: every fp16 product and sum (|.| <= 576 < 2048) is exact, whatever cuBLAS's order
+    rng = np.random.default_rng(6)
+    q = rng.integers(-3, 4, (5, 64)).astype(np.float32)
+    db = rng.integers(-3, 4, (5000, 64)).astype(np.float32)
     scores, rows = chunked_topk(q, db, 100, chunk_rows=999, device="cuda")
     full = (torch.from_numpy(q).cuda().half() @ torch.from_numpy(db).cuda().half().T).float().cpu().numpy()
     np.testing.assert_array_equal(rows, rank_from_scores(full, top_k=100))
     np.testing.assert_array_equal(scores, np.take_along_axis(full, rows, axis=1))
+
+
+def test_objects_with_iter_chunks_and_descriptors(tmp_path):
+    from cbir.descriptors import Descriptors
+
+    q, db = _data(n=900, seed=9)
+    want = rank_from_scores(q @ db.T, top_k=30)
+
+    class Sharded:  # the interface of a sharded descriptor store: iter_chunks(rows) -> (start, block)
+        dim = db.shape[1]
+
+        def __init__(self):
+            self.asked = []
+
+        def iter_chunks(self, rows):
+            self.asked.append(rows)
+            for s in range(0, 900, 400):  # its own shard size, whatever was asked
+                yield s, db[s:s + 400]
+
+    sh = Sharded()
+    _, rows = chunked_topk(q, sh, 30, chunk_rows=128)
+    np.testing.assert_array_equal(rows, want)
+    assert sh.asked == [128]
+    Descriptors(ids=[str(i) for i in range(900)], vectors=db).save(tmp_path / "d")
+    _, rows = chunked_topk(q, Descriptors.load(tmp_path / "d", mmap=True), 30, chunk_rows=100)
+    np.testing.assert_array_equal(rows, want)

@@ -168,21 +168,3 @@ def test_tuple_dataset_and_square_tensor(tmp_path):
     assert torch.equal(a1, a2)  # augmentation is seeded: an epoch can be replayed on resume
     im = Image.new("RGB", (7, 3), (0, 0, 0))
     assert square_tensor(im, 5, mean, std).shape == (3, 5, 5)
-
-
-class _Evil:
-    def __reduce__(self):
-        return (print, ("this pickle ran code",))
-
-
-def test_sfm_pkl_that_would_run_code_is_refused(tmp_path, capsys):
-    """The SfM db is read through the restricted unpickler of the ground truths (nothing runs)."""
-    import pickle
-
-    from cbir.fileio import FormatError
-
-    p = tmp_path / "evil.pkl"
-    p.write_bytes(pickle.dumps({"train": {"cids": [], "cluster": [], "qidxs": [], "pidxs": [], "x": _Evil()}}))
-    with pytest.raises(FormatError, match="evil.pkl"):
-        load_sfm(p, tmp_path)
-    assert "ran code" not in capsys.readouterr().out

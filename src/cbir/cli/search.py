@@ -20,7 +20,9 @@ examples:
   cbir search big.index --image query.jpg --nprobe 64    # ivfpq: visit more lists
 
 --json FILE writes a list of {"id", "path", "score"}, best first ("-" = standard output).
-Re-ranking options search the whole index exactly (they need every descriptor).
+Re-ranking runs on the index's stored descriptors: QE on the query's neighbours, --diffusion on
+the kNN graph stored with the index (`cbir index build --graph K`; built for this call if absent),
+truncated to the query's top --diffusion-trunc; --whiten and --dba transform every descriptor.
 """
 
 
@@ -48,15 +50,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def parse_bbox(text: str | None) -> tuple[float, float, float, float] | None:
-    if text is None:
-        return None
+    from ..extraction.images import parse_bbox as parse
+
     try:
-        box = tuple(float(v) for v in text.split(","))
-    except ValueError:
-        box = ()
-    if len(box) != 4 or box[2] <= box[0] or box[3] <= box[1] or min(box) < 0:
-        raise ValueError(f"--bbox must be x1,y1,x2,y2 with x2 > x1 >= 0 and y2 > y1 >= 0, got {text!r}")
-    return box  # type: ignore[return-value]
+        return parse(text)
+    except ValueError as exc:
+        raise ValueError(f"--{exc}") from None
 
 
 def _check_index_path(path: Path) -> None:
@@ -81,14 +80,14 @@ def wants_rerank(args: argparse.Namespace) -> bool:
 def cmd_search(args: argparse.Namespace) -> int:
     from ..index import Index
     from ..pipeline import find_image, search_index
-    from ..rerank.options import Rerank
+    from ..rerank.options import settings_from_args
 
     if args.top < 1:
         raise CLIError("--top must be at least 1")
     bbox = parse_bbox(args.bbox)
     if bbox is not None and args.image is None:
         raise CLIError("--bbox applies to --image")
-    rerank = Rerank.from_args(args)
+    rerank = settings_from_args(args, index=args.index)  # a Rerank, or the --recipe (or the index's)
     image = None
     if args.image is not None:
         image = Path(args.image)

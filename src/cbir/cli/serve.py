@@ -46,6 +46,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-pixels", type=int, default=40_000_000, help="largest upload in pixels (default: 40M)")
     p.add_argument("--max-store-gb", type=float, default=10.0,
                    help="total size of the photos added through the service, in GB (default: 10)")
+    p.add_argument("--recipe", metavar="FILE",
+                   help="re-rank every search with a `cbir tune` recipe (default: INDEX/recipe.json when the "
+                        "index was built with --recipe; 'none': plain search)")
     p.add_argument("--no-preload", action="store_true", help="load the model at the first upload, not at start")
     p.set_defaults(func=cmd_serve)
 
@@ -86,7 +89,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         limits = Limits(max_request_bytes=int(args.max_upload_mb * 1024 * 1024), max_pixels=args.max_pixels,
                         max_store_bytes=int(args.max_store_gb * 1e9))
         guard = Guard.for_bind(args.host, token=token, allowed_hosts=args.allowed_host)
-        app = create_app(args.index, limits=limits, read_only=args.read_only, device=args.device, guard=guard)
+        from ..rerank.recipe import recipe_for_index
+
+        app = create_app(args.index, limits=limits, read_only=args.read_only, device=args.device, guard=guard,
+                         rerank=recipe_for_index(args.index, args.recipe))
         svc = app.state.service
         print(f"index {args.index}: {len(svc.index)} images ({svc.index.kind})", file=sys.stderr)
         if not args.no_preload and svc.index.settings.get("source"):
@@ -95,7 +101,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         writes = "read-only" if args.read_only else ("writes need the token" if token else "writes open to this machine")
         host = f"[{args.host}]" if ":" in args.host else args.host
         print(f"serving on http://{host}:{args.port}/ ({writes})", file=sys.stderr)
-        server = uvicorn.Server(uvicorn.Config(app, log_level="info"))
+        server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info"))
         server.run(sockets=[sock])
     finally:
         sock.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import sys
 from pathlib import Path
 
 from . import CLIError
@@ -27,8 +28,9 @@ def register(subparsers) -> None:
     p.add_argument("--dim", type=int, default=None, metavar="D", help="keep the top D dimensions (default: all)")
     p.add_argument("--power", type=float, default=1.0, metavar="P",
                    help="pca: eigenvalue power (1 = full whitening, 0.5, 0 = rotation only; default: 1)")
-    p.add_argument("--shrinkage", type=float, default=0.0, metavar="S",
-                   help="shrink the covariance towards tr(C)/D I by S in [0,1] (default: 0)")
+    p.add_argument("--shrinkage", default="auto", metavar="S",
+                   help="shrink the covariance towards tr(C)/D I by S in [0,1]; auto: 0.5 when there are fewer "
+                        "than 10 learning vectors (lw: pairs) per dimension, else 0 (measured, docs/models.md)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--pairs", metavar="CSV", help="lw: CSV of matching pairs of descriptor ids (two columns; header optional)")
     src.add_argument("--gnd", metavar="GND.pkl",
@@ -80,6 +82,15 @@ def _pairs_from_gnd(path: Path, table: dict[str, int]) -> list[tuple[int, int]]:
     return out
 
 
+def _shrinkage(text: str) -> float | str:
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise CLIError(f"--shrinkage must be a number in [0, 1] or auto, got {text!r}") from None
+
+
 def handler(args: argparse.Namespace) -> int:
     import numpy as np
 
@@ -91,7 +102,7 @@ def handler(args: argparse.Namespace) -> int:
     if args.method == "pca":
         if args.pairs or args.gnd:
             raise CLIError("--pairs/--gnd are for --method lw")
-        w = learn_pca_whitening(x, power=args.power, dim=args.dim, shrinkage=args.shrinkage)
+        w = learn_pca_whitening(x, power=args.power, dim=args.dim, shrinkage=_shrinkage(args.shrinkage))
     else:
         table = _lookup(feats.ids)
         if args.pairs:
@@ -102,9 +113,11 @@ def handler(args: argparse.Namespace) -> int:
             raise CLIError("--method lw needs --pairs CSV or --gnd GND.pkl")
         if not pairs:
             raise CLIError("no matching pairs found among the descriptors")
-        w = learn_lw(x, np.asarray(pairs), dim=args.dim, shrinkage=args.shrinkage)
+        w = learn_lw(x, np.asarray(pairs), dim=args.dim, shrinkage=_shrinkage(args.shrinkage))
     w.meta.update(features=str(args.features), source_model=feats.meta.get("model"))
     w.meta = {k: v for k, v in w.meta.items() if v is not None}
     w.save(args.out)
+    for note in w.meta.get("notes", []):
+        print(note, file=sys.stderr)
     print(f"whitening ({w.meta['method']}, {w.in_dim} -> {w.out_dim} dims, learned on {w.meta['n_learn']} vectors) written to {args.out}")
     return 0

@@ -32,6 +32,7 @@ REVISITOP1M = "http://ptak.felk.cvut.cz/revisitop/revisitop1m"
 OXFORD = "https://www.robots.ox.ac.uk/~vgg/data/oxbuildings"
 PARIS = "https://www.robots.ox.ac.uk/~vgg/data/parisbuildings"
 GLDV2 = "https://s3.amazonaws.com/google-landmark"
+HOLIDAYS = "ftp://ftp.inrialpes.fr/pub/lear/douze/data"  # INRIA Holidays, jpg1 + jpg2 = the 1491 images
 
 # SHA-256 of the official files we could check (the revisitop ground truth, as published).
 KNOWN_SHA256 = {
@@ -85,6 +86,8 @@ def _files(name: str, with_images: bool = True) -> list[Remote]:
             files += [Remote(f"{REVISITOP1M}/jpg/revisitop1m.{i}.tar.gz", f"archives/revisitop1m.{i}.tar.gz", None, "tree")
                       for i in range(1, 101)]
         return files
+    if name == "holidays":  # no published checksums; an interrupted ftp transfer restarts
+        return [Remote(f"{HOLIDAYS}/{a}", f"archives/{a}", None, "flat") for a in ("jpg1.tar.gz", "jpg2.tar.gz")]
     if name == "gldv2":
         files = [Remote(f"{GLDV2}/metadata/index.csv", "index.csv"), Remote(f"{GLDV2}/metadata/test.csv", "test.csv"),
                  Remote(f"{GLDV2}/ground_truth/retrieval_solution_v2.1.csv", "retrieval_solution_v2.1.csv")]
@@ -97,7 +100,7 @@ def _files(name: str, with_images: bool = True) -> list[Remote]:
     raise ValueError(f"unknown dataset {name!r} (downloadable: {', '.join(DOWNLOADABLE)})")
 
 
-DOWNLOADABLE = ("roxford5k", "rparis6k", "revisitop1m", "oxford5k", "paris6k", "gldv2")
+DOWNLOADABLE = ("roxford5k", "rparis6k", "revisitop1m", "oxford5k", "paris6k", "gldv2", "holidays")
 
 
 def _open(url: str, offset: int, timeout: float, dest: Path):
@@ -113,10 +116,10 @@ def _open(url: str, offset: int, timeout: float, dest: Path):
             fh.seek(offset)
             return fh, True, size
         return fh, False, size
-    if parsed.scheme not in ("http", "https"):
-        raise DownloadError(f"{url}: only http(s) and file URLs can be downloaded")
+    if parsed.scheme not in ("http", "https", "ftp"):
+        raise DownloadError(f"{url}: only http(s), ftp and file URLs can be downloaded")
     req = urllib.request.Request(url, headers={"User-Agent": "cbir-download/1"})
-    if offset:
+    if offset and parsed.scheme != "ftp":  # ftp: no ranges here, a partial file is fetched again
         req.add_header("Range", f"bytes={offset}-")
     try:
         resp = urllib.request.urlopen(req, timeout=timeout)

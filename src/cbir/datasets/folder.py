@@ -15,10 +15,10 @@ from typing import Sequence
 
 import numpy as np
 
+from ..extraction.images import IMAGE_EXTENSIONS as IMAGE_EXTS
 from ..fileio import FormatError
 from .base import RetrievalDataset
 
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
 def _image_id(rel: Path) -> str:

@@ -19,7 +19,7 @@ from ..fileio import FormatError
 from .exact import database_tensor, exact_topk, resolve_device
 from .store import VectorStore
 
-KINDS = ("exact", "ivfpq", "hnsw")
+KINDS = ("exact", "ivfpq", "hnsw", "faiss")
 
 DEFAULT_PARAMS: dict[str, dict[str, Any]] = {
     "exact": {},
@@ -28,9 +28,14 @@ DEFAULT_PARAMS: dict[str, dict[str, Any]] = {
     "ivfpq": {"nlist": 1024, "m": 64, "nbits": 8, "nprobe": 32, "refine": 8},
     # M links per node, efConstruction/efSearch beam widths at build/search time.
     "hnsw": {"M": 32, "efConstruction": 200, "efSearch": 128},
+    # any faiss index_factory string (e.g. "IVF16384_HNSW32,PQ64x4fs,RFlat"); ``search``: faiss
+    # ParameterSpace settings "nprobe=32,quantizer_efSearch=64,k_factor_rf=4" (chosen by
+    # cbir.index.tuning for a recall target); ``tuned``: what the tuning measured (or None).
+    "faiss": {"factory": "IVF1024,PQ64x4fs,RFlat", "search": "", "tuned": None},
 }
 
-SEARCH_TIME_PARAMS = {"ivfpq": ("nprobe", "refine"), "hnsw": ("efSearch",), "exact": ()}
+SEARCH_TIME_PARAMS = {"ivfpq": ("nprobe", "refine"), "hnsw": ("efSearch",), "exact": (),
+                      "faiss": ("search", "nprobe", "efSearch", "quantizer_efSearch", "k_factor_rf", "k_factor")}
 
 
 def check_params(kind: str, params: dict[str, Any] | None, dim: int) -> dict[str, Any]:
@@ -38,6 +43,8 @@ def check_params(kind: str, params: dict[str, Any] | None, dim: int) -> dict[str
     if kind not in KINDS:
         raise ValueError(f"unknown index type {kind!r}; choose one of {', '.join(KINDS)}")
     full = dict(DEFAULT_PARAMS[kind])
+    if kind == "faiss":
+        return _check_faiss_params(full, params or {})
     for key, value in (params or {}).items():
         if value is None:
             continue
@@ -50,6 +57,40 @@ def check_params(kind: str, params: dict[str, Any] | None, dim: int) -> dict[str
     if kind == "ivfpq" and dim % full["m"]:
         raise ValueError(f"ivfpq: the dimension {dim} must be a multiple of m={full['m']}")
     return full
+
+
+def _check_faiss_params(full: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+    for key, value in params.items():
+        if key not in full:
+            raise ValueError(f"index type 'faiss' has no parameter {key!r} (it has: {', '.join(full)})")
+        if value is not None:
+            full[key] = value
+    if not isinstance(full["factory"], str) or not full["factory"].strip():
+        raise ValueError("index type 'faiss' needs a factory string, e.g. 'IVF4096_HNSW32,PQ64x4fs,RFlat'")
+    if not isinstance(full["search"], str):
+        raise ValueError(f"faiss search parameters must be a string like 'nprobe=32', got {full['search']!r}")
+    if full["tuned"] is not None and not isinstance(full["tuned"], dict):
+        raise ValueError("faiss 'tuned' must be a dict or None")
+    full["search"] = format_search(parse_search(full["search"]))
+    return full
+
+
+def parse_search(text: str) -> dict[str, float]:
+    """faiss ParameterSpace string "nprobe=32,quantizer_efSearch=64" -> {"nprobe": 32.0, ...}."""
+    out: dict[str, float] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, eq, value = part.partition("=")
+        try:
+            out[name.strip()] = float(value)
+        except ValueError:
+            raise ValueError(f"bad faiss search parameter {part!r} (expected name=number)") from None
+        if not eq or not name.strip():
+            raise ValueError(f"bad faiss search parameter {part!r} (expected name=number)")
+    return out
+
+
+def format_search(values: dict[str, float]) -> str:
+    return ",".join(f"{k}={int(v) if float(v).is_integer() else v}" for k, v in values.items())
 
 
 @dataclass
@@ -229,7 +270,124 @@ class HNSWBackend(FaissBackend):
         return index.search(queries, k, params=params)
 
 
+class FactoryBackend(FaissBackend):
+    """Any faiss ``index_factory`` string (inner product), with ParameterSpace search settings.
+
+    Structures that take ids natively (IVF, OPQ+IVF) hold the image ids and remove incrementally.
+    Others (a refine stage ``RFlat``/``Refine(SQfp16)``, HNSW, Flat) are wrapped in an
+    ``IndexIDMap2`` whose internal numbers are the store's rows (both append in the same order);
+    a removal empties the trained structure (``reset``, training kept) and re-adds the store.
+    ``tunable``: the index the faiss ParameterSpace acts on, and ``labels_are_rows`` says whether
+    its results are store rows (wrapped) or image ids.
+    """
+
+    def _build(self, store: VectorStore):
+        import faiss
+
+        index = faiss.index_factory(self.dim, self.params["factory"], faiss.METRIC_INNER_PRODUCT)
+        if not index.is_trained:
+            n = len(store)
+            limit = self.train_size(index)
+            if n < self.min_train(index):
+                raise ValueError(
+                    f"faiss {self.params['factory']!r} needs at least {self.min_train(index)} images to train, the "
+                    f"index has {n}; use fewer inverted lists (IVFn) or --type exact"
+                )
+            sample = store.vectors
+            if n > limit:
+                pick = np.sort(np.random.default_rng(0).choice(n, limit, replace=False))
+                sample = store.vectors[pick]
+            index.train(np.ascontiguousarray(sample, dtype=np.float32))
+        index = self._wrap(index)
+        self._add_all(index, store)
+        self._apply_search(index)
+        return index
+
+    @staticmethod
+    def _ivf(index):
+        import faiss
+
+        return faiss.try_extract_index_ivf(index)
+
+    def min_train(self, index) -> int:
+        ivf = self._ivf(index)
+        return int(ivf.nlist) if ivf is not None else 256
+
+    def train_size(self, index) -> int:
+        """Training sample: 50 points per inverted list (faiss asks >= 39), at least 2^16 for PQ codebooks."""
+        ivf = self._ivf(index)
+        return max(50 * int(ivf.nlist) if ivf is not None else 0, 1 << 16)
+
+    def _wrap(self, index):
+        import faiss
+
+        takes_ids = self._ivf(index) is not None and not isinstance(faiss.downcast_index(index), faiss.IndexRefine)
+        return index if takes_ids else faiss.IndexIDMap2(index)
+
+    @staticmethod
+    def wrapped(index) -> bool:
+        import faiss
+
+        return isinstance(index, (faiss.IndexIDMap2, faiss.IndexIDMap))
+
+    def tunable(self, store: VectorStore):
+        """(faiss index the ParameterSpace sets, True if its labels are store rows else image ids)."""
+        import faiss
+
+        index = self._ensure(store)
+        if self.wrapped(index):
+            return faiss.downcast_index(index.index), True
+        return index, False
+
+    def _add_all(self, index, store: VectorStore) -> None:
+        step = 1 << 16
+        for s in range(0, len(store), step):
+            index.add_with_ids(np.ascontiguousarray(store.vectors[s:s + step], dtype=np.float32), store.ids[s:s + step])
+
+    def _apply_search(self, index) -> None:
+        import faiss
+
+        if self.params["search"]:
+            inner = faiss.downcast_index(index.index) if self.wrapped(index) else index
+            try:
+                faiss.ParameterSpace().set_index_parameters(inner, self.params["search"])
+            except RuntimeError as exc:
+                raise ValueError(f"faiss search parameters {self.params['search']!r} do not apply to "
+                                 f"{self.params['factory']!r}: {str(exc).splitlines()[-1]}") from None
+
+    def set_search_params(self, **kw: Any) -> None:
+        values = parse_search(self.params["search"])
+        for key, value in kw.items():
+            if value is None:
+                continue
+            if key not in SEARCH_TIME_PARAMS["faiss"]:
+                raise ValueError(f"faiss has no search-time parameter {key!r}")
+            if key == "search":
+                values.update(parse_search(str(value)))
+            else:
+                values["quantizer_efSearch" if key == "efSearch" and "IVF" in self.params["factory"] else key] = value
+        self.params["search"] = format_search(values)
+        if self._db is not None:
+            self._apply_search(self._db)
+
+    def on_remove(self, store: VectorStore, ids: np.ndarray) -> None:
+        if self._db is None:
+            return
+        if self.wrapped(self._db):  # internal numbers are rows: empty (training kept) and re-add the store
+            self._db.reset()
+            self._add_all(self._db, store)
+        else:
+            self._db.remove_ids(ids.astype(np.int64))
+
+    def load(self, store: VectorStore, path: Path) -> None:
+        super().load(store, path)
+        self._apply_search(self._db)
+
+    def _faiss_search(self, index, queries, k):
+        return index.search(queries, k)
+
+
 def make_backend(kind: str, dim: int, params: dict[str, Any], device: str = "auto") -> Backend:
     params = check_params(kind, params, dim)
-    cls = {"exact": Backend, "ivfpq": IVFPQBackend, "hnsw": HNSWBackend}[kind]
+    cls = {"exact": Backend, "ivfpq": IVFPQBackend, "hnsw": HNSWBackend, "faiss": FactoryBackend}[kind]
     return cls(kind=kind, dim=dim, params=params, device=device)

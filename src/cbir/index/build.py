@@ -11,7 +11,7 @@ import numpy as np
 from .embed import model_settings, source_of
 from .index import Index
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
+from ..extraction.images import IMAGE_EXTENSIONS as IMAGE_SUFFIXES  # one list for all of cbir
 
 
 def list_images(paths: Sequence[str | os.PathLike[str]]) -> list[Path]:

@@ -10,20 +10,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..device import resolve_device
+
 if TYPE_CHECKING:  # torch is imported when a search needs it (index info, add, remove and save do not)
     import torch
 
-
-def resolve_device(device: str = "auto") -> "torch.device":
-    """``"auto"`` -> cuda when available, else cpu; anything else is passed to ``torch.device``."""
-    import torch
-
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was requested but torch sees no GPU")
-    return dev
+__all__ = ["resolve_device", "database_tensor", "exact_topk"]
 
 
 def database_tensor(vectors: np.ndarray, device: "torch.device") -> "torch.Tensor":

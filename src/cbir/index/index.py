@@ -1,52 +1,35 @@
 """``Index``: a persistent, searchable collection of image descriptors.
 
-On disk an index is a folder::
-
-    INDEX/
-      manifest.json        format stamp, settings that made the descriptors, search structure,
-                           the current generation, and size + sha256 of each of its files
-      g000007-3fa2c1/      the current generation: vectors.npy, ids.npy, meta.sqlite [, faiss.index]
-
-A save writes a complete new generation folder (every file fsync'ed, the folder renamed into
-place and fsync'ed), then switches ``manifest.json`` atomically (temporary file, fsync, rename),
-then deletes older generations. A crash at any point leaves ``manifest.json`` naming a complete
-generation: the previous index or the new one, never a mixture. Loading checks the format stamp,
-the sizes and checksums, and that vectors, ids, metadata and faiss structure agree, and raises
-:class:`cbir.fileio.FormatError` otherwise.
+The truth is the descriptor matrix by id (:class:`~cbir.index.store.VectorStore`) and the image
+metadata (:class:`~cbir.index.store.MetadataDB`); a search structure (:mod:`cbir.index.backends`)
+and, optionally, the kNN graph for diffusion (:mod:`cbir.index.graph`) follow every change.
+On disk: :mod:`cbir.index.persist` (generations, manifest, checksums); one writer at a time:
+:mod:`cbir.index.writer`. Re-ranking runs on the stored vectors and graph:
+:meth:`Index.search_rerank`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import re
-import shutil
 import threading
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import numpy as np
 
-from .. import __version__
-from ..descriptors import COMPAT_KEYS  # settings that must agree between the index and a query
-from ..fileio import FormatError, sha256_file, atomic_write_json, check_format, fsync_dir, read_json
-from .backends import KINDS, Backend, check_params, make_backend
+from . import persist
+from ..descriptors import COMPAT_KEYS  # noqa: F401 (re-exported) settings that must agree between index and query
+from .backends import Backend, make_backend
+from .graph import KnnGraph
+from .persist import FORMAT, FORMAT_VERSION, MANIFEST, StaleIndexError, latest_generation  # noqa: F401 (re-exported)
 from .store import ImageRecord, MetadataDB, VectorStore
 
-FORMAT = "cbir-index"
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-_GEN_DIR = re.compile(r"^(\.tmp-)?g\d{6}-[0-9a-f]{6}$")
-_TMP_MANIFEST = re.compile(r"^\.manifest\.json\..+\.tmp$")  # cbir.fileio.atomic_open's temporary name
-VECTORS, IDS, SQLITE = "vectors.npy", "ids.npy", "meta.sqlite"
+if TYPE_CHECKING:
+    from ..rerank.options import Rerank
 
-
-
-class StaleIndexError(RuntimeError):
-    """Saving would overwrite a newer generation written by another writer (a lost update)."""
 
 
 class IncompatibleDescriptorError(ValueError):
@@ -116,11 +99,6 @@ def _norm(value: Any) -> Any:
     return value if not isinstance(value, (list, tuple)) else [_norm(v) for v in value]
 
 
-def _fsync_file(file: Path) -> None:
-    with open(file, "rb+") as fh:
-        os.fsync(fh.fileno())
-
-
 class Index:
     """Descriptors by image id + metadata + a search structure (exact / ivfpq / hnsw).
 
@@ -141,6 +119,8 @@ class Index:
         self.lock = RWLock()
         self.path: Path | None = None  # the folder this index was loaded from / last saved to
         self.generation = 0  # generation number loaded or last saved (0: never saved)
+        self.graph: KnnGraph | None = None  # kNN lists for diffusion (build_graph), kept current
+        self._affinity: dict[tuple, Any] = {}  # diffusion affinity W per (k, gamma, mutual), from graph
 
     # --- properties -----------------------------------------------------------------------
     @property
@@ -156,7 +136,9 @@ class Index:
 
     def info(self) -> dict[str, Any]:
         return {"format": FORMAT, "format_version": FORMAT_VERSION, "type": self.kind, "params": self.params,
-                "count": len(self), "dim": self.dim, "settings": dict(self.settings), "created": self.created}
+                "count": len(self), "dim": self.dim, "settings": dict(self.settings), "created": self.created,
+                "generation": self.generation,
+                "graph": None if self.graph is None else {"k": self.graph.k, "exact": self.graph.exact}}
 
     # --- compatibility --------------------------------------------------------------------
     def check_compatible(self, settings: dict[str, Any]) -> None:
@@ -195,6 +177,7 @@ class Index:
             try:
                 self.store.add(ids, v)
                 self.backend.on_add(self.store, ids, v)
+                self._graph_add(ids)
             except BaseException:
                 self.meta.delete(ids)
                 if all(int(i) in self.store for i in ids):
@@ -206,27 +189,113 @@ class Index:
         """Remove images by id; KeyError naming the first unknown id (nothing is removed then)."""
         arr = np.unique(np.asarray(list(ids), np.int64))
         with self.lock.write():
-            self.store.rows_of(arr)  # raises before any change
+            rows = self.store.rows_of(arr)  # raises before any change
             self.store.remove(arr)
             self.meta.delete(arr.tolist())
             self.backend.on_remove(self.store, arr)
+            self._graph_remove(rows, arr)
 
     def update(self, id_: int, vector: np.ndarray, *, path: str | None = None, size: tuple[int, int] | None = None) -> None:
         """Replace the descriptor (and optionally the path) of an indexed image, keeping its id."""
         v = self._check_vectors(vector, "updated descriptor")
         arr = np.asarray([int(id_)], np.int64)
         with self.lock.write():
-            self.store.rows_of(arr)
+            rows = self.store.rows_of(arr)
             self.meta.update(int(id_), path, size)
             self.store.remove(arr)
             self.backend.on_remove(self.store, arr)
+            self._graph_remove(rows, arr)
             self.store.add(arr, v)
             self.backend.on_add(self.store, arr, v)
+            self._graph_add(arr)
+
+    # --- the kNN graph for diffusion ----------------------------------------------------
+    def build_graph(self, k: int | None = None, *, exact_max: int = 200_000) -> None:
+        """Build the kNN lists of every stored vector (k: default DiffusionParams().k), kept current by
+        add/remove/update and saved with each generation; exact up to ``exact_max`` images, else IVF."""
+        if k is None:
+            from ..rerank.diffusion import DiffusionParams
+
+            k = DiffusionParams().k
+        with self.lock.write():
+            self.graph = KnnGraph.build(self.store.vectors, self.store.ids, int(k), exact_max=exact_max)
+            self._affinity.clear()
+
+    def drop_graph(self) -> None:
+        with self.lock.write():
+            self.graph, self._affinity = None, {}
+
+    def _graph_add(self, ids: np.ndarray) -> None:
+        if self.graph is None:
+            return
+        self._affinity.clear()
+        if len(ids) > len(self.store) // 2:  # mostly new: a fresh build is cheaper than merging
+            self.graph = KnnGraph.build(self.store.vectors, self.store.ids, self.graph.k)
+        else:
+            self.graph.on_add(self.store.vectors, self.store.ids, np.asarray(ids, np.int64))
+
+    def _graph_remove(self, rows: np.ndarray, ids: np.ndarray) -> None:
+        if self.graph is None:
+            return
+        self._affinity.clear()
+        keep = np.ones(len(self.graph), bool)
+        keep[rows] = False
+        self.graph.on_remove(keep, self.store.vectors, self.store.ids, ids)
+
+    def affinity(self, k: int, gamma: float, mutual: bool = True):
+        """Diffusion affinity W (n x n csr over store rows) from the stored graph; cached until a change."""
+        with self.lock.read():
+            return self._affinity_locked(k, gamma, mutual)
+
+    def _affinity_locked(self, k: int, gamma: float, mutual: bool):
+        if self.graph is None:
+            raise ValueError("this index has no kNN graph: build it with Index.build_graph() "
+                             "(cbir index build --graph K)")
+        key = (int(k), float(gamma), bool(mutual))
+        w = self._affinity.get(key)
+        if w is None:
+            w = self.graph.affinity(self.store.ids, self.store.rows_of, *key)
+            self._affinity[key] = w
+        return w
 
     def set_search_params(self, **kw: Any) -> None:
         """Change search-time parameters (ivfpq: nprobe, refine; hnsw: efSearch)."""
         with self.lock.write():
             self.backend.set_search_params(**kw)
+
+    def tune(self, queries: np.ndarray, *, target: float = 0.95, k: int = 100, margin: float = 0.005):
+        """Choose the faiss search parameters (type "faiss") for recall@k >= ``target`` on held-out
+        ``queries`` (nq, D), with faiss's ParameterSpace (see :mod:`cbir.index.tuning`); the choice and
+        what it measured are kept in ``params`` ("search", "tuned") and saved with the index."""
+        from .tuning import exact_ground_truth, tune_faiss
+
+        if self.kind != "faiss":
+            raise ValueError(f"automatic tuning applies to --type faiss indexes, this one is {self.kind!r}")
+        q = self._check_vectors(queries, "tuning queries")
+        if not 0.0 < target <= 1.0:
+            raise ValueError(f"the recall target must be in (0, 1], got {target}")
+        with self.lock.write():
+            if len(self.store) == 0:
+                raise ValueError("cannot tune an empty index")
+            kk = min(int(k), len(self.store))
+            rows = exact_ground_truth(self.store.vectors, q, kk)
+            tunable, labels_are_rows = self.backend.tunable(self.store)
+            result = tune_faiss(tunable, q, rows if labels_are_rows else self.store.ids[rows],
+                                target=target, margin=margin)
+            self.backend.params["search"] = result.search
+            self.backend.params["tuned"] = {key: v for key, v in result.to_dict().items() if key != "curve"}
+        return result
+
+    def tune_on_sample(self, *, target: float = 0.95, k: int = 100, nq: int = 1000, seed: int = 0):
+        """:meth:`tune` with ``nq`` stored vectors (a seeded random sample) as the queries.
+
+        Not held out: each such query finds itself, in the exact and the approximate top-k alike. It is
+        what ``cbir index build --type faiss`` uses when it has no other queries; for held-out tuning
+        pass your own queries to :meth:`tune`.
+        """
+        n = len(self)
+        pick = np.sort(np.random.default_rng(seed).choice(n, min(nq, n), replace=False))
+        return self.tune(self.store.vectors[pick], target=target, k=k)
 
     # --- reading --------------------------------------------------------------------------
     def get(self, id_: int) -> ImageRecord:
@@ -274,120 +343,115 @@ class Index:
             out.append(hits[:k])
         return out
 
-    # --- persistence ----------------------------------------------------------------------
-    def save(self, path: str | os.PathLike[str]) -> Path:
-        """Save atomically as a new generation of the folder ``path`` (see module doc); returns it."""
-        root = Path(path)
-        root.mkdir(parents=True, exist_ok=True)
-        previous = _read_manifest_or_none(root)
-        latest = int(previous.get("generation_number", 0)) if previous else 0
-        if self.path is not None and _same_folder(self.path, root) and latest > self.generation:
-            raise StaleIndexError(
-                f"{root} was changed by another writer (generation {latest}, this copy was loaded at "
-                f"{self.generation}); saving would lose that change: reload it (cbir.index.open_for_write does)"
-            )
-        number = latest + 1
-        gen = f"g{number:06d}-{uuid.uuid4().hex[:6]}"
-        tmp = root / f".tmp-{gen}"
+    # --- re-ranking on the stored vectors and graph ---------------------------------------
+    def search_rerank(self, queries: np.ndarray, k: int, rerank: "Rerank", *,
+                      settings: dict[str, Any] | None = None) -> tuple[list[list[Hit]], dict]:
+        """Top-k hits per query after re-ranking with ``rerank`` (:class:`cbir.rerank.options.Rerank`);
+        returns (hits per query row, the ``applied`` dict of Rerank.apply).
+
+        QE and diffusion run on the stored vectors without copying the matrix: the search structure
+        gives each query's neighbours (exact or approximate, as the index is), QE combines the stored
+        vectors of its top ``qe`` (:func:`cbir.rerank.qe.alpha_qe` on those rows), and truncated
+        diffusion (Iscen et al.) solves on the subgraph of the query's top-``trunc`` region of the
+        stored kNN graph (:meth:`build_graph`). Full diffusion (``trunc`` 0 or >= n) uses
+        :func:`cbir.rerank.diffusion.diffusion_scores` with the stored graph. Whitening and DBA change
+        every database vector, so with them the whole matrix goes through ``rerank.apply`` (build
+        the index from whitened / DBA descriptors instead to keep searches light).
+        With an exact index the result equals ``rerank.apply(q, all vectors)``.
+        """
+        if settings:
+            self.check_compatible(settings)
+        q = self._check_vectors(queries, "query descriptor")
+        if k < 1:
+            raise ValueError(f"k must be at least 1, got {k}")
+        if rerank.alpha_qe is not None and rerank.qe == 0:
+            raise ValueError("--alpha-qe needs --qe K (the number of neighbours to expand with)")
         with self.lock.read():
-            tmp.mkdir()
-            try:
-                np.save(tmp / VECTORS, np.ascontiguousarray(self.store.vectors, np.float32), allow_pickle=False)
-                np.save(tmp / IDS, np.ascontiguousarray(self.store.ids, np.int64), allow_pickle=False)
-                self.meta.save(tmp / SQLITE)
-                names = [VECTORS, IDS, SQLITE] + self.backend.save(self.store, tmp)
-                files = {}
-                for name in names:
-                    _fsync_file(tmp / name)
-                    files[name] = {"bytes": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)}
-                fsync_dir(tmp)
-                os.replace(tmp, root / gen)
-                fsync_dir(root)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
-            manifest = {
-                "format": FORMAT,
-                "format_version": FORMAT_VERSION,
-                "generation": gen,
-                "generation_number": number,
-                "type": self.kind,
-                "params": self.params,
-                "dim": self.dim,
-                "count": len(self.store),
-                "settings": self.settings,
-                "files": files,
-                "created": self.created,
-                "saved": time.time(),
-                "cbir_version": __version__,
-            }
-        atomic_write_json(root / MANIFEST, manifest)
+            n = len(self.store)
+            if n == 0:
+                return [[] for _ in q], {}
+            if rerank.whiten or rerank.dba > 1:
+                scores, applied = rerank.apply(q, self.store.vectors)
+                order = np.argsort(-scores, axis=1, kind="stable")[:, :min(int(k), n)]
+                ids = self.store.ids[order]
+                out_s = np.take_along_axis(scores, order, 1)
+            else:
+                out_s, ids, applied = self._rerank_stored(q, int(k), rerank)
+            paths = self.meta.paths(int(i) for i in ids.ravel() if i >= 0)
+        hits = [[Hit(int(i), paths[int(i)], float(sc)) for sc, i in zip(srow, irow) if i >= 0]
+                for srow, irow in zip(out_s, ids)]
+        return hits, applied
+
+    def _rerank_stored(self, q: np.ndarray, k: int, rerank: "Rerank") -> tuple[np.ndarray, np.ndarray, dict]:
+        """QE + diffusion on stored vectors/graph (read lock held) -> (scores (nq, k'), ids (nq, k'), applied)."""
+        from ..rerank.diffusion import DiffusionParams
+        from ..rerank.options import ALPHA
+        from ..rerank.qe import alpha_qe
+
+        n = len(self.store)
+        q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
+        applied: dict[str, Any] = {}
+        if rerank.qe > 0:
+            qk = min(rerank.qe, n)
+            s, ids = self.backend.search(self.store, q, qk)
+            alpha = ALPHA if rerank.alpha_qe is None else float(rerank.alpha_qe)
+            q = np.concatenate([
+                alpha_qe(q[i:i + 1], self.store.vectors[self.store.rows_of(ids[i][ids[i] >= 0])], qk, alpha=alpha,
+                         scores=s[i:i + 1, ids[i] >= 0])
+                for i in range(len(q))]).astype(np.float32)
+            applied["qe"] = {"k": int(rerank.qe), "alpha": alpha, "kind": "alpha-qe" if alpha else "average"}
+        p = rerank.diffusion
+        if isinstance(p, dict):  # the given parameters; the rest follow the database size
+            p = DiffusionParams.for_database(n, **p)
+        if p is None:
+            s, ids = self.backend.search(self.store, q, min(k, n))
+            return s, ids, applied
+        truncated = 0 < p.trunc < n
+        applied["diffusion"] = p.to_dict() | {"truncated": truncated, "graph": "stored" if self.graph else "built"}
+        if self.graph is not None and p.k <= self.graph.k:
+            w = self._affinity_locked(p.k, p.gamma, p.mutual)
+        else:  # no stored graph (or a smaller one): build it for this call
+            from ..rerank.diffusion import knn_graph
+
+            w = knn_graph(self.store.vectors, k=p.k, gamma=p.gamma, mutual=p.mutual)
+        if not truncated:
+            from ..rerank.diffusion import diffusion_scores
+
+            scores = diffusion_scores(q, self.store.vectors, p, graph=w)
+            kk = min(k, n)
+            order = np.argsort(-scores, axis=1, kind="stable")[:, :kk]
+            return np.take_along_axis(scores, order, 1), self.store.ids[order], applied
+        from ..rerank.diffusion import _final_scores, truncated_diffusion
+
+        sims, region_ids = self.backend.search(self.store, q, p.trunc)
+        valid = region_ids >= 0
+        if not valid.all():  # approximate structures may return fewer: pad with the best one (no effect on top-k)
+            region_ids = np.where(valid, region_ids, region_ids[:, :1])
+            sims = np.where(valid, sims, -np.inf)
+        regions = self.store.rows_of(region_ids)
+        f = truncated_diffusion(np.where(valid, sims, 0.0), regions, w, p)
+        # the final scores of diffusion_scores on the region: items outside it have f = 0 and a smaller
+        # similarity, so they rank after every region item and the top-k (k <= R) lies in the region
+        final = np.where(valid, _final_scores(f, np.where(valid, sims, 0.0), p), -np.inf).astype(np.float32)
+        kk = min(k, p.trunc)
+        order = np.argsort(-final, axis=1, kind="stable")[:, :kk]
+        return np.take_along_axis(final, order, 1), np.take_along_axis(region_ids, order, 1), applied
+
+    # --- persistence (cbir.index.persist) ------------------------------------------------------
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Save atomically as a new generation of the folder ``path`` (see :mod:`cbir.index.persist`).
+
+        StaleIndexError if this copy was loaded from ``path`` and another writer has saved a newer
+        generation since (saving would lose that change; use :func:`cbir.index.open_for_write`)."""
+        with self.lock.read():
+            root, number = persist.save_generation(self, Path(path))
         self.path, self.generation = root, number
-        for old in root.iterdir():  # best effort: older generations, abandoned temporary folders/files
-            if old.is_dir() and old.name != gen and _GEN_DIR.match(old.name):
-                shutil.rmtree(old, ignore_errors=True)
-            elif old.is_file() and _TMP_MANIFEST.match(old.name):  # a killed manifest switch
-                old.unlink(missing_ok=True)
         return root
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], *, device: str = "auto", verify: bool = True) -> "Index":
         """Open a saved index; FormatError if it is not one, is of another version, or is damaged."""
-        root = Path(path)
-        for attempt in range(3):  # a concurrent save may delete the generation we just read of
-            manifest = _read_manifest(root)
-            try:
-                return cls._load_generation(root, manifest, device, verify)
-            except FileNotFoundError as exc:
-                if attempt == 2 or _read_manifest(root).get("generation") == manifest.get("generation"):
-                    raise FormatError(f"{root} is incomplete: {exc}") from exc
-        raise AssertionError("unreachable")
-
-    @classmethod
-    def _load_generation(cls, root: Path, manifest: dict, device: str, verify: bool) -> "Index":
-        where = root / MANIFEST
-        try:
-            gen = root / str(manifest["generation"])
-            kind, dim, files = manifest["type"], int(manifest["dim"]), dict(manifest["files"])
-            params, settings, count = dict(manifest["params"]), dict(manifest["settings"]), int(manifest["count"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise FormatError(f"{where} is incomplete or damaged: {exc!r}") from exc
-        if kind not in KINDS:
-            raise FormatError(f"{where}: unknown index type {kind!r}")
-        for name in (VECTORS, IDS, SQLITE):
-            if name not in files:
-                raise FormatError(f"{where} lists no {name}")
-        for name, desc in files.items():
-            file = gen / name
-            if not file.is_file():
-                raise FileNotFoundError(f"index file missing: {file}")
-            if file.stat().st_size != desc.get("bytes"):
-                raise FormatError(f"{file} has {file.stat().st_size} bytes, the manifest says {desc.get('bytes')}: damaged or truncated")
-            if verify and sha256_file(file) != desc.get("sha256"):
-                raise FormatError(f"{file} does not match its checksum in the manifest: the index is damaged")
-        try:
-            vectors = np.load(gen / VECTORS, allow_pickle=False)
-            ids = np.load(gen / IDS, allow_pickle=False)
-        except ValueError as exc:
-            raise FormatError(f"{gen}: damaged array: {exc}") from exc
-        if vectors.shape != (count, dim) or ids.shape != (count,) or ids.dtype != np.int64:
-            raise FormatError(f"{gen}: vectors {vectors.shape} / ids {ids.shape} do not match the manifest ({count} x {dim})")
-        try:
-            params = check_params(kind, params, dim)
-        except ValueError as exc:
-            raise FormatError(f"{where}: {exc}") from exc
-        index = cls(dim, kind, params, settings, device)
-        index.created = float(manifest.get("created", time.time()))
-        try:
-            index.store = VectorStore(dim, ids, vectors)
-        except ValueError as exc:
-            raise FormatError(f"{gen}: {exc}") from exc
-        index.meta = MetadataDB.load(gen / SQLITE)
-        if not np.array_equal(np.sort(ids), index.meta.all_ids()):
-            raise FormatError(f"{gen}: the metadata database and the vectors list different image ids")
-        index.backend.load(index.store, gen)
-        index.path, index.generation = root, int(manifest.get("generation_number", 0))
-        return index
+        return persist.load_index(cls, Path(path), device=device, verify=verify)
 
     def reload_if_stale(self) -> bool:
         """For readers: if another writer saved a newer generation of ``self.path``, load it in place.
@@ -406,42 +470,7 @@ class Index:
         """Adopt everything of ``other`` (a freshly loaded copy) except this object's lock."""
         self.dim, self.settings, self.store, self.meta = other.dim, other.settings, other.store, other.meta
         self.backend, self.created = other.backend, other.created
+        self.graph, self._affinity = other.graph, {}
         self.path, self.generation = other.path, other.generation
 
 
-def latest_generation(path: str | os.PathLike[str]) -> int:
-    """The generation number named by ``path``/manifest.json (reads that file only).
-
-    FileNotFoundError when there is no index at ``path``; FormatError when it is not one.
-    """
-    manifest = _read_manifest(Path(path))
-    try:
-        return int(manifest.get("generation_number", 0))
-    except (TypeError, ValueError) as exc:
-        raise FormatError(f"{Path(path) / MANIFEST}: bad generation_number") from exc
-
-
-def _same_folder(a: Path, b: Path) -> bool:
-    try:
-        return a.resolve() == b.resolve()
-    except OSError:
-        return False
-
-
-def _read_manifest_or_none(root: Path) -> dict | None:
-    try:
-        return _read_manifest(root)
-    except (FileNotFoundError, FormatError):
-        return None
-
-
-def _read_manifest(root: Path) -> dict:
-    if not root.exists():
-        raise FileNotFoundError(f"index not found: {root}")
-    if not root.is_dir():
-        raise FormatError(f"{root} is not an index folder (expected a folder with {MANIFEST})")
-    manifest = read_json(root / MANIFEST, what="index manifest")
-    if not isinstance(manifest, dict):
-        raise FormatError(f"{root / MANIFEST} is not an index manifest")
-    check_format(manifest, FORMAT, (FORMAT_VERSION,), root / MANIFEST)
-    return manifest

@@ -23,7 +23,8 @@ from typing import Any, Iterator
 
 from filelock import FileLock, Timeout
 
-from .index import MANIFEST, Index
+from .index import Index
+from .persist import MANIFEST
 
 LOCK_NAME = ".writer.lock"
 
@@ -56,6 +57,8 @@ def open_for_write(
     changes; reload it with ``reload_if_stale`` or discard it). The lock is always released.
     """
     root = Path(path)
+    if not create_kwargs and not root.is_dir():
+        raise FileNotFoundError(f"index not found: {root}")
     lock = writer_lock(root)
     try:
         lock.acquire(timeout=timeout)

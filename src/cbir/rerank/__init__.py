@@ -4,6 +4,8 @@
 - :mod:`cbir.rerank.qe`        average / alpha-weighted query expansion, database-side augmentation
 - :mod:`cbir.rerank.diffusion` kNN affinity graph, diffusion by conjugate gradient (Iscen et al.
   CVPR'17), truncated and offline forms (Yang et al. AAAI'19)
+- :mod:`cbir.rerank.compose`   ``Rerank`` (one settings object) and ``rerank()`` composing the steps
+- :mod:`cbir.rerank.recipe`    a tuned whitening + Rerank saved as a versioned file; :mod:`cbir.rerank.tune` the search
 - :mod:`cbir.rerank.options`   the ``--whiten/--qe/--alpha-qe/--dba/--diffusion`` options shared by
   ``cbir evaluate`` and ``cbir search`` and the function composing them
 """

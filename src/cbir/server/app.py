@@ -95,8 +95,11 @@ async def _send_json(send, status: int, message: str) -> None:
 
 def create_app(index: Index | str | os.PathLike[str], *, index_path: str | os.PathLike[str] | None = None,
                limits: Limits | None = None, read_only: bool = False, device: str = "auto",
-               encoder: Any = None, guard: Guard | None = None) -> FastAPI:
+               encoder: Any = None, guard: Guard | None = None, rerank: Any = None) -> FastAPI:
     """The app for an index (an open ``Index`` + where to save it, or the index folder).
+
+    ``rerank``: a :class:`cbir.rerank.options.Rerank` or :class:`cbir.rerank.recipe.Recipe` applied
+    to every search (exact, over all stored vectors); None: the index's own search.
 
     ``guard``: allowed Host names and write token (default: loopback names, no token).
     """
@@ -106,7 +109,7 @@ def create_app(index: Index | str | os.PathLike[str], *, index_path: str | os.Pa
     if index_path is None and not read_only:
         raise ValueError("create_app needs index_path to save additions (or read_only=True)")
     svc = Service(index=index, index_path=Path(index_path) if index_path else Path("."), limits=limits or Limits(),
-                  read_only=read_only, device=device, encoder=encoder, guard=guard or Guard())
+                  read_only=read_only, device=device, encoder=encoder, guard=guard or Guard(), rerank=rerank)
     app = FastAPI(title="cbir search", docs_url="/api/docs", openapi_url="/api/openapi.json", redoc_url=None)
     app.state.service = svc
     app.add_middleware(BodyLimit, limit=svc.limits.max_request_bytes)

@@ -18,6 +18,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel
 
 from ..index import IncompatibleDescriptorError
+from ..pipeline import search_index
 from .service import SUFFIX, Service, parse_bbox
 from .uploads import StoreFull
 
@@ -83,7 +84,10 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
 
 
 def get_service(request: Request) -> Service:
-    return request.app.state.service
+    """The app's shared state, serving the newest generation of the index."""
+    svc: Service = request.app.state.service
+    svc.refresh()
+    return svc
 
 
 ServiceDep = Annotated[Service, Depends(get_service)]
@@ -139,7 +143,7 @@ def search_upload(svc: ServiceDep, file: Annotated[UploadFile, File()], bbox: An
     up = svc.read_upload(file)
     box = parse_bbox(bbox, up.size)
     q = svc.encode(up, box)
-    hits = svc.index.search(q, top)[0]
+    hits = search_index(svc.index, q, top, svc.rerank)[0]
     return SearchResponse(results=_hits(hits), took_ms=round(1000 * (time.perf_counter() - t0), 2),
                           query={"width": up.size[0], "height": up.size[1], "bbox": box})
 
@@ -153,7 +157,7 @@ def search_id(svc: ServiceDep, image_id: ImageId, top: int = Query(20)) -> Searc
         q = svc.index.vector(image_id)
     except KeyError:
         raise HTTPException(404, f"image id {image_id} is not in the index") from None
-    hits = svc.index.search(q, top)[0]
+    hits = search_index(svc.index, q, top, svc.rerank)[0]
     return SearchResponse(results=_hits(hits), took_ms=round(1000 * (time.perf_counter() - t0), 2),
                           query={"id": image_id, "thumb": f"/api/thumb/{image_id}"})
 
@@ -169,20 +173,29 @@ def add_image(svc: WriterDep, file: Annotated[UploadFile, File()]) -> Any:
     if existing is not None:
         return JSONResponse({"id": existing, "added": False, "detail": "this image is already in the index"})
     q = svc.encode(up, None)  # outside the lock: the slow part
-    with svc.writing() as index:
-        existing = _already_indexed(svc, digest)  # another request may have added it meanwhile
-        if existing is not None:
-            return JSONResponse({"id": existing, "added": False, "detail": "this image is already in the index"})
-        try:
-            target = svc.uploads.find(digest) or svc.uploads.put(up.data, up.filename, SUFFIX[up.format])
-        except StoreFull as exc:
-            raise HTTPException(413, str(exc)) from None
-        try:
-            new_id = int(index.add(q[None, :], [str(target)], sizes=[up.size])[0])
-        except IncompatibleDescriptorError as exc:
-            svc.uploads.delete(target)
-            raise HTTPException(409, str(exc)) from None
+    try:
+        with svc.writing() as index:
+            existing = _already_indexed(svc, digest)  # another request may have added it meanwhile
+            if existing is not None:
+                raise _Duplicate(existing)  # leave the block without saving a generation
+            try:
+                target = svc.uploads.find(digest) or svc.uploads.put(up.data, up.filename, SUFFIX[up.format])
+            except StoreFull as exc:
+                raise HTTPException(413, str(exc)) from None
+            try:
+                new_id = int(index.add(q[None, :], [str(target)], sizes=[up.size],
+                                       settings=svc.get_encoder().query_settings)[0])
+            except IncompatibleDescriptorError as exc:
+                svc.uploads.delete(target)
+                raise HTTPException(409, str(exc)) from None
+    except _Duplicate as dup:
+        return JSONResponse({"id": dup.id, "added": False, "detail": "this image is already in the index"})
     return Added(id=new_id, added=True, name=target.name, images=len(svc.index))
+
+
+class _Duplicate(Exception):
+    def __init__(self, id_: int) -> None:
+        self.id = id_
 
 
 def _already_indexed(svc: Service, digest: str) -> int | None:

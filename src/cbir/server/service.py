@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import io
-import math
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +21,9 @@ import numpy as np
 from fastapi import HTTPException, UploadFile
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from ..index import Index
+from ..index import Index, latest_generation, open_for_write
+from ..index.index import MANIFEST
+from ..index.writer import IndexLockedError
 from .security import Guard
 from .uploads import UploadStore
 
@@ -63,22 +65,62 @@ class Service:
     encoder: Any = None
     guard: Guard = field(default_factory=Guard)
     uploads: UploadStore | None = None
+    rerank: Any = None                          # a Rerank or Recipe applied to every search (None: plain)
     _encoder_lock: threading.Lock = field(default_factory=threading.Lock)
     _write_lock: threading.Lock = field(default_factory=threading.Lock)
     _thumbs: "OrderedDict[tuple[int, int], bytes]" = field(default_factory=OrderedDict)
     _thumb_lock: threading.Lock = field(default_factory=threading.Lock)
+    _refresh_lock: threading.Lock = field(default_factory=threading.Lock)
+    _checked: float = 0.0
+    refresh_every: float = 0.5   # seconds between two looks at the manifest for a newer generation
+    lock_timeout: float = 30.0   # seconds a write waits for another writer (CLI) before a 409
 
     def __post_init__(self) -> None:
         if self.uploads is None:
             self.uploads = UploadStore(self.index_path / "uploads", self.limits.max_store_bytes)
 
     # --- the index ------------------------------------------------------------------------
+    def refresh(self) -> None:
+        """Serve the newest generation: when another writer (``cbir index add``) saved one, load it.
+
+        Looks at the manifest at most every ``refresh_every`` seconds, from one request at a time;
+        requests meanwhile are answered from the generation already loaded.
+        """
+        now = time.monotonic()
+        if self.index.path is None or now - self._checked < self.refresh_every:
+            return
+        if not self._refresh_lock.acquire(blocking=False):
+            return
+        try:
+            self._checked = now
+            try:
+                stale = self.index.path is not None and latest_generation(self.index.path) > self.index.generation
+            except (OSError, ValueError):  # the folder is being replaced or is gone: keep serving what is loaded
+                return
+            if stale:
+                with self._write_lock:
+                    self.index.reload_if_stale()
+                self._forget_thumbs()
+        finally:
+            self._refresh_lock.release()
+
     @contextlib.contextmanager
     def writing(self) -> Iterator[Index]:
-        """The index for a change, exclusive among this service's writers; saved when the block succeeds."""
+        """The newest generation of the index, for a change under the index's writer lock (shared with
+        ``cbir index add/remove``); a new generation is saved when the block succeeds. 409 when another
+        writer holds the lock for over ``lock_timeout`` seconds."""
         with self._write_lock:
-            yield self.index
-            self.index.save(self.index_path)
+            if not (self.index_path / MANIFEST).is_file():  # an index given in memory, saved here for the first time
+                self.index_path.mkdir(parents=True, exist_ok=True)
+                self.index.save(self.index_path)
+            try:
+                with open_for_write(self.index_path, index=self.index, timeout=self.lock_timeout) as index:
+                    yield index
+            except IndexLockedError as exc:
+                raise HTTPException(409, f"the index is being changed by another program; try again ({exc})") from None
+        self._forget_thumbs()
+
+    def _forget_thumbs(self) -> None:
         with self._thumb_lock:
             self._thumbs.clear()
 
@@ -162,17 +204,15 @@ class Service:
 
 
 def parse_bbox(text: str | None, size: tuple[int, int]) -> Box | None:
-    """"x1,y1,x2,y2" in original pixels -> a box inside the image, or HTTP 400."""
-    if text is None or not text.strip():
-        return None
+    """"x1,y1,x2,y2" in original pixels -> a box inside the image (whole pixels), or HTTP 400."""
+    from ..extraction.images import ImageError, clip_box
+    from ..extraction.images import parse_bbox as parse
+
     try:
-        x1, y1, x2, y2 = (float(v) for v in text.split(","))
-    except ValueError:
-        raise HTTPException(400, f"bbox must be 'x1,y1,x2,y2', got {text!r}") from None
-    if not all(math.isfinite(v) for v in (x1, y1, x2, y2)):
-        raise HTTPException(400, f"bbox must be four finite numbers, got {text!r}")
-    w, h = size
-    x1, y1, x2, y2 = max(0.0, x1), max(0.0, y1), min(float(w), x2), min(float(h), y2)
-    if x2 - x1 < 1 or y2 - y1 < 1:
-        raise HTTPException(400, f"bbox {text!r} is empty inside the {w}x{h} image")
-    return x1, y1, x2, y2
+        box = parse(text)
+        if box is None:
+            return None
+        x1, y1, x2, y2 = clip_box("bbox", box, *size)
+    except (ValueError, ImageError) as exc:
+        raise HTTPException(400, str(exc)) from None
+    return float(x1), float(y1), float(x2), float(y2)

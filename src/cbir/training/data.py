@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from ..datasets.revisitop import load_plain_pickle
+from ..extraction.images import IMAGE_EXTENSIONS
 from ..fileio import FormatError
 from .mining import class_consistency_mask, hardest_positive, mine_diverse_negatives
 
@@ -49,7 +50,6 @@ __all__ = [
     "ImageDataset",
 ]
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
 @dataclass

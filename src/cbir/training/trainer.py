@@ -39,6 +39,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..device import resolve_device
 from ..fileio import atomic_write_json
 from .checkpoint import (
     CHECKPOINT_FORMAT,
@@ -259,12 +260,7 @@ def _dist_setup(device_cfg: str) -> tuple[int, int, torch.device, bool]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    if device_cfg == "auto":
-        device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(device_cfg)
-        if device.type == "cuda" and device.index is None:
-            device = torch.device(f"cuda:{local}")
+    device = resolve_device(device_cfg, local_rank=local)
     started = False
     if world > 1 and not dist.is_initialized():
         if device.type == "cuda":

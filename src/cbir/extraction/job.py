@@ -1,0 +1,217 @@
+"""The resumable folder job: extract a list of images into a sharded descriptor folder.
+
+Inputs are split into chunks of ``chunk`` consecutive images; each finished chunk is written at once
+as one shard of the store (``DIR/shards/<start>.npy`` + ``.json``, see :mod:`cbir.descriptors`), so
+the resume points are the store itself. ``DIR/shards/job.json`` holds the job's fingerprint (model
+weights sampled, image list, ids, boxes, imsize, scales, precision, dtype, chunk): a rerun with the
+same fingerprint skips finished shards (and returns at once when ``meta.json`` says the folder is
+complete); another fingerprint starts over. ``meta.json`` is written last.
+
+The engines share this module: :func:`plan` and :func:`finish` around either the local loop
+(:func:`extract_to_dir`) or Ray (:mod:`.ray_engine`), so both write the same files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from ..descriptors import (ARRAY_NAME, META_NAME, SHARD_DIR, Descriptors, read_shard, write_shard,
+                           write_sharded_meta)
+from ..device import resolve_device, resolve_precision
+from ..fileio import FormatError, atomic_write_json, read_json
+from . import loop
+from .images import Box
+from .loop import DEFAULT_SCALES, check_scales
+
+__all__ = ["extract_to_dir", "Job", "plan", "finish", "save_chunk", "LEGACY_PARTIAL", "JOB_NAME"]
+
+JOB_NAME = "job.json"
+LEGACY_PARTIAL = ".cbir-partial"  # the temporary chunk folder of cbir <= 0.1 (removed when found)
+
+
+def fingerprint(model, ids, paths, bboxes, imsize, settings: Sequence[Any]) -> str:
+    """Hash of what decides the output: model (description + sampled weights), inputs and settings."""
+    h = hashlib.sha256()
+    h.update(json.dumps([model.describe(), ids, [str(p) for p in paths], [list(b) if b else None for b in bboxes],
+                         imsize, list(settings)], sort_keys=True, default=str).encode())
+    with torch.no_grad():
+        for _, t in sorted(model.state_dict().items()):
+            h.update(t.detach().float().cpu().contiguous().numpy().tobytes()[:: max(1, t.numel() // 64)])
+    return h.hexdigest()[:24]
+
+
+@dataclass
+class Job:
+    """One extraction job into ``out``: its inputs, settings, fingerprint and which chunks are done."""
+
+    out: Path
+    paths: list[Path]
+    ids: list[str]
+    bboxes: list[Box | None]
+    imsize: int | None
+    scales: tuple[float, ...]
+    precision: str
+    dtype: str
+    chunk: int
+    job: str
+    complete: bool = False
+
+    @property
+    def shard_dir(self) -> Path:
+        return self.out / SHARD_DIR
+
+    @property
+    def starts(self) -> list[int]:
+        return list(range(0, len(self.paths), self.chunk))
+
+    def stop(self, start: int) -> int:
+        return min(start + self.chunk, len(self.paths))
+
+    def pending(self) -> list[int]:
+        """Chunk starts without a complete shard."""
+        return [s for s in self.starts if read_shard(self.shard_dir, s) is None]
+
+
+def plan(model, images: Sequence[str | os.PathLike[str]], out_dir: str | os.PathLike[str], *,
+         ids: Sequence[str] | None = None, bboxes: Sequence[Box | None] | None = None,
+         imsize: int | None = 1024, scales: Sequence[float] = DEFAULT_SCALES, dtype: str = "float32",
+         chunk: int = 64, device: str | torch.device = "auto", precision: str = "auto") -> Job:
+    """Check the arguments, fingerprint the job and prepare ``out_dir`` (keep or clear earlier work)."""
+    if dtype not in ("float32", "float16"):
+        raise ValueError(f"dtype must be float32 or float16, got {dtype!r}")
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    paths = [Path(p) for p in images]
+    ids = [p.stem for p in paths] if ids is None else list(ids)
+    if len(ids) != len(paths):
+        raise ValueError(f"{len(ids)} ids for {len(paths)} images")
+    if len(set(ids)) != len(ids):
+        raise ValueError("image ids must be unique")
+    boxes = [None] * len(paths) if bboxes is None else list(bboxes)
+    if len(boxes) != len(paths):
+        raise ValueError(f"{len(boxes)} crop boxes for {len(paths)} images")
+    scales = check_scales(scales)
+    out = Path(out_dir)
+    amp = resolve_precision(resolve_device(device), precision)
+    key = fingerprint(model, ids, paths, boxes, imsize, (*scales, amp, dtype, chunk))
+    job = Job(out, paths, ids, boxes, imsize, scales, amp, dtype, chunk, key)
+    shutil.rmtree(out / LEGACY_PARTIAL, ignore_errors=True)
+    if (out / META_NAME).is_file():
+        try:
+            meta = read_json(out / META_NAME, "descriptor metadata")
+            if isinstance(meta, dict) and meta.get("job") == key and meta.get("dtype") == dtype:
+                Descriptors.load(out)  # readable and consistent
+                job.complete = True
+                return job
+        except (FormatError, FileNotFoundError, ValueError, KeyError):
+            pass
+        (out / META_NAME).unlink()  # another job's result (or damaged): this job replaces it
+        (out / ARRAY_NAME).unlink(missing_ok=True)
+    state = job.shard_dir / JOB_NAME
+    if job.shard_dir.is_dir():
+        try:
+            same = read_json(state, "extraction job").get("job") == key
+        except (FileNotFoundError, FormatError, AttributeError):
+            same = False
+        if not same:
+            shutil.rmtree(job.shard_dir)
+    job.shard_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(state, {"job": key, "n": len(paths), "chunk": chunk})
+    return job
+
+
+def save_chunk(job: Job, start: int, res: loop.ExtractResult) -> dict[str, Any]:
+    """Write the shard of chunk ``start`` from its ExtractResult (``ok`` relative to ``start``)."""
+    ok = [int(i) + start for i in res.ok]
+    failed = [dict(f, id=job.ids[start + i]) for i, f in zip(_failed_rows(job, start, res), res.failed)]
+    return write_shard(job.shard_dir, start, job.stop(start), [job.ids[i] for i in ok],
+                       res.vectors.astype(job.dtype), failed)
+
+
+def _failed_rows(job: Job, start: int, res: loop.ExtractResult) -> list[int]:
+    where = {str(p): i for i, p in enumerate(job.paths[start:job.stop(start)])}
+    return [where.get(str(Path(f["path"])), 0) for f in res.failed]
+
+
+def finish(job: Job, model, extra_meta: dict | None = None) -> Descriptors:
+    """Write ``meta.json`` over the complete shards (ValueError if one is missing); the loaded store."""
+    if job.complete:
+        return Descriptors.load(job.out)
+    shards, failed = [], []
+    for start in job.starts:
+        got = read_shard(job.shard_dir, start)
+        if got is None:
+            raise ValueError(f"{job.shard_dir}: the shard of inputs {start}..{job.stop(start) - 1} is missing")
+        info, arr = got
+        shards.append({"name": info["name"], "rows": int(arr.shape[0]), "start": start, "stop": job.stop(start)})
+        failed.extend(info.get("failed", []))
+    meta = {
+        **model.describe(),
+        "imsize": job.imsize,
+        "scales": list(job.scales),
+        "multiscale_p": round(float(model.multiscale_p()), 4),
+        "precision": job.precision,
+        "job": job.job,
+        "chunk": job.chunk,
+        **(extra_meta or {}),
+    }
+    write_sharded_meta(job.out, shards, meta, failed, model.dim, job.dtype)
+    (job.shard_dir / JOB_NAME).unlink(missing_ok=True)
+    return Descriptors.load(job.out)
+
+
+def extract_to_dir(
+    model,
+    images: Sequence[str | os.PathLike[str]],
+    out_dir: str | os.PathLike[str],
+    *,
+    ids: Sequence[str] | None = None,
+    bboxes: Sequence[Box | None] | None = None,
+    imsize: int | None = 1024,
+    scales: Sequence[float] = DEFAULT_SCALES,
+    dtype: str = "float32",
+    chunk: int = 64,
+    extra_meta: dict | None = None,
+    **kw: Any,
+) -> Descriptors:
+    """Extract into ``out_dir`` as a sharded descriptor store, resumably (see the module docstring).
+
+    Returns the store (``Descriptors`` with memory-mapped ``vectors``). ``kw`` go to
+    :func:`cbir.extraction.loop.extract` (batch_size, device, workers, progress, strict, precision,
+    decode, backend).
+    """
+    job = plan(model, images, out_dir, ids=ids, bboxes=bboxes, imsize=imsize, scales=scales, dtype=dtype,
+               chunk=chunk, device=kw.get("device", "auto"), precision=kw.get("precision", "auto"))
+    if job.complete:
+        return Descriptors.load(job.out)
+    kw["precision"] = job.precision
+    todo = job.pending()
+    progress = kw.pop("progress", True)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(job.paths), unit="img", desc="extract", dynamic_ncols=True,
+                   initial=len(job.paths) - sum(job.stop(s) - s for s in todo))
+    try:
+        for start in todo:
+            stop = job.stop(start)
+            before = bar.n if bar is not None else 0
+            res = loop.extract(model, job.paths[start:stop], bboxes=job.bboxes[start:stop], imsize=job.imsize,
+                               scales=job.scales, progress=False,
+                               on_progress=bar.update if bar is not None else None, **kw)
+            save_chunk(job, start, res)
+            if bar is not None:
+                bar.update(before + (stop - start) - bar.n)  # failed images count as done too
+    finally:
+        if bar is not None:
+            bar.close()
+    return finish(job, model, extra_meta)

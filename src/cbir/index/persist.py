@@ -1,0 +1,215 @@
+"""An index on disk: manifest, generations, checksums.
+
+On disk an index is a folder::
+
+    INDEX/
+      manifest.json        format stamp, settings that made the descriptors, search structure,
+                           the current generation, and size + sha256 of each of its files
+      .writer.lock         the writers' lock (cbir.index.writer)
+      g000007-3fa2c1/      the current generation: vectors.npy, ids.npy, meta.sqlite
+                           [, faiss.index] [, graph_ids.npy, graph_sims.npy]
+
+A save writes a complete new generation folder (every file fsync'ed, the folder renamed into
+place and fsync'ed), then switches ``manifest.json`` atomically (temporary file, fsync, rename),
+then deletes older generations. A crash at any point leaves ``manifest.json`` naming a complete
+generation: the previous index or the new one, never a mixture. Loading checks the format stamp,
+the sizes and checksums, and that vectors, ids, metadata, faiss structure and graph agree, and
+raises :class:`cbir.fileio.FormatError` otherwise. Generation numbers only grow; a reader compares
+its own with :func:`latest_generation` to know whether it is stale.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .. import __version__
+from ..fileio import FormatError, atomic_write_json, check_format, fsync_dir, read_json, sha256_file
+from .backends import KINDS, check_params
+from .graph import KnnGraph
+from .store import MetadataDB, VectorStore
+
+if TYPE_CHECKING:
+    from .index import Index
+
+FORMAT = "cbir-index"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+_GEN_DIR = re.compile(r"^(\.tmp-)?g\d{6}-[0-9a-f]{6}$")
+_TMP_MANIFEST = re.compile(r"^\.manifest\.json\..+\.tmp$")  # cbir.fileio.atomic_open's temporary name
+VECTORS, IDS, SQLITE = "vectors.npy", "ids.npy", "meta.sqlite"
+
+
+class StaleIndexError(RuntimeError):
+    """Saving would overwrite a newer generation written by another writer (a lost update)."""
+
+
+def _fsync_file(file: Path) -> None:
+    with open(file, "rb+") as fh:
+        os.fsync(fh.fileno())
+
+
+def _same_folder(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve()
+    except OSError:
+        return False
+
+
+def save_generation(index: "Index", root: Path) -> tuple[Path, int]:
+    """Write ``index`` as a new generation of ``root`` (module doc); returns (root, generation number).
+
+    The caller holds the index's read lock (and, for a shared folder, the writer lock)."""
+    root.mkdir(parents=True, exist_ok=True)
+    previous = _read_manifest_or_none(root)
+    latest = int(previous.get("generation_number", 0)) if previous else 0
+    if index.path is not None and _same_folder(index.path, root) and latest > index.generation:
+        raise StaleIndexError(
+            f"{root} was changed by another writer (generation {latest}, this copy was loaded at "
+            f"{index.generation}); saving would lose that change: reload it (cbir.index.open_for_write does)"
+        )
+    number = latest + 1
+    gen = f"g{number:06d}-{uuid.uuid4().hex[:6]}"
+    tmp = root / f".tmp-{gen}"
+    tmp.mkdir()
+    try:
+        np.save(tmp / VECTORS, np.ascontiguousarray(index.store.vectors, np.float32), allow_pickle=False)
+        np.save(tmp / IDS, np.ascontiguousarray(index.store.ids, np.int64), allow_pickle=False)
+        index.meta.save(tmp / SQLITE)
+        names = [VECTORS, IDS, SQLITE] + index.backend.save(index.store, tmp)
+        if index.graph is not None:
+            names += index.graph.save(tmp)
+        files = {}
+        for name in names:
+            _fsync_file(tmp / name)
+            files[name] = {"bytes": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)}
+        fsync_dir(tmp)
+        os.replace(tmp, root / gen)
+        fsync_dir(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    manifest: dict[str, Any] = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "generation": gen,
+        "generation_number": number,
+        "type": index.kind,
+        "params": index.params,
+        "dim": index.dim,
+        "count": len(index.store),
+        "settings": index.settings,
+        "files": files,
+        "created": index.created,
+        "saved": time.time(),
+        "cbir_version": __version__,
+    }
+    if index.graph is not None:
+        manifest["graph"] = {"k": index.graph.k, "exact": bool(index.graph.exact)}
+    atomic_write_json(root / MANIFEST, manifest)
+    for old in root.iterdir():  # best effort: older generations, abandoned temporary folders/files
+        if old.is_dir() and old.name != gen and _GEN_DIR.match(old.name):
+            shutil.rmtree(old, ignore_errors=True)
+        elif old.is_file() and _TMP_MANIFEST.match(old.name):  # a killed manifest switch
+            old.unlink(missing_ok=True)
+    return root, number
+
+
+def load_index(cls: type["Index"], root: Path, *, device: str = "auto", verify: bool = True) -> "Index":
+    """Open the current generation of ``root`` as an instance of ``cls``."""
+    for attempt in range(3):  # a concurrent save may delete the generation we just read of
+        manifest = read_manifest(root)
+        try:
+            return _load_generation(cls, root, manifest, device, verify)
+        except FileNotFoundError as exc:
+            if attempt == 2 or read_manifest(root).get("generation") == manifest.get("generation"):
+                raise FormatError(f"{root} is incomplete: {exc}") from exc
+    raise AssertionError("unreachable")
+
+
+def _load_generation(cls: type["Index"], root: Path, manifest: dict, device: str, verify: bool) -> "Index":
+    where = root / MANIFEST
+    try:
+        gen = root / str(manifest["generation"])
+        kind, dim, files = manifest["type"], int(manifest["dim"]), dict(manifest["files"])
+        params, settings, count = dict(manifest["params"]), dict(manifest["settings"]), int(manifest["count"])
+        graph_info = manifest.get("graph")
+    except (KeyError, TypeError, ValueError) as exc:
+        raise FormatError(f"{where} is incomplete or damaged: {exc!r}") from exc
+    if kind not in KINDS:
+        raise FormatError(f"{where}: unknown index type {kind!r}")
+    for name in (VECTORS, IDS, SQLITE):
+        if name not in files:
+            raise FormatError(f"{where} lists no {name}")
+    for name, desc in files.items():
+        file = gen / name
+        if not file.is_file():
+            raise FileNotFoundError(f"index file missing: {file}")
+        if file.stat().st_size != desc.get("bytes"):
+            raise FormatError(f"{file} has {file.stat().st_size} bytes, the manifest says {desc.get('bytes')}: damaged or truncated")
+        if verify and sha256_file(file) != desc.get("sha256"):
+            raise FormatError(f"{file} does not match its checksum in the manifest: the index is damaged")
+    try:
+        vectors = np.load(gen / VECTORS, allow_pickle=False)
+        ids = np.load(gen / IDS, allow_pickle=False)
+    except ValueError as exc:
+        raise FormatError(f"{gen}: damaged array: {exc}") from exc
+    if vectors.shape != (count, dim) or ids.shape != (count,) or ids.dtype != np.int64:
+        raise FormatError(f"{gen}: vectors {vectors.shape} / ids {ids.shape} do not match the manifest ({count} x {dim})")
+    try:
+        params = check_params(kind, params, dim)
+    except ValueError as exc:
+        raise FormatError(f"{where}: {exc}") from exc
+    index = cls(dim, kind, params, settings, device)
+    index.created = float(manifest.get("created", time.time()))
+    try:
+        index.store = VectorStore(dim, ids, vectors)
+    except ValueError as exc:
+        raise FormatError(f"{gen}: {exc}") from exc
+    index.meta = MetadataDB.load(gen / SQLITE)
+    if not np.array_equal(np.sort(ids), index.meta.all_ids()):
+        raise FormatError(f"{gen}: the metadata database and the vectors list different image ids")
+    index.backend.load(index.store, gen)
+    if graph_info:
+        index.graph = KnnGraph.load(gen, count, exact=bool(graph_info.get("exact", True)))
+    index.path, index.generation = root, int(manifest.get("generation_number", 0))
+    return index
+
+
+def latest_generation(path: str | os.PathLike[str]) -> int:
+    """The generation number named by ``path``/manifest.json (reads that file only).
+
+    FileNotFoundError when there is no index at ``path``; FormatError when it is not one.
+    """
+    manifest = read_manifest(Path(path))
+    try:
+        return int(manifest.get("generation_number", 0))
+    except (TypeError, ValueError) as exc:
+        raise FormatError(f"{Path(path) / MANIFEST}: bad generation_number") from exc
+
+
+def _read_manifest_or_none(root: Path) -> dict | None:
+    try:
+        return read_manifest(root)
+    except (FileNotFoundError, FormatError):
+        return None
+
+
+def read_manifest(root: Path) -> dict:
+    """The checked manifest of the index folder ``root``; FileNotFoundError / FormatError."""
+    if not root.exists():
+        raise FileNotFoundError(f"index not found: {root}")
+    if not root.is_dir():
+        raise FormatError(f"{root} is not an index folder (expected a folder with {MANIFEST})")
+    manifest = read_json(root / MANIFEST, what="index manifest")
+    if not isinstance(manifest, dict):
+        raise FormatError(f"{root / MANIFEST} is not an index manifest")
+    check_format(manifest, FORMAT, (FORMAT_VERSION,), root / MANIFEST)
+    return manifest
