@@ -142,6 +142,8 @@ def main() -> int:
     ap.add_argument("--lw-shrinkage", type=float, default=0.1)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--measure-only", metavar="MODEL.pt",
+                    help="no training: measure this fine-tuned model (e.g. a run's model.pt) against the start")
     args = ap.parse_args()
 
     import torch
@@ -163,6 +165,16 @@ def main() -> int:
     before = measure(start, f"{args.model}-imagenet-gem3", args)
     print(f"before: {json.dumps(before)}", file=sys.stderr, flush=True)
 
+    if args.measure_only:
+        after = measure(load_model(args.measure_only), None, args)
+        f = lambda d: "/".join(f"{d[k]:.2f}" for k in ("easy", "medium", "hard"))  # noqa: E731
+        result = {"train": args.train, "test": OTHER[args.train], "model": args.measure_only, "before": before,
+                  "after": after, "settings": vars(args) | {"cache": str(args.cache)},
+                  "wall_s": round(time.time() - t0, 1), "date": time.strftime("%Y-%m-%d")}
+        (out / "result_measure.json").write_text(json.dumps(result, indent=2, default=float))
+        print(json.dumps({"test": OTHER[args.train], "before_raw": f(before["raw"]), "after_raw": f(after["raw"]),
+                          "before_lw": f(before["lw"]), "after_lw": f(after["lw"])}))
+        return 0
     data = training_folder(args.train, out / "data")
     cfg = {
         "model": {"name": args.model, "pooling": "gem", "weights": "default"},

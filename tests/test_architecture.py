@@ -4,7 +4,8 @@ Imports are read with ``ast`` from every module's source, function-level imports
 hidden inside a function is still a cycle of the design). ``import cbir.a.b`` and ``from .a import b``
 both count as edges to ``cbir.a.b`` when that is a module, else to ``cbir.a``. Edges to a package's
 ``__init__`` are left out when the importer is inside that package (importing a sibling through the
-package is how Python resolves ``from . import x``).
+package is how Python resolves ``from . import x``). Imports under ``if TYPE_CHECKING:`` are for
+annotations only and never run, so they are left out.
 """
 
 from __future__ import annotations
@@ -39,6 +40,15 @@ def _resolve(target: str, known: dict[str, Path]) -> str | None:
     return None
 
 
+def _is_type_checking_block(node: ast.AST) -> bool:
+    """``if TYPE_CHECKING:`` (or ``typing.TYPE_CHECKING``): imports for annotations only, never run."""
+    if not isinstance(node, ast.If):
+        return False
+    t = node.test
+    return (isinstance(t, ast.Name) and t.id == "TYPE_CHECKING") or (
+        isinstance(t, ast.Attribute) and t.attr == "TYPE_CHECKING")
+
+
 def import_graph() -> dict[str, set[str]]:
     """module -> the cbir modules it imports (anywhere in its body)."""
     known = _modules()
@@ -46,7 +56,12 @@ def import_graph() -> dict[str, set[str]]:
     for mod, path in known.items():
         is_pkg = path.name == "__init__.py"
         package = mod if is_pkg else mod.rpartition(".")[0]
-        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        tree = ast.parse(path.read_text(), filename=str(path))
+        type_only = {id(n) for block in ast.walk(tree) if _is_type_checking_block(block)
+                     for stmt in block.body for n in ast.walk(stmt)}
+        for node in ast.walk(tree):
+            if id(node) in type_only:
+                continue
             targets: list[str] = []
             if isinstance(node, ast.Import):
                 targets = [a.name for a in node.names]

@@ -138,3 +138,24 @@ def test_distractors_are_negatives(tmp_path):
                  "--json", str(out)]) == 0
     res = json.loads(out.read_text())
     assert res["mAP"]["medium"] == pytest.approx(100 * ((1 / 3) / 2 + (1 / 3 + 2 / 4) / 2) / 2)
+
+
+def test_distractors_with_top_k_use_the_chunked_path(tmp_path, monkeypatch):
+    """--distractors + --top-k: blocks through cbir.topk (never one matrix), same figures as in memory."""
+    from cbir import pipeline
+
+    gpath, feats = _toy(tmp_path)
+    near = tmp_path / "near"
+    Descriptors(ids=["d1", "d2"], vectors=np.array([[1, 0, 0], [1, 0.01, 0]], np.float16)).save(near)
+    out = tmp_path / "r.json"
+    monkeypatch.setattr(pipeline, "with_distractors", lambda *a, **k: pytest.fail("loaded all rows"))
+    assert main(["evaluate", "--gnd", str(gpath), "--features", str(feats), "--distractors", str(near),
+                 "--top-k", "5", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    # as in test_distractors_are_negatives: Medium ranking d1, d2, a, (b junk), c
+    assert res["mAP"]["medium"] == pytest.approx(100 * ((1 / 3) / 2 + (1 / 3 + 2 / 4) / 2) / 2)
+    assert res["top_k"] == 5 and res["settings"]["distractors"]["n"] == 2
+    # a cut above both positives: they count as missed
+    assert main(["evaluate", "--gnd", str(gpath), "--features", str(feats), "--distractors", str(near),
+                 "--top-k", "2", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["mAP"]["medium"] == 0.0

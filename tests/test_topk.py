@@ -252,3 +252,15 @@ def test_objects_with_iter_chunks_and_descriptors(tmp_path):
     Descriptors(ids=[str(i) for i in range(900)], vectors=db).save(tmp_path / "d")
     _, rows = chunked_topk(q, Descriptors.load(tmp_path / "d", mmap=True), 30, chunk_rows=100)
     np.testing.assert_array_equal(rows, want)
+
+
+def test_sharded_descriptor_folder(tmp_path):
+    from cbir.descriptors import Descriptors
+
+    q, db = _data(n=2500, seed=10)
+    Descriptors(ids=[str(i) for i in range(2500)], vectors=db.astype(np.float16)).save(tmp_path / "s", shard_size=600)
+    store = Descriptors.load(tmp_path / "s", mmap=True)
+    want = rank_from_scores(q @ db.astype(np.float16).astype(np.float32).T, top_k=40)
+    for src in (store, store.vectors):
+        _, rows = chunked_topk(q, src, 40, chunk_rows=256)
+        np.testing.assert_array_equal(rows, want)

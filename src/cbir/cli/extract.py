@@ -23,7 +23,7 @@ examples:
   cbir extract photos/ --out feats/ --dtype float16 --strict
   cbir extract photos/ --out feats/ --engine ray                # local Ray: decode tasks + a pool of model actors
   cbir extract photos/ --out feats/ --engine ray --address auto # a running Ray cluster (`ray start --head`)
-  cbir extract photos/ --out feats/ --backend openvino          # faster CPU inference, if installed
+  cbir extract photos/ --out feats/ --backend onnxruntime       # faster CPU inference, if installed
 
 ids: the path relative to the given folder, without its extension (photos/a/b.jpg -> "a/b");
 a file given by name gets its bare name. Unreadable files (corrupt, truncated, empty, not an

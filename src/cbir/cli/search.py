@@ -62,7 +62,7 @@ def _check_index_path(path: Path) -> None:
     """Say what INDEX is when it is not an index (an extract folder, an image, nothing)."""
     if (path / "manifest.json").is_file():
         return
-    if (path / "meta.json").is_file() and (path / "descriptors.npy").is_file():
+    if (path / "meta.json").is_file() and ((path / "descriptors.npy").is_file() or (path / "shards").is_dir()):
         raise CLIError(f"{path} holds descriptors from `cbir extract`, not an index; build one from it with "
                        f"`cbir index build --features {path} --out {path.name}.index`")
     if path.is_file():

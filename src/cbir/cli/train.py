@@ -46,16 +46,17 @@ def parse_items(args: argparse.Namespace) -> argparse.Namespace:
     in any order; options given before the config are kept."""
     from . import CLIError
 
-    inner = argparse.ArgumentParser(prog="cbir train", add_help=False, exit_on_error=False)
+    class _Inner(argparse.ArgumentParser):
+        def error(self, message: str):  # one line through the CLI, no usage dump, no exit here
+            raise CLIError(f"{message} (usage: cbir train CONFIG [KEY=VALUE ...] [--resume] [--out DIR])")
+
+    inner = _Inner(prog="cbir train", add_help=False)
     inner.add_argument("config")
     inner.add_argument("overrides", nargs="*")
     _options(inner)
-    try:
-        ns = inner.parse_intermixed_args(args.items)
-    except argparse.ArgumentError as exc:
-        raise CLIError(f"{exc} (usage: cbir train CONFIG [KEY=VALUE ...] [--resume] [--out DIR])") from None
-    except SystemExit:  # argparse still exits on some errors (missing CONFIG)
-        raise CLIError("usage: cbir train CONFIG [KEY=VALUE ...] [--resume] [--out DIR]") from None
+    if not args.items:
+        raise CLIError("a training config is needed (usage: cbir train CONFIG [KEY=VALUE ...] [--resume] [--out DIR])")
+    ns = inner.parse_intermixed_args(args.items)
     for key in ("resume", "out", "no_progress", "print_config"):
         if getattr(ns, key) is None:
             setattr(ns, key, getattr(args, key))

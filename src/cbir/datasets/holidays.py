@@ -21,10 +21,9 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from ..extraction.images import IMAGE_EXTENSIONS as IMAGE_EXTS
 from ..fileio import atomic_open
 from .base import RetrievalDataset
-
-IMAGE_EXTS = (".jpg", ".jpeg", ".png")
 
 
 def holidays_ground_truth(ids: Sequence[str]) -> tuple[list[int], list[dict[str, Any]]]:

@@ -135,9 +135,8 @@ def describe_poolings(
     compute. ``log(text)`` receives progress lines.
     """
     import torch
-    import torch.nn.functional as F
 
-    from ..extract import image_tensor, load_image
+    from ..extract import image_tensor, load_image, rescale
     from ..model import build_model
 
     net = build_model(model, pooling="gem", weights=weights)
@@ -153,8 +152,7 @@ def describe_poolings(
                 x = image_tensor(load_image(path, box), imsize, net.mean, net.std)[None]
                 per = {}
                 for s in scales:
-                    xs = x if s == 1.0 else F.interpolate(x, scale_factor=s, mode="bilinear", align_corners=False,
-                                                           antialias=True)
+                    xs = rescale(x, s)  # the extractor's resize, minimum side included
                     per[s] = net.features(xs).half()
                 out.append(per)
         return out

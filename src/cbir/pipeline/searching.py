@@ -8,14 +8,26 @@ from typing import Any
 import numpy as np
 
 from ..rerank.options import Rerank
+from ..rerank.recipe import Recipe
 
 
-def search_index(index: Any, query: np.ndarray, k: int = 20, rerank: Rerank | None = None) -> tuple[list, dict]:
+def search_index(index: Any, query: np.ndarray, k: int = 20, rerank: Rerank | Recipe | None = None) -> tuple[list, dict]:
     """Top-``k`` hits (:class:`cbir.index.Hit`, best first) of one query descriptor (D,) in a
     :class:`cbir.index.Index`, re-ranked as ``rerank`` says; without re-ranking, the index's own
     search structure. Re-ranking runs on the stored vectors and kNN graph without copying them
-    (:meth:`cbir.index.Index.search_rerank`). Returns (hits, applied)."""
+    (:meth:`cbir.index.Index.search_rerank`). A :class:`cbir.rerank.recipe.Recipe` with a whitening
+    scores every stored vector through it. Returns (hits, applied)."""
     q = np.asarray(query, dtype=np.float32).reshape(1, -1)
+    if isinstance(rerank, Recipe):
+        if rerank.spec.method != "none":  # a whitening changes every vector: all of them through the recipe
+            from ..index import Hit
+
+            ids, db = index.vectors()
+            scores, applied = rerank.apply(q, db)
+            order = np.argsort(-scores[0], kind="stable")[:k]
+            return [Hit(int(ids[i]), index.get(int(ids[i])).path, float(scores[0, i])) for i in order], applied
+        hits, applied = search_index(index, query, k, rerank.rerank)  # on the stored vectors and graph
+        return hits, {"recipe": {"whitening": {"method": "none"}, "source": rerank.meta.get("file")}, **applied}
     if rerank is None or rerank.is_off():
         return index.search(q, k)[0], {}
     hits, applied = index.search_rerank(q, k, rerank)
