@@ -129,10 +129,11 @@ def test_vgg16_with_lw_in_meta_matches_reference(tmp_path, images):
     assert net.whiten is not None and "retrieval-SfM-120k/ms" in net.describe()["whitening"]
     assert abs(net.multiscale_p() - 3.1) < 1e-5
     scales = (1.0, 1 / math.sqrt(2.0), 0.5)
-    got = extract(net, images, imsize=64, scales=scales, device="cpu", progress=False, strict=True,
+    # 128 px: every scale keeps both sides >= MIN_SIDE (32 px), so no enlargement rule applies here
+    got = extract(net, images, imsize=128, scales=scales, device="cpu", progress=False, strict=True,
                   channels_last=False, precision="fp32").vectors
     with torch.no_grad():
-        vecs = torch.stack([ref_multiscale(ref, _tensor(p, 64, net.mean, net.std), scales, 3.1) for p in images])
+        vecs = torch.stack([ref_multiscale(ref, _tensor(p, 128, net.mean, net.std), scales, 3.1) for p in images])
     x = vecs.numpy().T.astype(np.float64)  # cirtorch whitenapply: P (X - m), columns L2-normalised
     m, P = lw["retrieval-SfM-120k"]["ms"]["m"], lw["retrieval-SfM-120k"]["ms"]["P"]
     want = P @ (x - m)

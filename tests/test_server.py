@@ -342,8 +342,6 @@ def test_cbir_serve_command(tmp_path):
         log.close()
 
 
-@pytest.mark.xfail(not hasattr(__import__("cbir.extract").extract, "MIN_SIDE"), strict=True,
-                   reason="needs the minimum side per scale of the extract branch (issue 9.2)")
 @pytest.mark.parametrize("size, box", [((1, 1), None), ((3000, 2), None), ((2, 3000), None), ((64, 48), "0,0,64,1"),
                                        ((64, 48), "0,0,1,48"), ((64, 48), "10,10,11,11")])
 def test_odd_but_valid_images_are_described(tmp_path, lite0_gem, demo_lite0, size, box):

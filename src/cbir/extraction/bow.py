@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -11,7 +10,7 @@ import numpy as np
 import torch
 
 from ..device import resolve_device
-from ..fileio import FormatError, atomic_open
+from ..fileio import FormatError, load_stamped_npz, save_stamped_npz
 from .batching import iter_batches, prepare_model
 
 __all__ = ["fit_bow", "save_codebook", "load_codebook", "CODEBOOK_FORMAT", "CODEBOOK_VERSION"]
@@ -61,24 +60,15 @@ def fit_bow(
 
 
 def save_codebook(path: str | os.PathLike[str], codebook: np.ndarray, idf: np.ndarray, about: dict | None = None) -> None:
-    """Atomic .npz with the codebook (K,C), idf (K,) and a format stamp."""
-    stamp = json.dumps({"format": CODEBOOK_FORMAT, "format_version": CODEBOOK_VERSION, **(about or {})})
-    with atomic_open(path, "wb") as fh:
-        np.savez(fh, codebook=np.asarray(codebook, np.float32), idf=np.asarray(idf, np.float32),
-                 meta=np.array(stamp))
+    """Atomic .npz with the codebook (K,C), idf (K,) and a format stamp (:func:`cbir.fileio.save_stamped_npz`)."""
+    save_stamped_npz(path, {"codebook": np.asarray(codebook, np.float32), "idf": np.asarray(idf, np.float32)},
+                     dict(about or {}), CODEBOOK_FORMAT, CODEBOOK_VERSION)
 
 
 def load_codebook(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray, dict]:
-    """(codebook (K,C), idf (K,), stamp) from a file written by :func:`save_codebook`; FormatError otherwise."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"codebook file not found: {path}")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            meta = json.loads(str(z["meta"]))
-            codebook, idf = z["codebook"], z["idf"]
-    except Exception as exc:
-        raise FormatError(f"{path} is not a cbir BoW codebook ({exc})") from exc
-    if meta.get("format") != CODEBOOK_FORMAT or meta.get("format_version") != CODEBOOK_VERSION:
-        raise FormatError(f"{path} is not a cbir BoW codebook (format {meta.get('format')!r})")
-    return codebook, idf, meta
+    """(codebook (K,C), idf (K,), about) from a file written by :func:`save_codebook`;
+    FileNotFoundError when missing, FormatError otherwise."""
+    arrays, meta = load_stamped_npz(path, CODEBOOK_FORMAT, (CODEBOOK_VERSION,), what="cbir BoW codebook")
+    if "codebook" not in arrays or "idf" not in arrays:
+        raise FormatError(f"{path} is not a cbir BoW codebook (no codebook/idf arrays)")
+    return arrays["codebook"], arrays["idf"], meta
