@@ -27,7 +27,6 @@ only, under the names numpy 1.x and 2.x pickle them with); nothing in the file c
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import re
@@ -41,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .backbones import FeatureMap, WeightsUnavailable, map_in_order
-from .fileio import FormatError
+from .fileio import FormatError, sha256_file
 from .pooling import Pooling, build_pooling
 
 __all__ = [
@@ -164,12 +163,9 @@ def check_hash_in_name(path: str | os.PathLike[str]) -> None:
     match = re.search(r"-([0-9a-f]{6,64})\.pth$", path.name)
     if not match:
         return
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    if not digest.hexdigest().startswith(match.group(1)):
-        raise WeightsUnavailable(f"{path}: its sha256 {digest.hexdigest()[:12]}... does not start with the "
+    digest = sha256_file(path)
+    if not digest.startswith(match.group(1)):
+        raise WeightsUnavailable(f"{path}: its sha256 {digest[:12]}... does not start with the "
                                  f"{match.group(1)} in its name (damaged or different file)")
 
 

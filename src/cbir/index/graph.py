@@ -33,20 +33,9 @@ GRAPH_IDS, GRAPH_SIMS = "graph_ids.npy", "graph_sims.npy"
 def _search(queries: np.ndarray, base: np.ndarray, k: int, *, nlist: int = 0, nprobe: int = 16,
             batch: int = 8192) -> tuple[np.ndarray, np.ndarray]:
     """Top-k inner products of queries in base rows -> (sims (nq, k), rows (nq, k)), -1 padded (faiss)."""
-    import faiss
+    from ..rerank.knn import ip_index
 
-    base = np.ascontiguousarray(base, dtype=np.float32)
-    d = base.shape[1]
-    if nlist > 0:
-        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, int(nlist), faiss.METRIC_INNER_PRODUCT)
-        index.cp.niter = 10
-        index.cp.max_points_per_centroid = 64
-        index.train(base)
-        index.add(base)
-        index.nprobe = int(nprobe)
-    else:
-        index = faiss.IndexFlatIP(d)
-        index.add(base)
+    index = ip_index(base, nlist=nlist, nprobe=nprobe)
     nq = len(queries)
     sims = np.empty((nq, k), np.float32)
     rows = np.empty((nq, k), np.int64)

@@ -29,6 +29,27 @@ def topk(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return np.take_along_axis(scores, idx, axis=1), idx.astype(np.int64)
 
 
+def ip_index(base: np.ndarray, *, nlist: int = 0, nprobe: int = 8):
+    """A faiss inner-product index holding the rows of base (n, D) float32: exact ``IndexFlatIP``,
+    or with ``nlist > 0`` an ``IndexIVFFlat`` (nlist k-means cells, 10 iterations on at most 64
+    points per cell: enough for a coarse quantiser; ``nprobe`` cells visited per query)."""
+    import faiss
+
+    base = np.ascontiguousarray(base, dtype=np.float32)
+    d = base.shape[1]
+    if nlist > 0:
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, int(nlist), faiss.METRIC_INNER_PRODUCT)
+        index.cp.niter = 10
+        index.cp.max_points_per_centroid = 64
+        index.train(base)
+        index.add(base)
+        index.nprobe = int(nprobe)
+    else:
+        index = faiss.IndexFlatIP(d)
+        index.add(base)
+    return index
+
+
 def knn_search(
     q: np.ndarray, db: np.ndarray, k: int, batch: int = 16384, nlist: int = 0, nprobe: int = 8
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -39,25 +60,12 @@ def knn_search(
     neighbours are returned as index -1. k is clamped to the database size; queries are searched
     in batches to bound memory.
     """
-    import faiss
-
     db = np.ascontiguousarray(db, dtype=np.float32)
     q = np.ascontiguousarray(q, dtype=np.float32)
     if q.shape[1] != db.shape[1]:
         raise ValueError(f"query dimension {q.shape[1]} != database dimension {db.shape[1]}")
     k = int(min(k, db.shape[0]))
-    d = db.shape[1]
-    if nlist > 0:
-        quantizer = faiss.IndexFlatIP(d)
-        index = faiss.IndexIVFFlat(quantizer, d, int(nlist), faiss.METRIC_INNER_PRODUCT)
-        index.cp.niter = 10  # k-means on at most 64 points per cell: enough for a coarse quantiser
-        index.cp.max_points_per_centroid = 64
-        index.train(db)
-        index.add(db)
-        index.nprobe = int(nprobe)
-    else:
-        index = faiss.IndexFlatIP(d)
-        index.add(db)
+    index = ip_index(db, nlist=nlist, nprobe=nprobe)
     sims = np.empty((q.shape[0], k), dtype=np.float32)
     idx = np.empty((q.shape[0], k), dtype=np.int64)
     for s in range(0, q.shape[0], batch):

@@ -19,14 +19,13 @@ records. Diffusion parameters that are left out of ``rerank.diffusion`` follow t
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..fileio import FormatError, atomic_write_json, check_format, read_json
+from ..fileio import FormatError, atomic_write_json, check_format, read_json, sha256_file
 from ..whitening import Whitening, learn_pca_whitening
 from .compose import Rerank
 
@@ -84,14 +83,6 @@ def fit_database_whitening(spec: WhiteningSpec, db: np.ndarray) -> Whitening:
     return learn_pca_whitening(db, power=spec.power, dim=dim, shrinkage=spec.shrinkage)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 @dataclass
 class Recipe:
     """Whitening (``spec`` + the ``learned`` projection when fit on validation) and re-ranking."""
@@ -133,7 +124,7 @@ class Recipe:
         if self.learned is not None and self.spec.method != "none" and self.spec.fit == "validation":
             side = path.with_name(path.stem + ".whiten.npz")
             self.learned.save(side)
-            whitening.update(file=side.name, sha256=_sha256(side))
+            whitening.update(file=side.name, sha256=sha256_file(side))
         doc = {"format": FORMAT, "format_version": FORMAT_VERSION, "whitening": whitening,
                "rerank": self.rerank.to_dict(), **{k: v for k, v in self.meta.items() if k != "file"}}
         atomic_write_json(path, doc)
@@ -162,7 +153,7 @@ class Recipe:
             side = path.parent / Path(str(wdoc["file"])).name
             if not side.is_file():
                 raise FileNotFoundError(f"whitening file of recipe {path} not found: {side}")
-            if wdoc.get("sha256") and _sha256(side) != wdoc["sha256"]:
+            if wdoc.get("sha256") and sha256_file(side) != wdoc["sha256"]:
                 raise FormatError(f"{side} does not match the sha256 recorded in {path}")
             learned = Whitening.load(side)
         meta = {k: v for k, v in doc.items() if k not in ("format", "format_version", "whitening", "rerank")}

@@ -17,7 +17,7 @@ import threading
 import unicodedata
 from pathlib import Path
 
-from ..fileio import atomic_write_bytes
+from ..fileio import atomic_write_bytes, sha256_file
 
 MAX_STEM = 80
 
@@ -34,14 +34,6 @@ def safe_name(filename: str | None, suffix: str) -> str:
     stem = re.sub(r"[^A-Za-z0-9._-]+", "_", stem)
     stem = re.sub(r"_+", "_", stem).strip("._-")[:MAX_STEM].rstrip("._-")
     return (stem or "upload") + suffix
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 class StoreFull(Exception):
@@ -61,7 +53,7 @@ class UploadStore:
             for f in sorted(self.root.resolve().iterdir()):
                 if f.is_file() and not f.name.startswith("."):
                     self._sizes[f] = f.stat().st_size
-                    self._digests.setdefault(file_sha256(f), f)
+                    self._digests.setdefault(sha256_file(f), f)
 
     @property
     def used_bytes(self) -> int:
