@@ -26,6 +26,24 @@ def _private_descriptor_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("CBIR_CACHE", str(tmp_path / "cbir-cache"))
 
 
+def toy_benchmark(tmp_path: Path) -> Path:
+    """A 4-photo revisitop benchmark under tmp_path (jpg/ + gnd_toy.pkl, returned): 3 database images
+    a (red-ish), b (green), c (blue) and one query q (red) with box (0, 0, 20, 20);
+    easy = [a], hard = [c], junk = [b]."""
+    from PIL import Image
+
+    jpg = tmp_path / "jpg"
+    jpg.mkdir()
+    colours = {"q": (200, 10, 10), "a": (190, 20, 10), "b": (10, 200, 10), "c": (10, 10, 200)}
+    for n, c in colours.items():
+        Image.new("RGB", (40, 30), c).save(jpg / f"{n}.jpg")
+    gnd = {"imlist": ["a", "b", "c"], "qimlist": ["q"],
+           "gnd": [{"bbx": [0, 0, 20, 20], "easy": [0], "hard": [2], "junk": [1]}]}
+    gpath = tmp_path / "gnd_toy.pkl"
+    gpath.write_bytes(pickle.dumps(gnd))
+    return gpath
+
+
 def shared_path(*parts: str) -> Path:
     """Path inside ../shared, or skip the test with a clear reason."""
     path = SHARED.joinpath(*parts)
@@ -36,8 +54,9 @@ def shared_path(*parts: str) -> Path:
 
 @pytest.fixture(scope="session")
 def roxford_gnd() -> dict:
-    with open(shared_path("data", "revisitop", "gnd_roxford5k.pkl"), "rb") as fh:
-        return pickle.load(fh)
+    from cbir.datasets.revisitop import load_gnd
+
+    return load_gnd(shared_path("data", "revisitop", "gnd_roxford5k.pkl"))
 
 
 @pytest.fixture(scope="session")
@@ -59,8 +78,9 @@ def rparis250() -> Path:
 
 @pytest.fixture(scope="session")
 def rparis250_gnd(rparis250: Path) -> dict:
-    with open(rparis250 / "gnd_rparis6k_subset250.pkl", "rb") as fh:
-        return pickle.load(fh)
+    from cbir.datasets.revisitop import load_gnd
+
+    return load_gnd(rparis250 / "gnd_rparis6k_subset250.pkl")
 
 
 def _code_version() -> str:
@@ -181,8 +201,9 @@ def holidays805() -> Path:
 
 @pytest.fixture(scope="session")
 def holidays805_gnd(holidays805: Path) -> dict:
-    with open(holidays805 / "gnd_holidays805.pkl", "rb") as fh:
-        return pickle.load(fh)
+    from cbir.datasets.revisitop import load_gnd
+
+    return load_gnd(holidays805 / "gnd_holidays805.pkl")
 
 
 @pytest.fixture(scope="session")

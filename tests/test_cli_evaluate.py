@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import pickle
 
 import numpy as np
 import pytest
@@ -11,19 +10,12 @@ from PIL import Image
 
 from cbir.cli import main
 from cbir.descriptors import Descriptors
+from conftest import toy_benchmark
 
 
 def _toy(tmp_path, rng_seed=0):
     """3 database images + 1 query (jpgs), revisitop gnd, and descriptors by name."""
-    jpg = tmp_path / "jpg"
-    jpg.mkdir()
-    colours = {"q": (200, 10, 10), "a": (190, 20, 10), "b": (10, 200, 10), "c": (10, 10, 200)}
-    for n, c in colours.items():
-        Image.new("RGB", (40, 30), c).save(jpg / f"{n}.jpg")
-    gnd = {"imlist": ["a", "b", "c"], "qimlist": ["q"],
-           "gnd": [{"bbx": [0, 0, 20, 20], "easy": [0], "hard": [2], "junk": [1]}]}
-    gpath = tmp_path / "gnd_toy.pkl"
-    gpath.write_bytes(pickle.dumps(gnd))
+    gpath = toy_benchmark(tmp_path)
     # q is closest to a, then b (junk), then c: Medium ok={a,c}: kept [a, c] -> AP 1
     vec = {"q": [1, 0, 0], "a": [0.9, 0.1, 0], "b": [0.7, 0.7, 0], "c": [0.5, 0.2, 0.8]}
     feats = tmp_path / "feats"

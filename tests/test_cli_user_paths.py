@@ -4,7 +4,6 @@ twice, shared options, and the small messages."""
 from __future__ import annotations
 
 import json
-import pickle
 import shutil
 import time
 from importlib.metadata import version
@@ -12,13 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
-from cbir import pipeline
 from cbir.pipeline import describing
 from cbir.cli import main
 from cbir.datasets import demo_root
 from cbir.descriptors import Descriptors
+from conftest import toy_benchmark
 
 PHOTOS = sorted((demo_root() / "jpg").glob("*.jpg"))
 
@@ -150,20 +148,8 @@ def test_resumed_complete_extract_says_so(feats, capsys):
     assert rc == 0 and "already complete" in stdout and "nothing described" in stdout
 
 
-def _toy_gnd(tmp_path) -> Path:
-    jpg = tmp_path / "jpg"
-    jpg.mkdir()
-    for n, c in {"q": (200, 10, 10), "a": (190, 20, 10), "b": (10, 200, 10), "c": (10, 10, 200)}.items():
-        Image.new("RGB", (40, 30), c).save(jpg / f"{n}.jpg")
-    gnd = {"imlist": ["a", "b", "c"], "qimlist": ["q"],
-           "gnd": [{"bbx": [0, 0, 20, 20], "easy": [0], "hard": [2], "junk": [1]}]}
-    path = tmp_path / "gnd_toy.pkl"
-    path.write_bytes(pickle.dumps(gnd))
-    return path
-
-
 def test_evaluate_images_hits_the_cache_and_takes_pooling_params(tmp_path, capsys, monkeypatch):
-    gnd = _toy_gnd(tmp_path)
+    gnd = toy_benchmark(tmp_path)
     calls = []
     real = describing._run_extract
     monkeypatch.setattr(describing, "_run_extract", lambda m, p, **k: calls.append(len(p)) or real(m, p, **k))
@@ -180,7 +166,7 @@ def test_evaluate_images_hits_the_cache_and_takes_pooling_params(tmp_path, capsy
 
 
 def test_evaluate_features_names_the_descriptors(tmp_path, capsys):
-    gnd = _toy_gnd(tmp_path)
+    gnd = toy_benchmark(tmp_path)
     vec = {"q": [1, 0, 0], "a": [0.9, 0.1, 0], "b": [0.7, 0.7, 0], "c": [0.5, 0.2, 0.8]}
     Descriptors(ids=list(vec), vectors=np.array(list(vec.values()), np.float32),
                 meta={"model": "efficientnet_lite0", "pooling": "gem"}).save(tmp_path / "f")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pickle
 
 import numpy as np
 import pytest
@@ -14,24 +13,11 @@ from cbir.descriptors import Descriptors
 from cbir.evaluation import evaluate_revisitop
 from cbir.model import ModelSpec, build_model
 from cbir.rerank.options import Rerank
-
-
-def _toy(tmp_path):
-    """3 database images + 1 query; q is red, a red-ish, b green, c blue."""
-    jpg = tmp_path / "jpg"
-    jpg.mkdir()
-    colours = {"q": (200, 10, 10), "a": (190, 20, 10), "b": (10, 200, 10), "c": (10, 10, 200)}
-    for n, c in colours.items():
-        Image.new("RGB", (40, 30), c).save(jpg / f"{n}.jpg")
-    gnd = {"imlist": ["a", "b", "c"], "qimlist": ["q"],
-           "gnd": [{"bbx": [0, 0, 20, 20], "easy": [0], "hard": [2], "junk": [1]}]}
-    gpath = tmp_path / "gnd_toy.pkl"
-    gpath.write_bytes(pickle.dumps(gnd))
-    return gpath
+from conftest import toy_benchmark
 
 
 def test_load_benchmark_sources(tmp_path):
-    gpath = _toy(tmp_path)
+    gpath = toy_benchmark(tmp_path)
     b = pipeline.load_benchmark(gpath)
     assert b.protocol == "revisitop" and b.db_ids == ["a", "b", "c"] and b.query_bboxes == [(0, 0, 20, 20)]
     assert pipeline.load_benchmark("demo").name == "demo"
@@ -51,7 +37,7 @@ def test_load_benchmark_sources(tmp_path):
 
 
 def test_score_matches_the_protocol_and_records_rerank(tmp_path):
-    bench = pipeline.load_benchmark(_toy(tmp_path))
+    bench = pipeline.load_benchmark(toy_benchmark(tmp_path))
     q = np.array([[1, 0, 0]], np.float32)
     db = np.array([[0.9, 0.1, 0], [0.7, 0.7, 0], [0.5, 0.2, 0.8]], np.float32)
     res = pipeline.score(bench, q, db)
@@ -71,7 +57,7 @@ def test_score_matches_the_protocol_and_records_rerank(tmp_path):
 def test_describe_uses_the_cache(tmp_path, monkeypatch):
     """Second describe with the same settings runs no extraction and gives the same vectors;
     another setting (or a changed image) is a miss."""
-    bench = pipeline.load_benchmark(_toy(tmp_path))
+    bench = pipeline.load_benchmark(toy_benchmark(tmp_path))
     calls = []
     real = describing._run_extract
 
@@ -96,7 +82,7 @@ def test_describe_uses_the_cache(tmp_path, monkeypatch):
 
 
 def test_describe_an_in_memory_net_is_not_cached_and_crops(tmp_path, monkeypatch):
-    bench = pipeline.load_benchmark(_toy(tmp_path))
+    bench = pipeline.load_benchmark(toy_benchmark(tmp_path))
     net = build_model("efficientnet_lite0", pooling="gem", weights="none")
     q, db = pipeline.describe(bench, net, imsize=32, scales=(1.0,), device="cpu", cache_dir=tmp_path / "c")
     assert q.meta["cache"] is None and not (tmp_path / "c").exists()
@@ -109,7 +95,7 @@ def test_describe_an_in_memory_net_is_not_cached_and_crops(tmp_path, monkeypatch
 
 
 def test_evaluate_from_features_equals_score(tmp_path):
-    gpath = _toy(tmp_path)
+    gpath = toy_benchmark(tmp_path)
     vec = {"q": [1, 0, 0], "a": [0.9, 0.1, 0], "b": [0.7, 0.7, 0], "c": [0.5, 0.2, 0.8]}
     Descriptors(ids=list(vec), vectors=np.array(list(vec.values()), np.float32)).save(tmp_path / "f")
     res = pipeline.evaluate(gpath, features=tmp_path / "f", rerank=Rerank(qe=1))
@@ -124,7 +110,7 @@ def test_evaluate_from_features_equals_score(tmp_path):
 
 def test_distractors_with_top_k_scan_in_blocks_and_agree_with_the_full_matrix(tmp_path):
     """+distractors with top_k: the block scan (cbir.topk) gives the figures of the stacked matrix."""
-    bench = pipeline.load_benchmark(_toy(tmp_path))
+    bench = pipeline.load_benchmark(toy_benchmark(tmp_path))
     rng = np.random.default_rng(0)
     q = np.array([[1, 0, 0]], np.float32)
     db = np.array([[0.9, 0.1, 0], [0.7, 0.7, 0], [0.5, 0.2, 0.8]], np.float32)
@@ -146,7 +132,7 @@ def test_describe_poolings_matches_the_extractor(tmp_path):
 
     import torch
 
-    bench = pipeline.load_benchmark(_toy(tmp_path))
+    bench = pipeline.load_benchmark(toy_benchmark(tmp_path))
     torch.manual_seed(0)  # random weights: the same ones in both builds
     out = pipeline.describe_poolings(bench, "efficientnet_lite0", {"gem": build_pooling("gem"), "mac": build_pooling("mac")},
                                      imsize=48, scale_sets={"one": (1.0,), "two": (1.0, 0.5)}, weights="none")
