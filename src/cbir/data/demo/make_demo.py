@@ -27,8 +27,9 @@ def landmark(name: str) -> str:
 
 
 def main(src: Path, dst: Path) -> None:
-    with open(src / "gnd_rparis6k_subset250.pkl", "rb") as fh:
-        g = pickle.load(fh)
+    from cbir.datasets.revisitop import load_gnd  # the restricted unpickler: a .pkl cannot run code
+
+    g = load_gnd(src / "gnd_rparis6k_subset250.pkl")
     im = g["imlist"]
     qrow = {n: i for i, n in enumerate(g["qimlist"])}
     chosen: list[int] = []
