@@ -25,7 +25,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..descriptors import Descriptors
-from .images import Box
+from .images import Box, ImageError, load_image, reason_of, resized_pixels
 from .job import finish, plan, save_chunk
 from .loop import DEFAULT_SCALES, ExtractResult
 
@@ -34,8 +34,6 @@ __all__ = ["extract_to_dir_ray"]
 
 def _decode_row(row: dict[str, Any], imsize: int | None) -> dict[str, Any]:
     """One image -> {"i", "pixels" (H,W,3) uint8 or (0,0,3), "reason"} (runs in a Ray task)."""
-    from .images import ImageError, load_image, reason_of, resized_pixels
-
     box = tuple(row["bbox"]) if row.get("has_box") else None
     try:
         pixels, reason = resized_pixels(load_image(row["path"], box), imsize), ""
@@ -111,8 +109,6 @@ def extract_to_dir_ray(
     """
     import ray
 
-    from .images import ImageError
-
     if address is None and not ray.is_initialized():
         # one logical CPU per model actor thread, plus one for the (light) decoding tasks
         ray.init(num_cpus=max(1, (workers or os.cpu_count() or 1) * cpus_per_worker) + 1, include_dashboard=False,
@@ -132,11 +128,11 @@ def extract_to_dir_ray(
         job.precision = "bf16"
     todo = job.pending()
     if todo:
-        _run(ray, job, model, todo, device, gpus, workers, cpus_per_worker, batch_size, progress, strict, ImageError)
+        _run(ray, job, model, todo, device, gpus, workers, cpus_per_worker, batch_size, progress, strict)
     return finish(job, model, extra_meta)
 
 
-def _run(ray, job, model, todo, device, gpus, workers, cpus_per_worker, batch_size, progress, strict, ImageError):
+def _run(ray, job, model, todo, device, gpus, workers, cpus_per_worker, batch_size, progress, strict):
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
@@ -163,12 +159,12 @@ def _run(ray, job, model, todo, device, gpus, workers, cpus_per_worker, batch_si
             start = start_of[int(i)]
             done[start][int(i)] = (None if reason else v, str(reason))
             if len(done[start]) == job.stop(start) - start:
-                _write(job, start, done.pop(start), strict, ImageError, model.dim)
+                _write(job, start, done.pop(start), strict, model.dim)
     if done:  # pragma: no cover - Ray lost rows
         raise RuntimeError(f"Ray returned no result for {sum(job.stop(s) - s for s in done)} images")
 
 
-def _write(job, start: int, got: dict[int, tuple[np.ndarray | None, str]], strict: bool, ImageError, dim: int) -> None:
+def _write(job, start: int, got: dict[int, tuple[np.ndarray | None, str]], strict: bool, dim: int) -> None:
     ok = sorted(i for i, (v, _) in got.items() if v is not None)
     failed = [{"path": str(job.paths[i]), "reason": r} for i, (v, r) in sorted(got.items()) if v is None]
     if strict and failed:
