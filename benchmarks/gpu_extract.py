@@ -37,25 +37,11 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO / "src") not in sys.path:
     sys.path.insert(0, str(REPO / "src"))
 
-from cbir.extract import combine_scales, extract, image_tensor, load_image, resized_size  # noqa: E402
+from cbir.extract import combine_scales, extract, resized_size  # noqa: E402
 from cbir.model import build_model  # noqa: E402
 
-
-def baseline(model, paths, imsize, scales, dev) -> np.ndarray:
-    model.to(dev).to(memory_format=torch.contiguous_format).eval()
-    p = model.multiscale_p()
-    out = []
-    with torch.no_grad():
-        for path in paths:
-            x = image_tensor(load_image(path), imsize, model.mean, model.std)[None].to(dev)
-            vs = []
-            for s in scales:
-                xs = x if s == 1 else F.interpolate(x, scale_factor=s, mode="bilinear", align_corners=False,
-                                                    antialias=True)
-                vs.append(model.pool(xs))
-            v = combine_scales(torch.stack(vs), p) if len(vs) > 1 else vs[0]
-            out.append(model.head(v).cpu().numpy()[0])
-    return np.stack(out)
+sys.path.insert(0, str(REPO / "benchmarks"))
+from extract import baseline  # noqa: E402  (the cirtorch-style loop, shared with benchmarks/extract.py)
 
 
 def gpu_decode(model, paths, imsize, scales, dev, batch: int) -> np.ndarray:
