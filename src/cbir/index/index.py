@@ -421,7 +421,7 @@ class Index:
             kk = min(k, n)
             order = np.argsort(-scores, axis=1, kind="stable")[:, :kk]
             return np.take_along_axis(scores, order, 1), self.store.ids[order], applied
-        from ..rerank.diffusion import _final_scores, truncated_diffusion
+        from ..rerank.diffusion import final_scores, truncated_diffusion
 
         sims, region_ids = self.backend.search(self.store, q, p.trunc)
         valid = region_ids >= 0
@@ -432,7 +432,7 @@ class Index:
         f = truncated_diffusion(np.where(valid, sims, 0.0), regions, w, p)
         # the final scores of diffusion_scores on the region: items outside it have f = 0 and a smaller
         # similarity, so they rank after every region item and the top-k (k <= R) lies in the region
-        final = np.where(valid, _final_scores(f, np.where(valid, sims, 0.0), p), -np.inf).astype(np.float32)
+        final = np.where(valid, final_scores(f, np.where(valid, sims, 0.0), p), -np.inf).astype(np.float32)
         kk = min(k, p.trunc)
         order = np.argsort(-final, axis=1, kind="stable")[:, :kk]
         return np.take_along_axis(final, order, 1), np.take_along_axis(region_ids, order, 1), applied

@@ -219,7 +219,7 @@ def diffuse(s: sp.spmatrix, y: np.ndarray, alpha: float = 0.99, maxiter: int = 2
 # ----------------------------------------------------------------------------- online ranking
 
 
-def _final_scores(f: np.ndarray, sim: np.ndarray, params: DiffusionParams) -> np.ndarray:
+def final_scores(f: np.ndarray, sim: np.ndarray, params: DiffusionParams) -> np.ndarray:
     """Final scores (nq, n) float32 of the module docstring from f (nq, n) and sim (nq, n).
 
     beta = 0: f where f > 0, else ``sim - UNREACHED_OFFSET``. beta > 0:
@@ -261,8 +261,8 @@ def diffusion_scores(
         s, idx = topk(sim, kq)
         y = query_vectors(s, idx, n, params.gamma)
         f = diffuse(normalize_graph(graph), y, params.alpha, params.maxiter, params.tol).T
-        return _final_scores(f, sim, params)
-    return _final_scores(_truncated(sim, graph, params), sim, params)
+        return final_scores(f, sim, params)
+    return final_scores(_truncated(sim, graph, params), sim, params)
 
 
 def truncated_subgraphs(graph: sp.spmatrix, regions: np.ndarray, max_table: int = 8_000_000) -> sp.csr_matrix:
@@ -403,4 +403,4 @@ class OfflineDiffusion:
         nq = idx.shape[0]
         yt = sp.csr_matrix((w.ravel(), (np.repeat(np.arange(nq), idx.shape[1]), idx.ravel())), shape=(nq, n))
         f = (yt @ self.columns).toarray()
-        return _final_scores(f, sim, self.params)
+        return final_scores(f, sim, self.params)
