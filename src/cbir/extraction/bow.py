@@ -13,9 +13,28 @@ from ..device import resolve_device
 from ..fileio import FormatError, load_stamped_npz, save_stamped_npz
 from .batching import iter_batches, prepare_model
 
-__all__ = ["fit_bow", "save_codebook", "load_codebook", "CODEBOOK_FORMAT", "CODEBOOK_VERSION"]
+__all__ = ["fit_bow", "fit_bow_on_maps", "save_codebook", "load_codebook", "CODEBOOK_FORMAT", "CODEBOOK_VERSION"]
 
 CODEBOOK_FORMAT, CODEBOOK_VERSION = "cbir-bow-codebook", 1
+
+
+def fit_bow_on_maps(pool, maps: Sequence[torch.Tensor], *, rng: np.random.Generator, per_image: int,
+                    seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Fit the BoW codebook of ``pool`` on feature maps (1, C, h, w): ``per_image`` random local
+    features of each map (drawn from ``rng``, in map order), k-means (faiss, ``seed``), then idf from
+    the hard histograms of the same maps. Sets them on ``pool``; returns (codebook (K, C), idf (K,))."""
+    from ..pooling import bow_hard, bow_idf, fit_codebook, local_features
+
+    feats = []
+    for fmap in maps:
+        loc = local_features(fmap.float())[0].cpu().numpy()
+        take = rng.choice(loc.shape[0], size=min(per_image, loc.shape[0]), replace=False)
+        feats.append(loc[take])
+    codebook = fit_codebook(np.concatenate(feats), pool.k, seed=seed)
+    cb = torch.from_numpy(codebook)
+    idf = bow_idf(np.stack([bow_hard(m.float(), cb)[0].numpy() for m in maps]))
+    pool.set_codebook(codebook, idf)
+    return codebook, idf
 
 
 def fit_bow(
@@ -31,32 +50,22 @@ def fit_bow(
     """Fit ``model``'s BoW codebook (k-means, faiss) on local features of up to ``sample`` images
     (``per_image`` random positions each, scale 1), then idf from the hard histograms of those images.
     Sets it on ``model.pooling`` and returns {"codebook", "idf", "images"}."""
-    from ..pooling import bow_hard, bow_idf, fit_codebook, local_features
-
     pool = model.pooling
     rng = np.random.default_rng(seed)
     paths = [Path(p) for p in images]
     pick = sorted(rng.choice(len(paths), size=min(sample, len(paths)), replace=False).tolist())
     dev = resolve_device(device)
     prepare_model(model, dev, False)
-    feats, maps, failed = [], [], []
+    maps, failed = [], []
     with torch.inference_mode():
         for _, x in iter_batches(paths=[paths[i] for i in pick], bboxes=[None] * len(pick), imsize=imsize,
                                  mean=model.mean, std=model.std, batch_size=1, workers=0, failed=failed):
-            fmap = model.features(x.to(dev)).float()
-            loc = local_features(fmap)[0].cpu().numpy()
-            take = rng.choice(loc.shape[0], size=min(per_image, loc.shape[0]), replace=False)
-            feats.append(loc[take])
-            maps.append(fmap.cpu())
-    if not feats:
+            maps.append(model.features(x.to(dev)).float().cpu())
+    if not maps:
         raise ValueError("no readable image to fit the BoW codebook on")
-    codebook = fit_codebook(np.concatenate(feats), pool.k, seed=seed)
-    cb = torch.from_numpy(codebook)
-    hist = np.stack([bow_hard(m, cb)[0].numpy() for m in maps])
-    idf = bow_idf(hist)
-    pool.set_codebook(codebook, idf)
+    codebook, idf = fit_bow_on_maps(pool, maps, rng=rng, per_image=per_image, seed=seed)
     pool.to(dev)
-    return {"codebook": codebook, "idf": idf, "images": len(feats)}
+    return {"codebook": codebook, "idf": idf, "images": len(maps)}
 
 
 def save_codebook(path: str | os.PathLike[str], codebook: np.ndarray, idf: np.ndarray, about: dict | None = None) -> None:

@@ -137,6 +137,7 @@ def describe_poolings(
     import torch
 
     from ..extract import image_tensor, load_image, rescale
+    from ..extraction.bow import fit_bow_on_maps
     from ..model import build_model
 
     net = build_model(model, pooling="gem", weights=weights)
@@ -165,7 +166,9 @@ def describe_poolings(
         if log is not None:
             log(f"pooling: {name}")
         if getattr(pool, "name", "") == "bow" and not bool(pool.fitted):
-            _fit_bow_on_maps(pool, [m[1.0] for m in db_maps], seed=seed, sample=bow_sample, per_image=bow_per_image)
+            rng = np.random.default_rng(seed)
+            pick = sorted(rng.choice(len(db_maps), size=min(bow_sample, len(db_maps)), replace=False).tolist())
+            fit_bow_on_maps(pool, [db_maps[i][1.0] for i in pick], rng=rng, per_image=bow_per_image, seed=seed)
         result[name] = {}
         for label, ss in scale_sets.items():
             ss = [float(s) for s in ss]
@@ -191,23 +194,6 @@ def _pool_maps(pool: Any, maps: list[dict[float, Any]], scales: Sequence[float])
             v = vs[0] if len(scales) == 1 else combine_scales(vs, pool.multiscale_p())
             rows.append(v[0].numpy())
     return np.stack(rows).astype(np.float32)
-
-
-def _fit_bow_on_maps(pool: Any, maps: list[Any], *, seed: int, sample: int, per_image: int) -> None:
-    import torch
-
-    from ..pooling import bow_hard, bow_idf, fit_codebook, local_features
-
-    rng = np.random.default_rng(seed)
-    pick = sorted(rng.choice(len(maps), size=min(sample, len(maps)), replace=False).tolist())
-    feats = []
-    for i in pick:
-        loc = local_features(maps[i].float())[0].numpy()
-        take = rng.choice(loc.shape[0], size=min(per_image, loc.shape[0]), replace=False)
-        feats.append(loc[take])
-    codebook = fit_codebook(np.concatenate(feats), pool.k, seed=seed)
-    hist = np.stack([bow_hard(maps[i].float(), torch.from_numpy(codebook))[0].numpy() for i in pick])
-    pool.set_codebook(codebook, bow_idf(hist))
 
 
 def lookup(bench: Benchmark, features: str | os.PathLike[str] | Descriptors,
