@@ -364,8 +364,7 @@ class Index:
         q = self._check_vectors(queries, "query descriptor")
         if k < 1:
             raise ValueError(f"k must be at least 1, got {k}")
-        if rerank.alpha_qe is not None and rerank.qe == 0:
-            raise ValueError("--alpha-qe needs --qe K (the number of neighbours to expand with)")
+        rerank.check()
         with self.lock.read():
             n = len(self.store)
             if n == 0:

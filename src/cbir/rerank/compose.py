@@ -134,10 +134,14 @@ class Rerank:
             d["diffusion"] = DiffusionParams(**diff) if full else dict(diff)
         return cls(**d)
 
-    def apply(self, q: np.ndarray, db: np.ndarray) -> tuple[np.ndarray, dict]:
-        """q (nq, D), db (n, D) -> (scores (nq, n) float32, applied JSON-ready dict)."""
+    def check(self) -> None:
+        """ValueError for settings that cannot be applied (an αQE weight without QE)."""
         if self.alpha_qe is not None and self.qe == 0:
             raise ValueError("--alpha-qe needs --qe K (the number of neighbours to expand with)")
+
+    def apply(self, q: np.ndarray, db: np.ndarray) -> tuple[np.ndarray, dict]:
+        """q (nq, D), db (n, D) -> (scores (nq, n) float32, applied JSON-ready dict)."""
+        self.check()
         whitening = None
         if self.whiten:
             from ..whitening import Whitening
