@@ -179,7 +179,7 @@ def add_image(svc: WriterDep, file: Annotated[UploadFile, File()]) -> Any:
             if existing is not None:
                 raise _Duplicate(existing)  # leave the block without saving a generation
             try:
-                target = svc.uploads.find(digest) or svc.uploads.put(up.data, up.filename, SUFFIX[up.format])
+                target = svc.uploads.find(digest) or svc.uploads.put(up.data, up.filename, SUFFIX[up.format], digest)
             except StoreFull as exc:
                 raise HTTPException(413, str(exc)) from None
             try:

@@ -66,8 +66,9 @@ class UploadStore:
             path = self._digests.get(digest)
         return path if path is not None and path.is_file() else None
 
-    def put(self, data: bytes, filename: str | None, suffix: str) -> Path:
+    def put(self, data: bytes, filename: str | None, suffix: str, digest: str | None = None) -> Path:
         """Store ``data`` under the safe form of ``filename`` (a random part added if taken); its resolved path.
+        ``digest``: the sha256 of ``data`` when the caller has it already.
 
         StoreFull when the budget would be exceeded. Callers serialise ``put`` with the index write lock.
         """
@@ -84,7 +85,7 @@ class UploadStore:
             atomic_write_bytes(target, data)
             target = target.resolve()
             self._sizes[target] = len(data)
-            self._digests[hashlib.sha256(data).hexdigest()] = target
+            self._digests[digest or hashlib.sha256(data).hexdigest()] = target
             return target
 
     def holds(self, path: str | os.PathLike[str]) -> bool:
