@@ -27,6 +27,7 @@ def _topk_with_distractors(q: np.ndarray, db: np.ndarray, distractors: Any, k: i
     from pathlib import Path
 
     from ..linalg import l2_normalize
+    from ..rerank.compose import whitening_record
     from ..topk import chunked_topk, iter_blocks
 
     dis = distractors if isinstance(distractors, Descriptors) else Descriptors.load(distractors, mmap=True)
@@ -39,8 +40,7 @@ def _topk_with_distractors(q: np.ndarray, db: np.ndarray, distractors: Any, k: i
 
         w = Whitening.load(rerank.whiten)
         transform = w.apply
-        applied["whiten"] = {k: v for k, v in w.meta.items() if isinstance(v, (int, float, str))}
-        applied["whiten"].update(out_dim=w.out_dim, file=str(Path(rerank.whiten)))
+        applied["whiten"] = whitening_record(w, str(Path(rerank.whiten)))
     n_db = db.shape[0]
 
     def blocks():

@@ -29,6 +29,16 @@ _DIFF_ARGS = {"k": "diffusion_k", "kq": "diffusion_kq", "gamma": "diffusion_gamm
               "trunc": "diffusion_trunc", "sim_weight": "diffusion_sim_weight"}
 
 
+def whitening_record(whitening: Any, file: str | None = None) -> dict[str, Any]:
+    """What ``applied["whiten"]`` records of a :class:`cbir.whitening.Whitening`: its plain meta
+    values, ``out_dim``, and the ``file`` it was read from when given."""
+    rec = {k: v for k, v in whitening.meta.items() if isinstance(v, (int, float, str))}
+    rec["out_dim"] = whitening.out_dim
+    if file is not None:
+        rec["file"] = file
+    return rec
+
+
 def rerank(
     q: np.ndarray,
     db: np.ndarray,
@@ -55,8 +65,7 @@ def rerank(
     applied: dict[str, Any] = {}
     if whitening is not None:
         q, db = whitening.apply(q), whitening.apply(db)
-        applied["whiten"] = {k: v for k, v in whitening.meta.items() if isinstance(v, (int, float, str))}
-        applied["whiten"]["out_dim"] = whitening.out_dim
+        applied["whiten"] = whitening_record(whitening)
     else:
         q, db = l2_normalize(q), l2_normalize(db)
     if dba_k > 1:
