@@ -130,6 +130,38 @@ def test_index_from_extract_folder_add_features_and_duplicates(feats, tmp_path, 
     assert json.loads(stdout)["count"] == 5
 
 
+def test_rebuilding_over_an_index_never_reuses_its_ids(feats, tmp_path, capsys, monkeypatch):
+    """`index build --out EXISTING` replaces the index, but its ids continue after every id the old
+    index ever gave (removed ones included): an id never names two different images of one folder."""
+    from cbir.index import Index, next_free_id, open_for_write
+
+    folder, out = feats
+    ix = tmp_path / "ix"
+    assert next_free_id(ix) == 0
+    assert run(capsys, "index", "build", "--features", out, "--out", ix)[0] == 0
+    assert sorted(Index.load(ix).store.ids.tolist()) == [0, 1, 2] and next_free_id(ix) == 3
+    with open_for_write(ix) as idx:  # highest id removed: the counter still remembers it
+        idx.remove([2])
+    assert next_free_id(ix) == 3
+    assert run(capsys, "index", "build", "--features", out, "--out", ix)[0] == 0
+    assert sorted(Index.load(ix).store.ids.tolist()) == [3, 4, 5] and next_free_id(ix) == 6
+    # another writer adds while a rebuild describes: the rebuild refuses to save over it
+    import cbir.index.build as build
+
+    real = build.index_from_descriptors
+
+    def racing(*a, **k):
+        index = real(*a, **k)
+        with open_for_write(ix) as other:
+            other.add(np.asarray(other.store.vectors[:1]), ["/elsewhere/new.jpg"])
+        return index
+
+    monkeypatch.setattr(build, "index_from_descriptors", racing)
+    rc, _, err = run(capsys, "index", "build", "--features", out, "--out", ix)
+    assert rc == 2 and "changed by another writer" in err and "nothing was saved" in err
+    assert sorted(Index.load(ix).store.ids.tolist()) == [3, 4, 5, 6]
+
+
 def test_search_says_what_is_wrong(feats, tmp_path, capsys):
     folder, out = feats
     rc, _, err = run(capsys, "search", out, "--id", "1")

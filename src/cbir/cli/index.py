@@ -61,7 +61,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--features", metavar="DIR", help="build from the descriptors of `cbir extract ... --out DIR` "
                                                      "(nothing is described again; model options are not needed)")
     b.add_argument("--out", required=True, metavar="INDEX",
-                   help="index folder to write (a new path, or an existing index, replaced atomically)")
+                   help="index folder to write (a new path, or an existing index, replaced atomically; its ids continue, none is reused)")
     g = b.add_argument_group("model and extraction (with FOLDER)")
     add_model_options(g)
     add_extraction_options(g)
@@ -153,8 +153,9 @@ def check_output(out: str | Path) -> None:
 
 
 def _finish_and_save(index, args: argparse.Namespace) -> None:
-    """The kNN graph (--graph), the faiss tuning (--recall-target), then a save under the writer lock."""
-    from ..index import writer_lock
+    """The kNN graph (--graph), the faiss tuning (--recall-target), then a save under the writer lock
+    (refused when the index being replaced gave ids past ``args.first_id`` meanwhile)."""
+    from ..index import next_free_id, writer_lock
 
     if args.graph != 0:
         index.build_graph(args.graph)
@@ -164,6 +165,9 @@ def _finish_and_save(index, args: argparse.Namespace) -> None:
         print(f"search parameters {tuned.search}: recall@{tuned.k} {tuned.recall:.3f} with {tuned.queries} indexed "
               f"images as queries (target {target})" + ("" if tuned.reached else " -- TARGET NOT REACHED"), file=sys.stderr)
     with writer_lock(args.out).acquire(timeout=600):  # no other writer between our save and theirs
+        if next_free_id(args.out) > args.first_id:
+            raise CLIError(f"{args.out} was changed by another writer while this build ran (its ids went past "
+                           f"{args.first_id}); nothing was saved: run the build again")
         index.save(args.out)
 
 
@@ -176,18 +180,21 @@ def keep_recipe(args: argparse.Namespace) -> None:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
+    from ..index import next_free_id
     from ..index.build import IMAGE_SUFFIXES, build_index, index_from_descriptors, list_images
 
     if (args.folder is None) == (args.features is None):
         raise CLIError("give a FOLDER of images or --features DIR (a `cbir extract` output), one of them")
     params = type_params(args)
     check_output(args.out)
+    args.first_id = next_free_id(args.out)  # a rebuild replacing an index continues its ids: none is reused
     if args.recipe:
         from ..rerank.recipe import Recipe
 
         Recipe.load(args.recipe)  # a bad recipe fails before any work
     if args.features:
-        index = index_from_descriptors(args.features, kind=args.type, params=params, device=args.device)
+        index = index_from_descriptors(args.features, kind=args.type, params=params, device=args.device,
+                                       first_id=args.first_id)
         _finish_and_save(index, args)
         keep_recipe(args)
         s = index.settings
@@ -208,7 +215,8 @@ def cmd_build(args: argparse.Namespace) -> int:
           f"scales {','.join(f'{s:g}' for s in scales)}), then building the {args.type} index", file=sys.stderr)
     index, failed = build_index(files, model=spec.model, pooling=spec.pooling, weights=spec.weights,
                                 imsize=imsize, scales=scales, kind=args.type, params=params,
-                                device=args.device, batch_size=args.batch_size, precision=args.precision)
+                                device=args.device, batch_size=args.batch_size, precision=args.precision,
+                                first_id=args.first_id)
     _report_failed(failed)
     _finish_and_save(index, args)
     keep_recipe(args)

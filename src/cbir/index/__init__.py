@@ -11,12 +11,12 @@
 from .backends import DEFAULT_PARAMS, KINDS
 from .exact import exact_topk
 from .index import (COMPAT_KEYS, FORMAT, FORMAT_VERSION, Hit, IncompatibleDescriptorError, Index, StaleIndexError,
-                    latest_generation)
+                    latest_generation, next_free_id)
 from .store import ImageRecord
 from .writer import IndexLockedError, open_for_write, writer_lock
 
 __all__ = [
     "COMPAT_KEYS", "DEFAULT_PARAMS", "FORMAT", "FORMAT_VERSION", "Hit", "ImageRecord",
     "IncompatibleDescriptorError", "Index", "IndexLockedError", "KINDS", "StaleIndexError", "exact_topk",
-    "latest_generation", "open_for_write", "writer_lock",
+    "latest_generation", "next_free_id", "open_for_write", "writer_lock",
 ]

@@ -41,11 +41,13 @@ def build_index(
     batch_size: int | None = None,
     precision: str = "auto",
     progress: bool = True,
+    first_id: int = 0,
 ) -> tuple[Index, list[dict[str, str]]]:
     """Index of ``files`` described by ``model`` (a backbone name + ``pooling``, or a saved model file).
 
     Returns (index, failed [{"path", "reason"}] for unreadable images). The search structure is
-    built (faiss training included) before returning, so its errors come here.
+    built (faiss training included) before returning, so its errors come here. Ids start at
+    ``first_id`` (``cbir.index.persist.next_free_id`` of an index this one will replace).
     """
     from ..extract import extract
     from ..model import ModelSpec
@@ -57,6 +59,7 @@ def build_index(
     net = spec.build()
     settings = model_settings(net, source_of(spec, net), imsize, scales)
     index = Index(net.dim, kind, params, settings=settings, device=device)
+    index.meta.reserve_ids_below(first_id)
     res = extract(net, files, imsize=imsize, scales=tuple(scales), device=device, batch_size=batch_size,
                   precision=precision, progress=progress)
     if len(res.ok) == 0:
@@ -72,12 +75,13 @@ def index_from_descriptors(
     kind: str = "exact",
     params: dict[str, Any] | None = None,
     device: str = "auto",
+    first_id: int = 0,
 ) -> Index:
     """Index of the descriptors of a ``cbir extract`` folder, without describing anything again.
 
     The folder's ``meta.json`` gives each id's image path (``paths``), how to rebuild the model for
     query images (``source``) and the extraction settings (``imsize``, ``scales``). ValueError when it
-    lacks the paths (written by an older cbir) or holds no descriptor.
+    lacks the paths (written by an older cbir) or holds no descriptor. Ids start at ``first_id``.
     """
     paths, vectors, meta = descriptors_of_paths(features)
     if len(paths) == 0:
@@ -86,6 +90,7 @@ def index_from_descriptors(
     settings.update(source=dict(meta.get("source") or {}), imsize=meta.get("imsize"),
                     scales=[float(s) for s in meta.get("scales") or (1.0,)], features=str(Path(features).resolve()))
     index = Index(vectors.shape[1], kind, params, settings=settings, device=device)
+    index.meta.reserve_ids_below(first_id)
     index.add(vectors, [str(p) for p in paths])
     index.search_vectors(vectors[:1], 1)  # trains / builds faiss structures now
     return index

@@ -24,7 +24,7 @@ from . import persist
 from ..descriptors import COMPAT_KEYS  # noqa: F401 (re-exported) settings that must agree between index and query
 from .backends import Backend, make_backend
 from .graph import KnnGraph
-from .persist import FORMAT, FORMAT_VERSION, MANIFEST, StaleIndexError, latest_generation  # noqa: F401 (re-exported)
+from .persist import FORMAT, FORMAT_VERSION, MANIFEST, StaleIndexError, latest_generation, next_free_id  # noqa: F401 (re-exported)
 from .store import ImageRecord, MetadataDB, VectorStore
 
 if TYPE_CHECKING:

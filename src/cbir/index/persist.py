@@ -183,6 +183,23 @@ def _load_generation(cls: type["Index"], root: Path, manifest: dict, device: str
     return index
 
 
+def next_free_id(path: str | os.PathLike[str]) -> int:
+    """The first id an index at ``path`` has never given (0 when there is no index there).
+
+    Reads the manifest and the current generation's metadata only; a rebuild that replaces the
+    index starts its ids here, so an id never names two different images of one index folder.
+    """
+    root = Path(path)
+    manifest = _read_manifest_or_none(root)
+    if manifest is None:
+        return 0
+    try:
+        sqlite_file = root / str(manifest["generation"]) / SQLITE
+    except KeyError as exc:
+        raise FormatError(f"{root / MANIFEST} names no generation") from exc
+    return MetadataDB.load(sqlite_file).peek_next_id()
+
+
 def latest_generation(path: str | os.PathLike[str]) -> int:
     """The generation number named by ``path``/manifest.json (reads that file only).
 

@@ -131,12 +131,21 @@ class MetadataDB:
             dst.close()
 
     # --- ids ------------------------------------------------------------------------------
-    def next_ids(self, n: int) -> np.ndarray:
-        """n fresh ids, never reused even after removals."""
+    def peek_next_id(self) -> int:
+        """The id the next added image would get: max(stored counter, highest id + 1); nothing consumed."""
         row = self.conn.execute("SELECT value FROM info WHERE key='next_id'").fetchone()
         start = int(row[0]) if row else 0
         top = self.conn.execute("SELECT MAX(id) FROM images").fetchone()[0]
-        start = max(start, (top + 1) if top is not None else 0)
+        return max(start, (top + 1) if top is not None else 0)
+
+    def reserve_ids_below(self, first: int) -> None:
+        """Never give an id below ``first`` (a rebuilt index continues the numbering of the one it replaces)."""
+        start = max(self.peek_next_id(), int(first))
+        self.conn.execute("INSERT OR REPLACE INTO info(key, value) VALUES('next_id', ?)", (str(start),))
+
+    def next_ids(self, n: int) -> np.ndarray:
+        """n fresh ids, never reused even after removals."""
+        start = self.peek_next_id()
         self.conn.execute("INSERT OR REPLACE INTO info(key, value) VALUES('next_id', ?)", (str(start + n),))
         return np.arange(start, start + n, dtype=np.int64)
 
