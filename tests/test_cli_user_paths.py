@@ -160,6 +160,12 @@ def test_rebuilding_over_an_index_never_reuses_its_ids(feats, tmp_path, capsys, 
     rc, _, err = run(capsys, "index", "build", "--features", out, "--out", ix)
     assert rc == 2 and "changed by another writer" in err and "nothing was saved" in err
     assert sorted(Index.load(ix).store.ids.tolist()) == [3, 4, 5, 6]
+    # a damaged index: its ids are unknown, so the rebuild says so instead of starting again at 0
+    monkeypatch.setattr(build, "index_from_descriptors", real)
+    for gen in ix.glob("g*"):
+        (gen / "meta.sqlite").unlink()
+    rc, _, err = run(capsys, "index", "build", "--features", out, "--out", ix)
+    assert rc == 2 and "damaged index" in err and "delete it or give a new path" in err
 
 
 def test_search_says_what_is_wrong(feats, tmp_path, capsys):

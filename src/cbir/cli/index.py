@@ -180,6 +180,7 @@ def keep_recipe(args: argparse.Namespace) -> None:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
+    from ..fileio import FormatError
     from ..index import next_free_id
     from ..index.build import IMAGE_SUFFIXES, build_index, index_from_descriptors, list_images
 
@@ -187,7 +188,11 @@ def cmd_build(args: argparse.Namespace) -> int:
         raise CLIError("give a FOLDER of images or --features DIR (a `cbir extract` output), one of them")
     params = type_params(args)
     check_output(args.out)
-    args.first_id = next_free_id(args.out)  # a rebuild replacing an index continues its ids: none is reused
+    try:  # a rebuild replacing an index continues its ids: none is reused
+        args.first_id = next_free_id(args.out)
+    except FormatError as exc:
+        raise CLIError(f"--out {args.out} is a damaged index ({exc}); its ids are unknown, so a rebuild could "
+                       f"reuse them: delete it or give a new path") from exc
     if args.recipe:
         from ..rerank.recipe import Recipe
 
