@@ -79,13 +79,16 @@ _CIRTORCH = Resolution(1024, _MS3, "the setting of the published figures (cirtor
 _CIRTORCH_E2E = Resolution(1024, (1.0, 1.4142, 0.7071), "the setting of the published figures (cirtorch test_e2e.py)")
 _UNMEASURED = Resolution(1024, _MS3, "not measured: the literature's setting")
 _LITE = Resolution(512, _MS3, "measured (docs/models.md): chosen on holidays-805, checked on rparis6k-250")
-_LITE_LIKE = Resolution(512, _MS3, "not measured: Lite0's measured setting, same family (docs/models.md)")
+_LITE1 = Resolution(512, _MS3, "measured (docs/models.md): Lite0's setting; 0.8 mAP below the best on "
+                               "holidays-805, 1.4 Medium below on rparis6k-250")
+_LITE2 = Resolution(512, _MS3, "measured (docs/models.md): Lite0's setting; 1.5 mAP below the best on "
+                               "holidays-805, 1.6 Medium below on rparis6k-250")
 
 # backbone name -> its default; names not listed: 1024 px, 3 scales (not measured)
 RESOLUTION: dict[str, Resolution] = {
     "efficientnet_lite0": _LITE,
-    "efficientnet_lite1": _LITE_LIKE,
-    "efficientnet_lite2": _LITE_LIKE,
+    "efficientnet_lite1": _LITE1,
+    "efficientnet_lite2": _LITE2,
     **{n: LITERATURE for n in ("resnet50", "resnet101", "resnet152", "torchvision:resnet50", "torchvision:resnet101",
                                "torchvision:resnet152", "vgg16", "torchvision:vgg16")},
 }
