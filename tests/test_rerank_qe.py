@@ -24,6 +24,18 @@ def test_topk_sorted_and_stable():
     assert topk(s, 10)[1].shape == (1, 5)
 
 
+def test_topk_is_the_stable_sort_at_the_cut_too():
+    """Many ties at the k-th value: the lower indices go in (the first k of a stable argsort)."""
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        n = int(rng.integers(2, 200))
+        k = int(rng.integers(1, n + 1))
+        s = rng.integers(0, 4, (3, n)).astype(np.float32) / 4  # few distinct values: ties everywhere
+        vals, idx = topk(s, k)
+        want = np.argsort(-s, axis=1, kind="stable")[:, :k]
+        assert np.array_equal(idx, want) and np.array_equal(vals, np.take_along_axis(s, want, axis=1))
+
+
 def test_average_and_alpha_qe_by_hand():
     db = np.array([_unit(1, 0), _unit(1, 1), _unit(0, 1), _unit(-1, 0.2)], dtype=np.float32)
     q = np.array([_unit(1, 0.3)], dtype=np.float32)

@@ -13,7 +13,8 @@ import numpy as np
 def topk(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Top-k of each row of ``scores`` (nq, n), best first -> (values (nq,k), indices (nq,k)).
 
-    Ties keep the lower index first (stable), so results are deterministic.
+    Ties go to the lower index, at the cut too: the result is the first k columns of the stable
+    descending sort of each row (``np.argsort(-row, kind="stable")``), in O(n) per row.
     """
     scores = np.asarray(scores)
     k = int(min(max(k, 0), scores.shape[1]))
@@ -21,6 +22,10 @@ def topk(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         return scores[:, :0], np.zeros((scores.shape[0], 0), dtype=np.int64)
     if k < scores.shape[1]:
         part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        kth = np.take_along_axis(scores, part, axis=1).min(axis=1)
+        for i in np.flatnonzero((scores >= kth[:, None]).sum(axis=1) > k):  # ties at the cut
+            above = np.flatnonzero(scores[i] > kth[i])
+            part[i] = np.concatenate([above, np.flatnonzero(scores[i] == kth[i])[: k - len(above)]])
     else:
         part = np.broadcast_to(np.arange(scores.shape[1]), scores.shape).copy()
     vals = np.take_along_axis(scores, part, axis=1)
