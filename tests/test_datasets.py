@@ -66,15 +66,16 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         cut = type(self).cut_after
+        # recorded before writing: the client may check ``sent`` as soon as it has the bytes
         if cut is not None:
             type(self).cut_after = None
+            type(self).sent.append(cut)
             self.wfile.write(body[:cut])
             self.wfile.flush()
-            type(self).sent.append(cut)
             self.close_connection = True
             return
-        self.wfile.write(body)
         type(self).sent.append(len(body))
+        self.wfile.write(body)
 
 
 @pytest.fixture()
