@@ -46,8 +46,6 @@ class StoreFull(Exception):
     """Storing an upload would exceed the store's budget."""
 
 
-
-
 class UploadStore:
     """The files under ``root`` (one folder): their total size, and which file holds which bytes (sha256)."""
 
@@ -73,9 +71,8 @@ class UploadStore:
                     present.add(f.name)
                     self._sizes[f] = st.st_size
                     self._digests.setdefault(digest, f)
-            gone = [(name,) for name in known if name not in present]
-            if gone and self._cache is not None:
-                self._cache.executemany("DELETE FROM digests WHERE name = ?", gone)
+            for name in known.keys() - present:  # files deleted while the service was down
+                self._forget(self.root / name)
 
     # --- the digest cache -----------------------------------------------------------------------
     @property
