@@ -168,6 +168,31 @@ def test_rebuilding_over_an_index_never_reuses_its_ids(feats, tmp_path, capsys, 
     assert rc == 2 and "damaged index" in err and "delete it or give a new path" in err
 
 
+def test_a_model_file_extracts_at_its_backbones_default_size(feats, tmp_path, capsys):
+    """A model file saved from Lite0 (e.g. by `cbir train`) gets Lite0's default size (512 px x 3
+    scales, `cbir models`), not the generic 1024 px; given options still win."""
+    import argparse
+
+    from cbir.backbones import default_resolution
+    from cbir.cli.options import extraction
+    from cbir.model import build_model, save_model
+
+    folder, _ = feats
+    file = tmp_path / "mine.pt"
+    save_model(build_model("efficientnet_lite0", "gem", weights="none"), file)
+    want = default_resolution("efficientnet_lite0")
+    assert want[0] == 512
+    assert extraction(argparse.Namespace(model=str(file), imsize=None, scales=None)) == want
+    assert extraction(argparse.Namespace(model=str(file), imsize=300, scales="1")) == (300, (1.0,))
+    ix = tmp_path / "ix"
+    rc, _, err = run(capsys, "index", "build", folder, "--model", file, "--out", ix, "--scales", "1")
+    assert rc == 0, err
+    rc, stdout, _ = run(capsys, "index", "info", ix, "--json")
+    assert json.loads(stdout)["settings"]["imsize"] == 512
+    rc, _, err = run(capsys, "index", "build", folder, "--model", tmp_path / "missing.pt", "--out", tmp_path / "ix2")
+    assert rc == 2 and "missing.pt" in err and len(err.strip().splitlines()) == 1
+
+
 def test_search_says_what_is_wrong(feats, tmp_path, capsys):
     folder, out = feats
     rc, _, err = run(capsys, "search", out, "--id", "1")

@@ -202,6 +202,21 @@ def load_model(path: str | os.PathLike[str], map_location: str | torch.device = 
     return net.eval()
 
 
+def model_file_config(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The configuration a model file carries (backbone name, pooling, its own ``resolution`` when
+    it has one), without building the network for a cbir model file; a cnnimageretrieval-pytorch
+    checkpoint is read into its parts (its configuration is derived from them)."""
+    path = Path(path)
+    try:
+        blob = read_checkpoint(path)
+    except FormatError as exc:
+        raise FormatError(f"{path} is not a cbir model file (unreadable: {exc})") from exc
+    if is_cirtorch(blob):
+        return dict(read_cirtorch(path, blob=blob).config)
+    check_format(blob, MODEL_FORMAT, (MODEL_FORMAT_VERSION,), path, what="cbir model")
+    return dict(blob["config"])
+
+
 # --------------------------------------------------------------------------------------------
 # "A backbone name or a model file": the one place that tells them apart
 

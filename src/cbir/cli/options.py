@@ -74,15 +74,18 @@ def model_spec(args: argparse.Namespace) -> ModelSpec:
 
 def extraction(args: argparse.Namespace, bench: Any = None, model: Any = None) -> tuple[int, tuple[float, ...]]:
     """(imsize, scales) from ``--imsize``/``--scales``, the defaults of :func:`cbir.pipeline.extraction_defaults`
-    (for ``bench``, and the backbone: the built ``model``'s config, else ``--model`` when it is a name)
-    where not given."""
-    from ..model import is_model_file
+    (for ``bench``, and the backbone: the built ``model``'s config, else the configuration ``--model``
+    names: a backbone name, or the one a model file carries) where not given."""
+    from ..model import is_model_file, model_file_config
     from ..pipeline import extraction_defaults
 
     if model is not None:
         d_imsize, d_scales = extraction_defaults(bench, model.config.get("model", ""), model.config)
     elif not is_model_file(getattr(args, "model", "")):
         d_imsize, d_scales = extraction_defaults(bench, getattr(args, "model", None))
+    elif args.imsize is None or args.scales is None:  # a model file: its backbone's (or its own) default
+        config = model_file_config(args.model)
+        d_imsize, d_scales = extraction_defaults(bench, str(config.get("model", "")), config)
     else:
         d_imsize, d_scales = extraction_defaults(bench)
     imsize = d_imsize if args.imsize is None else int(args.imsize)
