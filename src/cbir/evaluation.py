@@ -44,6 +44,14 @@ _CHUNK_ELEMS = 1 << 24
 # --------------------------------------------------------------------------------------------
 
 
+def best_k_at_cut(row: np.ndarray, k: int, kth: float) -> np.ndarray:
+    """Indices of the ``k`` best entries of ``row`` (n,), whose k-th largest value is ``kth``:
+    every index scoring above ``kth``, then the lowest indices scoring exactly ``kth`` (ties at the
+    cut go to the lower index). Unsorted."""
+    above = np.flatnonzero(row > kth)
+    return np.concatenate([above, np.flatnonzero(row == kth)[: k - above.size]])
+
+
 def rank_from_scores(scores: np.ndarray, top_k: int | None = None) -> np.ndarray:
     """Ranking (nq, K) int64 of a score matrix (nq, ndb): descending score, ties by ascending index.
 
@@ -68,11 +76,7 @@ def rank_from_scores(scores: np.ndarray, top_k: int | None = None) -> np.ndarray
     out = np.empty((nq, top_k), dtype=np.int64)
     for i in range(nq):
         row = scores[i]
-        # the top_k-th largest value; everything strictly above it is in, ties fill by index
-        kth = -np.partition(-row, top_k - 1)[top_k - 1]
-        above = np.flatnonzero(row > kth)
-        tied = np.flatnonzero(row == kth)[: top_k - above.size]
-        cand = np.concatenate([above, tied])
+        cand = best_k_at_cut(row, top_k, -np.partition(-row, top_k - 1)[top_k - 1])
         order = np.lexsort((cand, -row[cand]))  # primary: score desc; secondary: index asc
         out[i] = cand[order]
     return out

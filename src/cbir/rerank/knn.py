@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..evaluation import best_k_at_cut
+
 
 def topk(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Top-k of each row of ``scores`` (nq, n), best first -> (values (nq,k), indices (nq,k)).
@@ -24,8 +26,7 @@ def topk(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
         kth = np.take_along_axis(scores, part, axis=1).min(axis=1)
         for i in np.flatnonzero((scores >= kth[:, None]).sum(axis=1) > k):  # ties at the cut
-            above = np.flatnonzero(scores[i] > kth[i])
-            part[i] = np.concatenate([above, np.flatnonzero(scores[i] == kth[i])[: k - len(above)]])
+            part[i] = best_k_at_cut(scores[i], k, kth[i])
     else:
         part = np.broadcast_to(np.arange(scores.shape[1]), scores.shape).copy()
     vals = np.take_along_axis(scores, part, axis=1)
