@@ -2,17 +2,22 @@
 
 Baseline (the way cirtorch's ``extract_vectors`` / revisitop examples work): one image at a time,
 fp32, contiguous (NCHW) tensors, one forward pass per scale, pooled vectors combined by the same
-generalized mean. cbir: ``cbir.extract.extract`` with its defaults for the device (CPU: batch 1 +
-channels_last; CUDA: size-bucketed batches of 16, bf16 autocast, channels_last, decoding workers).
-Same model, same images, same scales; the two are run alternately (``--rounds``, default 3) so that
-load from other processes hits both alike, and the median of the per-round ratios is reported.
-On CUDA cbir decodes the JPEGs on the GPU (nvjpeg, ``--decode auto``); the baseline decodes with PIL. The
-descriptors of the two are also compared (cosine similarity).
+generalized mean. cbir: ``cbir.extract.extract`` with its defaults for the device (CPU: the "auto"
+backend = ONNX Runtime fp32 where installed, batch 1, the next image decoded in a thread; CUDA:
+size-bucketed batches of 16, bf16 autocast, channels_last, decoding workers, nvjpeg), or the
+variants named by ``--backends``. Same model, same images, same scales; the baseline and every
+variant run alternately in each round (``--rounds``, default 3) so that load from other processes
+hits them alike, and the median of the per-round ratios (baseline time / variant time) is reported
+with the machine's load average. The descriptors of each variant are compared with the baseline's
+(fp32 torch): min cosine over the images.
 
-  python benchmarks/extract.py                                   # CPU, Lite0, 16 photos, 1024 px, 3 scales
-  python benchmarks/extract.py --images 24 --rounds 2
-  python benchmarks/extract.py --sweep                           # CPU: batch size / channels_last / workers
-  python benchmarks/extract.py --backend openvino                # the optional CPU backend
+A variant is ``BACKEND[:PRECISION][:noprefetch]``: BACKEND auto, torch, onnxruntime, openvino;
+PRECISION auto, fp32, bf16 (default auto); ``noprefetch`` turns the decoding thread off.
+
+  python benchmarks/extract.py                                   # CPU, Lite0, 16 photos, 1024 px, 3 scales, default path
+  python benchmarks/extract.py --images 8 --rounds 5 --backends auto,torch,torch:fp32,openvino,openvino:fp32
+  python benchmarks/extract.py --backends auto,auto:noprefetch   # what the decoding thread adds
+  python benchmarks/extract.py --sweep                           # CPU: batch size / channels_last / workers (torch)
   python benchmarks/extract.py --device cuda --model resnet101 --weights none --images 256 --imsize 1024
 
 Needs ../shared/data/rparis6k-250 (or --folder DIR of images).
@@ -70,6 +75,27 @@ def timed(fn):
     return time.perf_counter() - t, r
 
 
+def parse_variant(text: str) -> dict:
+    """"BACKEND[:PRECISION][:noprefetch]" -> extract() keyword arguments."""
+    parts = text.split(":")
+    kw = {"backend": parts[0], "precision": "auto", "prefetch": True}
+    for part in parts[1:]:
+        if part == "noprefetch":
+            kw["prefetch"] = False
+        elif part in ("auto", "fp32", "bf16"):
+            kw["precision"] = part
+        else:
+            raise SystemExit(f"bad variant {text!r}: BACKEND[:PRECISION][:noprefetch]")
+    return kw
+
+
+def load_average() -> str:
+    try:
+        return "/".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "?"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     shared = Path(os.environ.get("CBIR_SHARED", REPO.parent / "shared"))
@@ -83,11 +109,10 @@ def main() -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--workers", type=int, default=None)
-    ap.add_argument("--precision", default="auto", help="cbir precision: auto (bf16 on CUDA and on CPUs with "
-                    "native bf16), fp32, bf16")
-    ap.add_argument("--rounds", type=int, default=3, help="alternate baseline/cbir this many times; the median "
-                    "of the per-round ratios is reported (default: 3)")
-    ap.add_argument("--backend", default="torch", help="cbir inference backend: torch, openvino, onnxruntime")
+    ap.add_argument("--rounds", type=int, default=3, help="alternate the baseline and the variants this many times; "
+                    "the median of the per-round ratios is reported (default: 3)")
+    ap.add_argument("--backends", "--backend", default="auto",
+                    help="comma-separated variants BACKEND[:PRECISION][:noprefetch] (default: auto, the default path)")
     ap.add_argument("--decode", default="auto", help="cbir JPEG decoding: auto (GPU on CUDA), cpu, cuda")
     ap.add_argument("--sweep", action="store_true", help="also time other batch sizes / memory formats / workers")
     args = ap.parse_args()
@@ -102,56 +127,58 @@ def main() -> int:
     scales = tuple(float(s) for s in args.scales.split(","))
     model = build_model(args.model, pooling=args.pooling, weights=args.weights)
     dev = args.device
+    variants = [(v, parse_variant(v)) for v in args.backends.split(",") if v]
     print(f"device={dev} torch_threads={torch.get_num_threads()} cpus={os.cpu_count()} model={args.model} "
-          f"pooling={args.pooling} images={len(paths)} imsize={args.imsize} scales={scales}")
+          f"pooling={args.pooling} images={len(paths)} imsize={args.imsize} scales={scales} "
+          f"load average (1/5/15 min) {load_average()}")
     if dev.startswith("cuda"):
         print(f"gpu: {torch.cuda.get_device_name(0)}")
 
     def run_cbir(**kw):
         opts = dict(imsize=args.imsize, scales=scales, device=dev, progress=False, batch_size=args.batch_size,
-                    workers=args.workers, precision=args.precision, backend=args.backend, decode=args.decode)
+                    workers=args.workers, decode=args.decode)
         opts.update(kw)
-        return extract(model, paths, **opts).vectors
+        return extract(model, paths, **opts)
 
-    # warm-up (allocator, kernels, cudnn autotune, backend compilation) on two images for both
+    # warm-up (allocator, kernels, cudnn autotune, backend conversion) on two images for each
     baseline(model, paths[:2], args.imsize, scales, dev)
-    run_cbir()
-    from cbir.device import resolve_device, resolve_precision
-
-    amp = resolve_precision(resolve_device(dev), args.precision)
-    if args.backend == "onnxruntime":
-        amp = "fp32"  # the ONNX Runtime backend computes in fp32 whatever the precision
-    also_fp32 = amp == "bf16" and args.backend == "torch"  # then also time cbir in fp32, to show what bf16 adds
-    ratios, ratios32, t_base, t_cbir = [], [], 0.0, 0.0
+    used = {}
+    for name, kw in variants:
+        res = extract(model, paths[:2], imsize=args.imsize, scales=scales, device=dev, progress=False,
+                      batch_size=args.batch_size, workers=args.workers, decode=args.decode, **kw)
+        used[name] = f"{res.backend} {res.precision}"
+    ratios = {name: [] for name, _ in variants}
+    times = {name: 0.0 for name, _ in variants}
+    vecs, t_base = {}, 0.0
     for r in range(args.rounds):
         tb, vb = timed(lambda: baseline(model, paths, args.imsize, scales, dev))
-        tc, vc = timed(run_cbir)
-        t_base, t_cbir = t_base + tb, t_cbir + tc
-        ratios.append(tb / tc)
-        line = f"round {r + 1}: baseline {len(paths) / tb:.2f} img/s, cbir {len(paths) / tc:.2f} img/s ({tb / tc:.2f}x)"
-        if also_fp32:
-            tf, vf = timed(lambda: run_cbir(precision="fp32", backend="torch"))
-            ratios32.append(tb / tf)
-            line += f", cbir fp32 {len(paths) / tf:.2f} img/s ({tb / tf:.2f}x)"
-        print(line, flush=True)
+        t_base += tb
+        line = [f"round {r + 1} (load {load_average()}): baseline {len(paths) / tb:.2f} img/s"]
+        for name, kw in variants:
+            tc, res = timed(lambda: run_cbir(**kw))
+            times[name] += tc
+            vecs[name] = res.vectors
+            ratios[name].append(tb / tc)
+            line.append(f"{name} {len(paths) / tc:.2f} img/s ({tb / tc:.2f}x)")
+        print(", ".join(line), flush=True)
     n = len(paths) * args.rounds
-    cos = (vb * vc).sum(axis=1)
     print(f"baseline (1 image, fp32, NCHW, 1 pass per scale): {n / t_base:.2f} descriptors/s")
-    print(f"cbir extract (defaults for {dev}, {amp}, backend {args.backend}, decode {args.decode}): "
-          f"{n / t_cbir:.2f} descriptors/s")
-    print(f"speed-up: median {np.median(ratios):.2f}x over {len(ratios)} rounds "
-          f"(min {min(ratios):.2f}, max {max(ratios):.2f}); descriptor agreement: min cosine {cos.min():.4f}")
-    if also_fp32:
-        cos32 = (vb * vf).sum(axis=1)
-        print(f"cbir extract in fp32: median {np.median(ratios32):.2f}x the baseline (min cosine {cos32.min():.4f})")
+    print("| variant | runs as | per-round ratios | median | min cosine to the fp32 baseline |")
+    print("|---|---|---|---|---|")
+    for name, _ in variants:
+        rs = ratios[name]
+        cos = (vb * vecs[name]).sum(axis=1)
+        print(f"| {name} | {used[name]} | {', '.join(f'{x:.2f}' for x in rs)} | **{np.median(rs):.2f}x** "
+              f"({n / times[name]:.2f} img/s) | {cos.min():.5f} |")
+    print(f"load average after: {load_average()}")
 
     if args.sweep:
-        print("sweep (each against a fresh baseline run right before it):")
+        print("sweep, torch backend (each against a fresh baseline run right before it):")
         configs = [dict(batch_size=1, channels_last=False), dict(batch_size=1, channels_last=True),
                    dict(batch_size=4, channels_last=True), dict(batch_size=1, channels_last=True, workers=1)]
         for cfg in configs:
             tb, _ = timed(lambda: baseline(model, paths, args.imsize, scales, dev))
-            tc, _ = timed(lambda: run_cbir(**cfg))
+            tc, _ = timed(lambda: run_cbir(backend="torch", **cfg))
             print(f"  {cfg}: {len(paths) / tc:.2f} img/s, {tb / tc:.2f}x the baseline")
     return 0
 

@@ -20,6 +20,20 @@ SHARED = Path(os.environ.get("CBIR_SHARED", REPO.parent / "shared")).resolve()
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _converted_network_cache(tmp_path_factory):
+    """Converted networks (ONNX, cbir.extraction.backends) go to one folder per test run, shared by the
+    xdist workers and the CLI subprocesses (they inherit the variable), never the user's ~/.cache."""
+    folder = tmp_path_factory.getbasetemp().parent / "cbir-converted"
+    old = os.environ.get("CBIR_CONVERTED_CACHE")
+    os.environ["CBIR_CONVERTED_CACHE"] = str(folder)
+    yield folder
+    if old is None:
+        os.environ.pop("CBIR_CONVERTED_CACHE", None)
+    else:
+        os.environ["CBIR_CONVERTED_CACHE"] = old
+
+
 @pytest.fixture(autouse=True)
 def _private_descriptor_cache(tmp_path, monkeypatch):
     """Each test gets its own extraction cache (cbir.pipeline), never the user's ~/.cache."""

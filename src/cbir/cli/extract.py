@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from . import CLIError
-from .options import add_extraction_options, add_model_options, extraction, model_spec
+from .options import add_backend_option, add_extraction_options, add_model_options, extraction, model_spec
 
 EPILOG = """\
 examples:
@@ -23,7 +23,7 @@ examples:
   cbir extract photos/ --out feats/ --dtype float16 --strict
   cbir extract photos/ --out feats/ --engine ray                # local Ray: decode tasks + a pool of model actors
   cbir extract photos/ --out feats/ --engine ray --address auto # a running Ray cluster (`ray start --head`)
-  cbir extract photos/ --out feats/ --backend onnxruntime       # faster CPU inference, if installed
+  cbir extract photos/ --out feats/ --backend torch --precision bf16   # eager torch (bf16 on AMX CPUs)
 
 ids: the path relative to the given folder, without its extension (photos/a/b.jpg -> "a/b");
 a file given by name gets its bare name. Unreadable files (corrupt, truncated, empty, not an
@@ -59,9 +59,7 @@ def register(subparsers) -> None:
     e.add_argument("--quiet", action="store_true", help="no progress bar")
     e.add_argument("--chunk", type=int, default=64, metavar="N",
                    help="inputs per shard of the store, also the resume step (default: 64)")
-    e.add_argument("--backend", default="torch", choices=("torch", "openvino", "onnxruntime"),
-                   help="inference backend: torch (default), or openvino / onnxruntime on the CPU when installed "
-                        "(faster; descriptors equal to float tolerance; see docs/extraction.md)")
+    add_backend_option(e)
     e.add_argument("--decode", choices=("auto", "cpu", "cuda"), default="auto",
                    help="JPEG decoding: auto = on the GPU (nvjpeg) when --device is CUDA, else PIL (default: auto)")
     r = p.add_argument_group("distributed")
@@ -106,7 +104,7 @@ def handler(args: argparse.Namespace) -> int:
     if args.engine == "ray":
         from ..extraction.ray_engine import extract_to_dir_ray
 
-        if args.backend != "torch" or args.decode == "cuda":
+        if args.backend not in ("auto", "torch") or args.decode == "cuda":
             raise CLIError("--engine ray uses --backend torch and PIL decoding")
         desc = extract_to_dir_ray(
             model, files, out, ids=ids, imsize=imsize, scales=scales, dtype=args.dtype, chunk=args.chunk,

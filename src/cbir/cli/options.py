@@ -1,6 +1,6 @@
 """The options several commands share, declared once: the model (``--model``, ``--pooling``,
 ``--weights``) and the extraction (``--imsize``, ``--scales``, ``--device``, ``--batch-size``,
-``--precision``). Every command that describes images takes them with the same names, forms and
+``--precision``, ``--backend``). Every command that describes images takes them with the same names, forms and
 defaults, and turns them into library objects with :func:`model_spec` / :func:`extraction`.
 """
 
@@ -45,8 +45,18 @@ def add_extraction_options(parser: Any, *, per_benchmark: bool = False) -> None:
     parser.add_argument("--batch-size", type=int, default=None, metavar="N",
                         help="images per forward pass (default: 1 on CPU, 16 on GPU)")
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
-                        help="compute precision: auto = bf16 autocast on CUDA and on CPUs with native bf16 "
-                             "(AMX, AVX512-BF16), else fp32 (default: auto)")
+                        help="compute precision: auto = fp32 through ONNX Runtime on the CPU when installed, else bf16 "
+                             "autocast on CUDA and on CPUs with native bf16 (AMX, AVX512-BF16), else fp32; bf16 "
+                             "on the CPU uses the torch backend (default: auto)")
+
+
+def add_backend_option(parser: Any) -> None:
+    """``--backend``: the CPU inference backend (:func:`cbir.extraction.backends.resolve_backend`)."""
+    parser.add_argument("--backend", default="auto", choices=("auto", "torch", "onnxruntime", "openvino"),
+                        help="inference backend: auto = ONNX Runtime in fp32 on the CPU when installed (the fastest "
+                             "measured; converted once and cached in ~/.cache/cbir/converted), else torch; torch; "
+                             "onnxruntime; openvino (CPU only). Descriptors equal torch fp32 to ~1e-6 "
+                             "(docs/extraction.md) (default: auto)")
 
 
 def add_device_option(parser: Any) -> None:

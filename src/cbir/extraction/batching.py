@@ -14,16 +14,17 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, Sequence, TypeVar
 
 import torch
 import torch.nn.functional as F
 
 from .images import Box, ImageError, clip_box, image_size, image_tensor, load_image, reason_of, resized_size
 
-__all__ = ["iter_batches", "batch_defaults", "prepare_model", "buckets", "DECODES"]
+__all__ = ["iter_batches", "batch_defaults", "prepare_model", "buckets", "prefetched", "DECODES"]
 
 DECODES = ("cpu", "cuda")
+T = TypeVar("T")
 
 
 class _Images(torch.utils.data.Dataset):
@@ -184,3 +185,50 @@ def iter_batches(
                     yield [i], image_tensor(load_image(paths[i], bboxes[i]), imsize, mean, std)[None]
                 except ImageError as exc:
                     bad(i, exc.reason)
+
+
+def prefetched(batches: Iterator[T], depth: int = 2) -> Iterator[T]:
+    """``batches`` produced by a background thread, up to ``depth`` ahead of the consumer: decoding and
+    resizing the next image overlaps with describing this one (PIL and torch release the GIL). Items,
+    their order and any exception raised while producing them reach the consumer unchanged; closing
+    the generator early stops the thread."""
+    import queue
+    import threading
+
+    q: queue.Queue = queue.Queue(maxsize=max(1, depth))
+    stop = threading.Event()
+    end = object()
+
+    def produce() -> None:
+        try:
+            for item in batches:
+                while not stop.is_set():
+                    try:
+                        q.put((True, item), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put((True, end))
+        except BaseException as exc:  # handed to the consumer, raised there
+            q.put((False, exc))
+
+    thread = threading.Thread(target=produce, name="cbir-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            ok, item = q.get()
+            if not ok:
+                raise item
+            if item is end:
+                return
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a producer waiting on a full queue
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                pass
+            thread.join(timeout=0.05)

@@ -25,7 +25,7 @@ import torch
 
 from ..descriptors import (ARRAY_NAME, META_NAME, SHARD_DIR, Descriptors, read_shard, write_shard,
                            write_sharded_meta)
-from ..device import resolve_device, resolve_precision
+from ..device import resolve_device
 from ..fileio import FormatError, atomic_write_json, read_json
 from . import loop
 from .images import Box
@@ -83,8 +83,10 @@ class Job:
 def plan(model, images: Sequence[str | os.PathLike[str]], out_dir: str | os.PathLike[str], *,
          ids: Sequence[str] | None = None, bboxes: Sequence[Box | None] | None = None,
          imsize: int | None = 1024, scales: Sequence[float] = DEFAULT_SCALES, dtype: str = "float32",
-         chunk: int = 64, device: str | torch.device = "auto", precision: str = "auto") -> Job:
-    """Check the arguments, fingerprint the job and prepare ``out_dir`` (keep or clear earlier work)."""
+         chunk: int = 64, device: str | torch.device = "auto", precision: str = "auto", backend: str = "torch") -> Job:
+    """Check the arguments, fingerprint the job and prepare ``out_dir`` (keep or clear earlier work).
+
+    The job's precision is the one ``backend`` computes in (:func:`cbir.extraction.backends.resolve_backend`)."""
     if dtype not in ("float32", "float16"):
         raise ValueError(f"dtype must be float32 or float16, got {dtype!r}")
     if chunk < 1:
@@ -100,7 +102,9 @@ def plan(model, images: Sequence[str | os.PathLike[str]], out_dir: str | os.Path
         raise ValueError(f"{len(boxes)} crop boxes for {len(paths)} images")
     scales = check_scales(scales)
     out = Path(out_dir)
-    amp = resolve_precision(resolve_device(device), precision)
+    from .backends import resolve_backend
+
+    amp = resolve_backend(resolve_device(device), backend, precision)[1]
     key = fingerprint(model, ids, paths, boxes, imsize, (*scales, amp, dtype, chunk))
     job = Job(out, paths, ids, boxes, imsize, scales, amp, dtype, chunk, key)
     shutil.rmtree(out / LEGACY_PARTIAL, ignore_errors=True)
@@ -189,7 +193,8 @@ def extract_to_dir(
     decode, backend).
     """
     job = plan(model, images, out_dir, ids=ids, bboxes=bboxes, imsize=imsize, scales=scales, dtype=dtype,
-               chunk=chunk, device=kw.get("device", "auto"), precision=kw.get("precision", "auto"))
+               chunk=chunk, device=kw.get("device", "auto"), precision=kw.get("precision", "auto"),
+               backend=kw.setdefault("backend", "auto"))
     if job.complete:
         return Descriptors.load(job.out)
     kw["precision"] = job.precision

@@ -7,9 +7,11 @@ v = (1/S Σ_s v_s^p)^(1/p) (p = GeM's p, else 1) then L2 (:func:`combine_scales`
 (whitening + L2, if any).
 
 Speed: on CUDA bf16 autocast, channels_last, batches of 16, decoding workers (and JPEG decoding on
-the GPU with ``decode="cuda"``). On the CPU: channels_last, batch 1, bf16 autocast when the CPU
-computes bf16 natively (AMX / AVX512-BF16); ``backend`` picks an optional faster CPU inference
-path (:mod:`.backends`). See benchmarks/extract.py.
+the GPU with ``decode="cuda"``). On the CPU: ONNX Runtime in fp32 where installed (the "auto"
+backend, :mod:`.backends`; its converted network cached on disk), batch 1, the next image decoded
+in a thread while this one is described (:func:`.batching.prefetched`); the torch backend adds
+channels_last and bf16 autocast when the CPU computes bf16 natively (AMX / AVX512-BF16).
+See benchmarks/extract.py and docs/extraction.md for the measurements.
 """
 
 from __future__ import annotations
@@ -24,8 +26,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..device import autocast, resolve_device, resolve_precision
-from .batching import batch_defaults, iter_batches, prepare_model
+from ..device import autocast, resolve_device
+from .batching import batch_defaults, iter_batches, prefetched, prepare_model
 from .images import MIN_SIDE, Box, label, scaled_size
 
 __all__ = ["DEFAULT_SCALES", "ExtractResult", "extract", "describe", "combine_scales", "rescale", "check_scales"]
@@ -40,6 +42,8 @@ class ExtractResult:
     vectors: np.ndarray
     ok: np.ndarray
     failed: list[dict[str, str]] = field(default_factory=list)
+    backend: str = "torch"  #: the inference backend that ran (:func:`cbir.extraction.backends.select_backend`)
+    precision: str = "fp32"  #: the precision it computed in
 
 
 def combine_scales(v: torch.Tensor, p: float = 1.0) -> torch.Tensor:
@@ -105,16 +109,22 @@ def extract(
     channels_last: bool = True,
     precision: str = "auto",
     decode: str = "auto",
-    backend: str = "torch",
+    backend: str = "auto",
+    prefetch: bool = True,
     on_progress: Callable[[int], None] | None = None,
 ) -> ExtractResult:
     """Descriptors of ``images`` (files, or images' bytes) with RetrievalNet ``model`` (moved to ``device``, eval mode).
 
     Returns ExtractResult(vectors (N_ok, D) float32 L2-normalised, ok (N_ok,) input indices,
     failed [{"path", "reason"}]). ``strict=True`` raises ImageError at the first unreadable image.
-    ``precision``: "auto" (bf16 autocast on CUDA and on CPUs with native bf16, else fp32), "fp32", "bf16".
+    ``precision``: "auto" (fp32 through ONNX Runtime on the CPU where it is installed; else bf16 autocast on
+    CUDA and on CPUs with native bf16, fp32 elsewhere), "fp32", "bf16". ``ExtractResult.backend`` and
+    ``.precision`` say what ran.
     ``decode``: "auto" (= "cuda" on a CUDA device: JPEGs decoded on the GPU; else "cpu"), "cpu", "cuda".
-    ``backend``: "torch" (eager) or an optional CPU backend from :mod:`.backends`.
+    ``backend``: "auto" (ONNX Runtime fp32 on the CPU where installed, else torch; see
+    :func:`cbir.extraction.backends.resolve_backend`), "torch", "onnxruntime", "openvino".
+    ``prefetch``: on the CPU without decoding workers, decode the next batch in a thread while this one
+    is described.
     ``on_progress(n)`` is called with the number of images just described. The model is left on
     ``device`` (in channels_last when that is on) and in the train/eval mode it came in.
     """
@@ -131,11 +141,12 @@ def extract(
         decode = "cuda" if dev.type == "cuda" else "cpu"
     batch_size, workers = batch_defaults(dev, batch_size, workers)
     was_training = model.training
-    amp = resolve_precision(dev, precision)
-    prepare_model(model, dev, channels_last)
-    from .backends import pool_function
+    from .backends import select_backend
 
-    pool = pool_function(model, dev, backend, amp)
+    prepare_model(model, dev, False)  # eval mode, on dev: what a backend converts
+    pool, backend, amp = select_backend(model, dev, backend, precision)
+    channels_last = channels_last and backend == "torch"  # the other backends take contiguous NCHW arrays
+    prepare_model(model, dev, channels_last)
     p = model.multiscale_p()
     failed_idx: list[tuple[int, str]] = []
     out: dict[int, np.ndarray] = {}
@@ -145,10 +156,13 @@ def extract(
 
         bar = tqdm(total=len(paths), unit="img", desc="extract", dynamic_ncols=True)
     try:
+        batches = iter_batches(paths=paths, bboxes=bboxes, imsize=imsize, mean=model.mean, std=model.std,
+                               batch_size=batch_size, workers=workers, failed=failed_idx, strict=strict,
+                               pin=dev.type == "cuda", decode=decode, device=dev)
+        if workers == 0 and dev.type == "cpu" and prefetch:
+            batches = prefetched(batches)
         with torch.inference_mode(), autocast(dev, amp if backend == "torch" else "fp32"):
-            for idx, x in iter_batches(paths=paths, bboxes=bboxes, imsize=imsize, mean=model.mean, std=model.std,
-                                       batch_size=batch_size, workers=workers, failed=failed_idx, strict=strict,
-                                       pin=dev.type == "cuda", decode=decode, device=dev):
+            for idx, x in batches:
                 v = describe(model, x.to(dev, non_blocking=True), scales, p, pool=pool,
                              channels_last=channels_last).cpu().numpy()
                 for j, i in enumerate(idx):
@@ -166,4 +180,4 @@ def extract(
     dim = model.dim
     vectors = np.stack([out[i] for i in ok]).astype(np.float32) if len(ok) else np.zeros((0, dim), np.float32)
     failed = [{"path": label(paths[i]), "reason": r} for i, r in sorted(failed_idx)]
-    return ExtractResult(vectors=vectors, ok=ok, failed=failed)
+    return ExtractResult(vectors=vectors, ok=ok, failed=failed, backend=backend, precision=amp)
