@@ -85,3 +85,18 @@ def test_sha256_file_matches_hashlib(tmp_path):
     data = bytes(range(256)) * 5000
     (tmp_path / "f").write_bytes(data)
     assert sha256_file(tmp_path / "f", block=1000) == hashlib.sha256(data).hexdigest()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_atomic_write_json_refuses_what_json_cannot_say(tmp_path, bad):
+    """NaN/inf would make invalid JSON (strict readers refuse it): refused, nothing written, the old file kept."""
+    import json
+
+    from cbir.fileio import atomic_write_json
+
+    path = tmp_path / "x.json"
+    atomic_write_json(path, {"a": [1.5, None]})
+    with pytest.raises(ValueError, match=r"x.json: not written: .*NaN/inf are not JSON"):
+        atomic_write_json(path, {"a": [1.5, bad]})
+    assert json.loads(path.read_text()) == {"a": [1.5, None]}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.json"]  # no temporary left behind

@@ -87,7 +87,12 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
 
 
 def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+    """``obj`` as strict JSON (ValueError for NaN or ±inf, which JSON has no word for: write None), atomically."""
+    try:
+        text = json.dumps(obj, indent=2, sort_keys=False, allow_nan=False)
+    except ValueError as exc:
+        raise ValueError(f"{path}: not written: {exc} (NaN/inf are not JSON; give None)") from exc
+    atomic_write_bytes(path, (text + "\n").encode())
 
 
 def atomic_save_npy(path: str | os.PathLike[str], array: np.ndarray) -> None:

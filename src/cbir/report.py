@@ -98,13 +98,13 @@ def _frame(ax, colour: str) -> None:
 
 
 def jsonable(res: dict) -> dict:
-    """``res`` with numpy scalars as Python numbers, NaN as None and keys as strings (for JSON)."""
+    """``res`` with numpy scalars as Python numbers, NaN and ±inf as None and keys as strings (strict JSON)."""
     def fix(v: Any) -> Any:
         if isinstance(v, dict):
             return {str(k): fix(x) for k, x in v.items()}
         if isinstance(v, (list, tuple)):
             return [fix(x) for x in v]
-        if isinstance(v, float) and math.isnan(v):
+        if isinstance(v, float) and not math.isfinite(v):
             return None
         if isinstance(v, (np.floating, np.integer)):
             return fix(v.item())

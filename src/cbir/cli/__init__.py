@@ -79,7 +79,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # a closed pipe (`cbir ... | head`) shows here, inside the handler below
+        return code
+    except BrokenPipeError:
+        # the reader went away: no message, no traceback; stdout goes to devnull so that Python's own
+        # flush at exit does not fail again (the Python docs' recipe, "Note on SIGPIPE"); exit status 1
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -20,6 +20,12 @@ examples:
   cbir train configs/own_photos.yaml data.root=photos/ out=runs/mine
   cbir train configs/own_photos.yaml data.root=photos/ --resume out=runs/mine optim.epochs=40
   cbir train configs/own_photos.yaml --print-config validation.split=0.3
+  cbir train configs/own_photos.yaml data.root=photos/ --estimate   # how long it would take, then stop
+
+Before the first epoch it prints the estimated time, measured on a few real training steps, the
+mining speed and the first validation pass, with the config keys that shorten it. At the end it says
+which epoch it kept and why ("kept epoch 0 (the starting model): fine-tuning did not improve the
+held-out photos ..."). The last line of the output is a JSON summary (NaN written as null).
 """
 
 
@@ -29,11 +35,15 @@ def _options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", default=None, help="no progress bars")
     p.add_argument("--print-config", action="store_true", default=None,
                    help="print the merged, checked config as JSON and exit")
+    p.add_argument("--estimate", action="store_true", default=None,
+                   help="measure a few training steps and the first validation pass, print the estimated time "
+                        "(and the config keys that shorten it) and exit without training")
 
 
 def register(sub) -> None:
     p = sub.add_parser("train", help="fine-tune a model on your photos (tuples mined every epoch)",
-                       usage="cbir train CONFIG [KEY=VALUE ...] [--resume] [--out DIR] [--no-progress] [--print-config]",
+                       usage="cbir train CONFIG [KEY=VALUE ...] [--resume] [--out DIR] [--no-progress] [--print-config] "
+                             "[--estimate]",
                        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("items", nargs=argparse.REMAINDER, metavar="CONFIG [KEY=VALUE ...]",
                    help="training config (.yaml, .yml or .toml), then config overrides with dotted keys")
@@ -57,15 +67,16 @@ def parse_items(args: argparse.Namespace) -> argparse.Namespace:
     if not args.items:
         raise CLIError("a training config is needed (usage: cbir train CONFIG [KEY=VALUE ...] [--resume] [--out DIR])")
     ns = inner.parse_intermixed_args(args.items)
-    for key in ("resume", "out", "no_progress", "print_config"):
+    for key in ("resume", "out", "no_progress", "print_config", "estimate"):
         if getattr(ns, key) is None:
             setattr(ns, key, getattr(args, key))
-    for key in ("resume", "no_progress", "print_config"):
+    for key in ("resume", "no_progress", "print_config", "estimate"):
         setattr(ns, key, bool(getattr(ns, key)))
     return ns
 
 
 def handler(args: argparse.Namespace) -> int:
+    from ..report import jsonable
     from ..training.config import load_config, missing_inputs
     from ..training.trainer import train
 
@@ -80,10 +91,14 @@ def handler(args: argparse.Namespace) -> int:
     missing = missing_inputs(cfg, resume=ns.resume)
     if missing:
         raise FileNotFoundError("missing training inputs: " + "; ".join(missing))
-    result = train(cfg, resume=ns.resume, progress=not ns.no_progress,
+    result = train(cfg, resume=ns.resume, progress=not ns.no_progress, estimate_only=ns.estimate,
                    log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    if ns.estimate:
+        print(json.dumps(jsonable({"estimate": result.get("estimate")}), allow_nan=False))
+        return 0
     last = result["history"][-1] if result["history"] else {}
-    print(json.dumps({"out": result["out"], "epochs": last.get("epoch"), "loss": last.get("loss"),
-                      "val": last.get("val"), "best": result.get("best"),
-                      "setup": {k: v for k, v in result["setup"].items() if k != "dropped_paths"}}))
+    summary = {"out": result["out"], "epochs": last.get("epoch"), "loss": last.get("loss"), "val": last.get("val"),
+               "best": result.get("best"), "kept": result.get("kept"), "estimate": result.get("estimate"),
+               "setup": {k: v for k, v in result["setup"].items() if k != "dropped_paths"}}
+    print(json.dumps(jsonable(summary), allow_nan=False))  # NaN (a diverged or empty figure) is null: valid JSON
     return 0

@@ -109,6 +109,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
                 print(f"{part:10s} {name:24s} {label:36s} " + "  ".join(f"{k} {v:6.2f}" for k, v in m.items()))
     if args.report:
         from ..fileio import atomic_write_json
+        from ..report import jsonable
 
-        atomic_write_json(args.report, report)
+        atomic_write_json(args.report, jsonable(report))  # a figure with no positives (Hard on Holidays) is NaN
     return 0

@@ -44,6 +44,8 @@ __all__ = [
     "clean_classes",
     "split_classes",
     "split_images",
+    "HeldOut",
+    "split_for_validation",
     "build_epoch_tuples",
     "square_tensor",
     "TupleDataset",
@@ -259,6 +261,41 @@ def split_images(data: TrainingImages, fraction: float, rng: np.random.Generator
     mask = np.zeros(len(data.paths), dtype=bool)
     mask[held] = True
     return data.subset(np.flatnonzero(~mask)), data.subset(np.flatnonzero(mask))
+
+
+@dataclass
+class HeldOut:
+    """A validation split: the training part, the held-out part, how it was split ("classes" or
+    "images") and, when that differs from what was asked, why (one sentence)."""
+
+    train: TrainingImages
+    held: TrainingImages
+    split_by: str
+    note: str | None = None
+
+
+def split_for_validation(data: TrainingImages, fraction: float, split_by: str, rng: np.random.Generator) -> HeldOut:
+    """Hold out ``fraction`` of ``data`` for validation: whole classes (``split_by="classes"``,
+    :func:`split_classes`) or part of each class's images (``"images"``, :func:`split_images`).
+
+    With too few classes to hold whole ones out (fewer than 2 to hold out + 2 to train on, among the
+    classes of two or more images) it splits by images instead and says so in ``note``; ValueError
+    (naming ``validation.split``) when neither is possible."""
+    if split_by not in ("classes", "images"):
+        raise ValueError(f"validation.split_by must be classes or images, got {split_by!r}")
+    note = None
+    if split_by == "classes":
+        ids, counts = np.unique(data.clusters, return_counts=True)
+        multi = int((counts >= 2).sum())
+        n = max(2, int(round(fraction * multi)))
+        if multi - n >= 2:
+            train_part, held = split_classes(data, fraction, rng)
+            return HeldOut(train_part, held, "classes")
+        note = (f"validation.split={fraction}: {multi} classes with two or more photos are too few to hold whole "
+                f"classes out (need at least {n + 2}); holding out {fraction:.0%} of each class's photos instead "
+                "(split by images)")
+    train_part, held = split_images(data, fraction, rng)
+    return HeldOut(train_part, held, "images", note)
 
 
 def clean_classes(data: TrainingImages, vectors: np.ndarray, k: float = 3.0, min_size: int = 4,

@@ -41,6 +41,7 @@ from torch import nn
 
 from ..device import resolve_device
 from ..fileio import atomic_write_json
+from ..report import jsonable
 from .checkpoint import (
     CHECKPOINT_FORMAT,
     CHECKPOINT_VERSION,
@@ -66,10 +67,10 @@ from .data import (
     build_epoch_tuples,
     clean_classes,
     load_training_images,
-    split_classes,
-    split_images,
+    split_for_validation,
 )
 from .losses import APLoss, build_loss
+from .timing import TimeEstimate, estimate
 
 __all__ = [
     "DEFAULTS",
@@ -86,6 +87,7 @@ __all__ = [
     "heldout_benchmark",
     "validate",
     "is_better",
+    "kept_epoch_summary",
     "train",
 ]
 
@@ -388,13 +390,17 @@ def _prepare_validation(run: _Run) -> None:
     if vc is None:
         return
     if vc.split is not None:
-        split = split_classes if vc.split_by == "classes" else split_images
-        run.data, held = split(run.data, vc.split, np.random.default_rng([run.cfg.seed, 7]))
+        sp = split_for_validation(run.data, vc.split, vc.split_by, np.random.default_rng([run.cfg.seed, 7]))
+        run.data, held = sp.train, sp.held
         run.bench = heldout_benchmark(held)
         run.setup["validation"] = {"heldout_classes": held.n_clusters, "heldout_images": len(held.paths),
-                                   "train_classes": run.data.n_clusters, "train_images": len(run.data.paths)}
+                                   "train_classes": run.data.n_clusters, "train_images": len(run.data.paths),
+                                   "split_by": sp.split_by}
+        if sp.note:
+            run.setup["validation"]["note"] = sp.note
+            run.say(sp.note)
         run.say(f"validation: {len(held.paths)} images of {held.n_clusters} classes held out of training "
-                f"(split by {vc.split_by})")
+                f"(split by {sp.split_by})")
     else:
         run.bench = _gnd_benchmark(vc)
 
@@ -563,7 +569,8 @@ def _save(run: _Run, epoch: int) -> None:
         save_checkpoint(run.out / f"epoch_{epoch:03d}.pt", ckpt)
     if run.cfg.validation is None or run.best["epoch"] == epoch:
         _save_model(run)
-    atomic_write_json(run.out / "history.json", {"setup": run.setup, "history": run.history, "best": run.best})
+    atomic_write_json(run.out / "history.json", jsonable({"setup": run.setup, "history": run.history,
+                                                          "best": run.best}))
 
 
 def _save_model(run: _Run) -> None:
@@ -571,6 +578,78 @@ def _save_model(run: _Run) -> None:
 
     if hasattr(run.model, "describe"):
         save_model(run.model, run.out / "model.pt")
+
+
+def _probe_step_seconds(run: _Run, repeats: int = 2) -> float:
+    """Seconds of one training step (forward + backward of ``batch_tuples`` tuples, as in
+    :func:`_train_epoch`), measured on random tuples of the training images without changing anything:
+    eval mode (no BN statistics move), gradients dropped, no optimiser step, its own random numbers.
+    The fastest of ``repeats`` (the first one warms up)."""
+    cfg, data = run.cfg, run.data
+    rng = np.random.default_rng([cfg.seed, 99])
+    bt, k = cfg.optim.batch_tuples, min(cfg.mining.negatives, data.n_clusters - 1)
+    tuples = []
+    for _ in range(bt):
+        s = int(rng.integers(len(data.queries)))
+        q, cands = int(data.queries[s]), data.positives[s]
+        others = np.flatnonzero(data.clusters != data.clusters[q])
+        negs = rng.choice(others, size=k, replace=len(others) < k).tolist() if k > 0 else []
+        tuples.append([q, int(cands[rng.integers(len(cands))]), *negs])
+    ds = TupleDataset(data, np.asarray(tuples), run.size, run.model.mean, run.model.std, augment=cfg.data.augment,
+                      seed=cfg.seed * 100_003 + 99_991)
+    was_training = run.model.training
+    run.model.eval()
+    best = float("inf")
+    try:
+        for _ in range(max(1, repeats)):
+            t0 = time.perf_counter()
+            items = [ds[i] for i in range(len(ds))]
+            x = torch.stack([it[0] for it in items]).to(run.device)
+            clusters = torch.stack([it[1] for it in items]).to(run.device)
+            b, t = x.shape[:2]
+            with _autocast(run.device, cfg.bf16):
+                emb = run.model(x.flatten(0, 1)).float().view(b, t, -1)
+            loss = _tuple_loss(run.loss_fn, emb, clusters)
+            if loss.requires_grad:
+                loss.backward()
+            if run.device.type == "cuda":
+                torch.cuda.synchronize(run.device)
+            best = min(best, time.perf_counter() - t0)
+    finally:
+        run.opt.zero_grad(set_to_none=True)
+        run.model.train(was_training)
+    return best
+
+
+def _estimate(run: _Run, validation_s: float | None) -> TimeEstimate:
+    """The time of the epochs still to run (:func:`cbir.training.timing.estimate`) from a probe of real
+    steps, the mining speed and the validation pass (``validation_s`` as timed; None: scaled)."""
+    cfg = run.cfg
+    n = len(run.data.paths)
+    idx = np.arange(min(n, 8))
+    rng_state = torch.get_rng_state()  # measuring draws no random number the training would have drawn
+    cuda_state = torch.cuda.get_rng_state(run.device) if run.device.type == "cuda" else None
+    try:
+        run.embed(idx)  # warm-up
+        t0 = time.perf_counter()
+        run.embed(idx)
+        embed_s = (time.perf_counter() - t0) / max(1, len(idx))
+        step_s = _probe_step_seconds(run)
+    finally:
+        torch.set_rng_state(rng_state)
+        if cuda_state is not None:
+            torch.cuda.set_rng_state(cuda_state, run.device)
+    mc, bt = cfg.mining, cfg.optim.batch_tuples
+    steps = min(mc.queries_per_epoch, len(run.data.queries)) // (bt * run.world)
+    mining_images = min(n, min(mc.queries_per_epoch, len(run.data.queries)) + min(mc.pool_size, n))
+    vc = cfg.validation
+    measured = validation_s is not None
+    if vc is not None and validation_s is None:
+        held = len(run.bench.db_paths) + len(run.bench.query_paths) if run.bench is not None else 0
+        validation_s = embed_s * held * (vc.imsize / run.size) ** 2 * sum(float(x) ** 2 for x in vc.scales)
+    return estimate(epochs=cfg.optim.epochs - run.start, steps_per_epoch=steps, step_s=step_s,
+                    mining_images=mining_images, embed_s=embed_s, validation_s=validation_s or 0.0,
+                    every=vc.every if vc is not None else None, validation_measured=measured)
 
 
 def _stop_early(run: _Run) -> bool:
@@ -587,9 +666,40 @@ def _finish(run: _Run) -> dict:
         cur = run.best["epoch"]
         if run.history and cur != run.history[-1]["epoch"]:
             run.model.load_state_dict(run.best_state)
-            run.say(f"best validated epoch: {cur} ({run.cfg.validation.metric} mAP {run.best['score']:.2f})")
+    kept = kept_epoch_summary(run.history, run.best, run.cfg.validation.metric if run.cfg.validation else None)
+    if run.main:
+        run.say(kept)
     return {"history": run.history, "out": str(run.out), "model": run.model, "setup": run.setup,
-            "best": dict(run.best)}
+            "best": dict(run.best), "kept": kept}
+
+
+def kept_epoch_summary(history: list[dict], best: dict, metric: str | None) -> str:
+    """The best-epoch rule's outcome in plain words, e.g. "kept epoch 0 (the starting model): fine-tuning
+    did not improve the held-out photos (medium mAP 71.2 at the start, 70.8 at best after training)" or
+    "kept epoch 3 of 5: held-out Medium mAP 71.2 -> 73.0". ``metric`` None: no validation."""
+    last = max((int(r["epoch"]) for r in history), default=0)
+    if metric is None:
+        return f"no validation: kept the last epoch ({last})"
+    scores = {int(r["epoch"]): float(r["val"][metric]) for r in history if isinstance(r.get("val"), dict)
+              and metric in r["val"]}
+    name = metric.capitalize()
+    b = best.get("epoch")
+    if b is None:
+        return f"kept the last epoch ({last}): no validation gave a finite {name} mAP"
+    start = scores.get(0)
+    trained = [v for e, v in scores.items() if e > 0]
+    finite = [v for v in trained if v == v]
+    if b == 0:
+        if not trained:
+            return (f"kept epoch 0 (the starting model): no epoch was trained and validated "
+                    f"(held-out {name} mAP {start:.1f})")
+        after = (f"{max(finite):.1f} at best after training" if finite
+                 else "no finite figure after training: the network diverged")
+        return (f"kept epoch 0 (the starting model): fine-tuning did not improve the held-out photos "
+                f"({name} mAP {start:.1f} at the start, {after})")
+    if start is None or start != start:
+        return f"kept epoch {b} of {last}: held-out {name} mAP {scores[b]:.1f} (the start was not validated)"
+    return f"kept epoch {b} of {last}: held-out {name} mAP {start:.1f} -> {scores[b]:.1f}"
 
 
 def train(
@@ -599,12 +709,18 @@ def train(
     model: nn.Module | None = None,
     progress: bool = False,
     log: Callable[[str], None] | None = None,
+    estimate_only: bool = False,
 ) -> dict:
     """Run a training described by ``config`` (a :class:`TrainConfig` or its plain-data form).
 
     ``model`` replaces ``config.model`` (a RetrievalNet-like module with ``pool``, ``mean``,
     ``std``, ``set_whitening``). Returns {"history": [per-epoch dicts], "out": folder, "model": the
-    trained module (unwrapped; the best validated epoch when there is validation), "setup", "best"}.
+    trained module (unwrapped; the best validated epoch when there is validation), "setup", "best",
+    "kept" (the best-epoch rule's outcome in words, :func:`kept_epoch_summary`), "estimate" (the
+    time estimate made before the first epoch, :class:`cbir.training.timing.TimeEstimate` as a dict)}.
+    Before training, the estimate (measured on a few real steps, the mining speed and the first
+    validation pass) goes to ``log`` with the config keys that shorten it; ``estimate_only`` stops
+    there (nothing trained; the returned model is the start).
     """
     cfg = TrainConfig.from_dict(config)
     missing = missing_inputs(cfg, resume=resume)
@@ -616,12 +732,21 @@ def train(
     try:
         run = _setup(cfg, model, resume, progress, log or (lambda _msg: None), (rank, world, device))
         vc = cfg.validation
+        val_s = None
         if vc is not None and vc.before and run.start == 0:
             rec: dict[str, Any] = {"epoch": 0}
+            t0 = time.perf_counter()
             _validate(run, rec)
+            val_s = time.perf_counter() - t0
             if run.main:
                 _record(run, rec)
                 _save_model(run)  # the start is the best so far
+        timing = None
+        if run.main and run.start < cfg.optim.epochs:
+            timing = _estimate(run, val_s)
+            run.say(timing.text(cfg))
+        if estimate_only:
+            return {**_finish(run), "estimate": timing.to_dict() if timing else None}
         for epoch in range(run.start, cfg.optim.epochs):
             t0 = time.time()
             tuples = _mine(run, epoch)
@@ -636,7 +761,7 @@ def train(
             if _stop_early(run):
                 run.say(f"early stop: no better validation in {vc.patience} validations")
                 break
-        return _finish(run)
+        return {**_finish(run), "estimate": timing.to_dict() if timing else None}
     finally:
         if started:
             dist.destroy_process_group()
