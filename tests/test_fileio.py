@@ -92,8 +92,6 @@ def test_atomic_write_json_refuses_what_json_cannot_say(tmp_path, bad):
     """NaN/inf would make invalid JSON (strict readers refuse it): refused, nothing written, the old file kept."""
     import json
 
-    from cbir.fileio import atomic_write_json
-
     path = tmp_path / "x.json"
     atomic_write_json(path, {"a": [1.5, None]})
     with pytest.raises(ValueError, match=r"x.json: not written: .*NaN/inf are not JSON"):
