@@ -30,7 +30,8 @@ from ..device import autocast, resolve_device
 from .batching import batch_defaults, iter_batches, prefetched, prepare_model
 from .images import MIN_SIDE, Box, label, scaled_size
 
-__all__ = ["DEFAULT_SCALES", "ExtractResult", "extract", "describe", "combine_scales", "rescale", "check_scales"]
+__all__ = ["DEFAULT_SCALES", "ExtractResult", "extract", "describe", "pyramid", "combine_scales", "rescale",
+           "check_scales"]
 
 DEFAULT_SCALES = (1.0, 1.0 / math.sqrt(2.0), 0.5)
 
@@ -72,14 +73,21 @@ def rescale(x: torch.Tensor, scale: float, min_side: int = MIN_SIDE) -> torch.Te
     return F.interpolate(x, size=(hs, ws), mode="bilinear", align_corners=False, antialias=True)
 
 
+def pyramid(x: torch.Tensor, scales: Sequence[float]) -> list[torch.Tensor]:
+    """``x`` at every scale (:func:`rescale`): what :func:`describe` runs the network on."""
+    return [rescale(x, s) for s in scales]
+
+
 def describe(model, x: torch.Tensor, scales: Sequence[float], p: float, *,
-             pool: Callable[[torch.Tensor], torch.Tensor] | None = None, channels_last: bool = True) -> torch.Tensor:
+             pool: Callable[[torch.Tensor], torch.Tensor] | None = None, channels_last: bool = True,
+             scaled: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
     """(B,3,H,W) normalised images -> (B,D) float32 descriptors: every scale (:func:`rescale`) through
-    ``pool`` (default ``model.pool``), combined by :func:`combine_scales` with exponent ``p``, then ``model.head``."""
+    ``pool`` (default ``model.pool``), combined by :func:`combine_scales` with exponent ``p``, then ``model.head``.
+    ``scaled``: :func:`pyramid` of ``x`` already computed (e.g. in the decoding thread)."""
     pool = model.pool if pool is None else pool
     per_scale = []
-    for s in scales:
-        xs = rescale(x, s)
+    for i, s in enumerate(scales):
+        xs = rescale(x, s) if scaled is None else scaled[i]
         if channels_last:
             xs = xs.contiguous(memory_format=torch.channels_last)
         per_scale.append(pool(xs).float())
@@ -123,8 +131,8 @@ def extract(
     ``decode``: "auto" (= "cuda" on a CUDA device: JPEGs decoded on the GPU; else "cpu"), "cpu", "cuda".
     ``backend``: "auto" (ONNX Runtime fp32 on the CPU where installed, else torch; see
     :func:`cbir.extraction.backends.resolve_backend`), "torch", "onnxruntime", "openvino".
-    ``prefetch``: on the CPU without decoding workers, decode the next batch in a thread while this one
-    is described.
+    ``prefetch``: on the CPU without decoding workers, decode the next batch and resize it to every scale
+    in a thread while this one is described (same descriptors).
     ``on_progress(n)`` is called with the number of images just described. The model is left on
     ``device`` (in channels_last when that is on) and in the train/eval mode it came in.
     """
@@ -159,12 +167,14 @@ def extract(
         batches = iter_batches(paths=paths, bboxes=bboxes, imsize=imsize, mean=model.mean, std=model.std,
                                batch_size=batch_size, workers=workers, failed=failed_idx, strict=strict,
                                pin=dev.type == "cuda", decode=decode, device=dev)
-        if workers == 0 and dev.type == "cpu" and prefetch:
-            batches = prefetched(batches)
+        ahead = workers == 0 and dev.type == "cpu" and prefetch
+        if ahead:  # decoding, normalising and every scale's resize of the next batch run in a thread
+            batches = prefetched((idx, x, pyramid(x, scales)) for idx, x in batches)
         with torch.inference_mode(), autocast(dev, amp if backend == "torch" else "fp32"):
-            for idx, x in batches:
-                v = describe(model, x.to(dev, non_blocking=True), scales, p, pool=pool,
-                             channels_last=channels_last).cpu().numpy()
+            for item in batches:
+                idx, x = item[0], item[1]
+                v = describe(model, x.to(dev, non_blocking=True), scales, p, pool=pool, channels_last=channels_last,
+                             scaled=item[2] if ahead else None).cpu().numpy()
                 for j, i in enumerate(idx):
                     out[i] = v[j]
                 if bar is not None:
