@@ -92,7 +92,7 @@ class TimedH11Protocol(H11Protocol):
             cycle.message_event.set()
         seconds = self.header_timeout if phase == "headers" else self.body_timeout
         client = "%s:%s" % self.client if self.client else "a client"
-        self.logger.info("%s - connection closed: the request %s did not arrive within %g s", client, phase, seconds)
+        self.logger.warning("%s - connection closed: the request %s did not arrive within %g s", client, phase, seconds)
         if cycle is None or not cycle.response_started:
             self.transport.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain; charset=utf-8\r\n"
                                  b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(TIMEOUT_BODY), TIMEOUT_BODY))
