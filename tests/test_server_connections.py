@@ -275,8 +275,9 @@ def test_headers_growing_past_the_size_limit_are_refused(demo_index):
 def test_limits_refuse_bad_values_naming_the_field(field, value):
     from cbir.server import ConnectionLimits
 
-    with pytest.raises(ValueError, match=field):
+    with pytest.raises(ValueError, match=field) as exc:
         ConnectionLimits(**{field: value})
+    assert exc.value.field == field
 
 
 def test_uvicorn_config_carries_the_limits():

@@ -67,7 +67,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="connections served at once; a request arriving while more are open gets 503 "
                         f"(default: {d.max_connections})")
     c.add_argument("--max-header-kb", type=float, default=d.max_header_bytes / 1024, metavar="KB",
-                   help=f"largest request line + headers in KB, else 400 (default: {d.max_header_bytes // 1024})")
+                   help="a request line + headers still incomplete past this many KB is refused with 400 "
+                        f"(default: {d.max_header_bytes // 1024})")
     c.add_argument("--shutdown-timeout", type=float, default=d.shutdown_timeout, metavar="S",
                    help="on Ctrl+C / SIGTERM, seconds running requests get before they are cancelled "
                         f"(default: {d.shutdown_timeout:g})")
@@ -81,17 +82,17 @@ FLAGS = {"header_timeout": "--header-timeout", "body_timeout": "--body-timeout",
 
 def connection_limits(args: argparse.Namespace):
     """The :class:`cbir.server.ConnectionLimits` of the command line; CLIError naming the flag when one is bad."""
-    from ..server import ConnectionLimits
+    from ..server.connections import ConnectionLimits, LimitError
 
-    values = {"header_timeout": args.header_timeout, "body_timeout": args.body_timeout, "keep_alive": args.keep_alive,
-              "max_connections": args.max_connections, "shutdown_timeout": args.shutdown_timeout}
-    for name, value in values.items():
-        if not math.isfinite(value) or value <= 0:
-            raise CLIError(f"{FLAGS[name]} must be a positive number, got {value:g}")
     kb = args.max_header_kb
-    if not math.isfinite(kb) or kb <= 0 or kb > 1024 * 1024:
-        raise CLIError(f"--max-header-kb must be a positive number of KB, got {kb:g}")
-    return ConnectionLimits(**values, max_header_bytes=max(1, round(kb * 1024)))
+    try:
+        return ConnectionLimits(header_timeout=args.header_timeout, body_timeout=args.body_timeout,
+                                keep_alive=args.keep_alive, max_connections=args.max_connections,
+                                max_header_bytes=max(1, round(kb * 1024)) if math.isfinite(kb) and kb > 0 else kb,
+                                shutdown_timeout=args.shutdown_timeout)
+    except LimitError as exc:
+        shown = kb if exc.field == "max_header_bytes" else getattr(args, exc.field)
+        raise CLIError(f"{FLAGS[exc.field]} must be a positive number, got {shown:g}") from None
 
 
 def bind_socket(host: str, port: int) -> socket.socket:

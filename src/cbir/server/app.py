@@ -14,7 +14,8 @@ Safety: request bodies over ``Limits.max_request_bytes`` are refused (413) from 
 Content-Length header or while streaming; the Host header must be an allowed name (400,
 ``security.HostCheck``); writes are guarded (``routes.write_access``). Images are served by id
 only, from the paths recorded in the index's database: no request names a file, so none can
-reach outside the index.
+reach outside the index. Slow clients (header and body timeouts) and the number of connections
+are the server's business: ``cbir.server.connections``.
 """
 
 from __future__ import annotations

@@ -29,10 +29,17 @@ class ConnectionLimits:
         for f in fields(self):
             value = getattr(self, f.name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-                raise ValueError(f"connection limit {f.name} must be a positive finite number, got {value!r}")
-        for name in ("max_connections", "max_header_bytes"):
-            if int(getattr(self, name)) != getattr(self, name):
-                raise ValueError(f"connection limit {name} must be a whole number, got {getattr(self, name)!r}")
+                raise LimitError(f.name, f"must be a positive finite number, got {value!r}")
+            if f.name in ("max_connections", "max_header_bytes") and int(value) != value:
+                raise LimitError(f.name, f"must be a whole number, got {value!r}")
+
+
+class LimitError(ValueError):
+    """A bad :class:`ConnectionLimits` value; ``field`` names it."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"connection limit {field} {problem}")
+        self.field, self.problem = field, problem
 
 
 def uvicorn_config(app: Any, host: str, port: int, limits: ConnectionLimits | None = None, **kw: Any):
