@@ -26,7 +26,7 @@ import pytest
 
 httpx = pytest.importorskip("httpx")
 
-CLIENTS, SOAK_S, MAX_GROWTH = 30, 25.0, 0.10
+CLIENTS, SOAK_S, MAX_GROWTH = 30, 20.0, 0.10
 
 
 def rss_mb(pid: int) -> float:
