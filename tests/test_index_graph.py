@@ -7,7 +7,7 @@ import pytest
 
 from cbir.index import Index
 from cbir.rerank.diffusion import PAPER, DiffusionParams, knn_graph
-from cbir.rerank.options import Rerank
+from cbir.rerank import Rerank
 
 
 def clustered(n: int, dim: int, clusters: int, seed: int = 0, spread: float = 0.6) -> np.ndarray:

@@ -136,15 +136,55 @@ def load_error_reason(exc: BaseException) -> str:
     return f"damaged or not a PyTorch file ({first})"
 
 
-def read_json(path: str | os.PathLike[str], what: str = "file") -> Any:
-    """Read JSON, turning a missing or damaged file into a clear error naming it."""
+#: Default bounds of :func:`read_json`: file size, and nesting depth of objects / lists.
+MAX_JSON_BYTES = 64 << 20
+MAX_JSON_DEPTH = 32
+
+
+def json_depth(data: bytes) -> int:
+    """Deepest nesting of objects / lists in the JSON text ``data``, counted without parsing it
+    (vectorised over the quotes, backslashes and brackets only; brackets inside strings do not
+    count); 0 for a scalar."""
+    b = np.frombuffer(data, dtype=np.uint8)
+    special = np.flatnonzero((b == 34) | (b == 92) | (b == 91) | (b == 93) | (b == 123) | (b == 125))
+    if special.size == 0:
+        return 0
+    ch = b[special]
+    i = np.arange(special.size)
+    backslash = ch == 92
+    # element i continues a run of backslashes when the character just before it is one of them
+    cont = np.zeros(special.size, bool)
+    cont[1:] = backslash[:-1] & (special[:-1] == special[1:] - 1)
+    run_start = np.maximum.accumulate(np.where(cont, 0, i))
+    quote = (ch == 34) & ((i - run_start) % 2 == 0)  # preceded by an even number of backslashes
+    outside = (np.cumsum(quote, dtype=np.int64) % 2 == 0) & ~quote
+    step = np.where(outside & ((ch == 91) | (ch == 123)), 1, 0) - np.where(outside & ((ch == 93) | (ch == 125)), 1, 0)
+    return int(np.cumsum(step, dtype=np.int64).max(initial=0))
+
+
+def read_json(path: str | os.PathLike[str], what: str = "file", *, max_bytes: int = MAX_JSON_BYTES,
+              max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """Read JSON, turning a missing, damaged, too large or too deeply nested file into one clear line
+    naming it (FileNotFoundError / FormatError). Size and depth are checked before parsing, so a
+    crafted file can neither exhaust memory nor make the parser recurse (RecursionError)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} not found: {path}")
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise FormatError(f"{what} {path} is too large ({size} bytes; at most {max_bytes} are read)")
+    data = path.read_bytes()[:max_bytes + 1]
+    if len(data) > max_bytes:
+        raise FormatError(f"{what} {path} is too large (more than {max_bytes} bytes)")
+    depth = json_depth(data)
+    if depth > max_depth:
+        raise FormatError(f"{what} {path} is nested {depth} levels deep (at most {max_depth}): damaged or not a cbir file")
     try:
-        return json.loads(path.read_text())
+        return json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise FormatError(f"{what} {path} is damaged or not JSON: {exc}") from exc
+    except RecursionError as exc:  # cannot happen after the depth check; kept as a last guard
+        raise FormatError(f"{what} {path} is nested too deeply") from exc
 
 
 def check_format(

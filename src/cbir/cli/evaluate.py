@@ -58,7 +58,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     out.add_argument("--plot", metavar="FILE.png", help="PNG of each query's top-10: positive/negative/junk marked")
     out.add_argument("--plot-queries", type=int, default=20, metavar="N", help="at most N queries in --plot (default 20)")
     out.add_argument("--quiet", action="store_true", help="no progress bars")
-    from ..rerank.options import add_arguments as add_rerank_arguments
+    from .rerank_options import add_arguments as add_rerank_arguments
 
     add_rerank_arguments(p)
     p.set_defaults(func=handler)
@@ -104,7 +104,7 @@ def handler(args: argparse.Namespace) -> int:
     from ..fileio import atomic_write_json
     from ..pipeline import default_cache_dir, describe, lookup, score
     from ..report import format_table, jsonable, plot_top10
-    from ..rerank.options import settings_from_args
+    from .rerank_options import settings_from_args
 
     if args.images and args.features:
         raise CLIError("give either --images or --features, not both")
