@@ -181,7 +181,7 @@ def read_json(path: str | os.PathLike[str], what: str = "file", *, max_bytes: in
         raise FormatError(f"{what} {path} is nested {depth} levels deep (at most {max_depth}): damaged or not a cbir file")
     try:
         return json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError, an integer of > 4300 digits
         raise FormatError(f"{what} {path} is damaged or not JSON: {exc}") from exc
     except RecursionError as exc:  # cannot happen after the depth check; kept as a last guard
         raise FormatError(f"{what} {path} is nested too deeply") from exc
@@ -227,7 +227,10 @@ def load_stamped_npz(path: str | os.PathLike[str], kind: str, supported: tuple[i
         with np.load(path, allow_pickle=False) as z:
             if "meta" not in z.files:
                 raise FormatError(f"{path} is not a {what} file (no meta)")
-            meta = json.loads(str(z["meta"]))
+            text = str(z["meta"]).encode()
+            if len(text) > MAX_JSON_BYTES or json_depth(text) > MAX_JSON_DEPTH:
+                raise FormatError(f"{path}: the meta of this {what} file is too large or too deeply nested")
+            meta = json.loads(text)
             check_format(meta, kind, supported, path, what)
             arrays = {k: z[k] for k in z.files if k != "meta"}
     except FormatError:

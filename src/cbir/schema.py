@@ -107,7 +107,10 @@ def Float(ge: float | None = None, le: float | None = None, gt: float | None = N
     def check(v: Any) -> float:
         if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)):
             raise _fail(want, v)
-        f = float(v)
+        try:
+            f = float(v)
+        except OverflowError:  # an integer beyond any float
+            raise _fail(want, v) from None
         if not math.isfinite(f) or not _in_range(f, ge, gt, le, lt):
             raise _fail(want, v)
         return f
@@ -140,30 +143,32 @@ def _hex64(v: Any) -> str:
     return v
 
 
-def _json_value(v: Any, depth: int = 0) -> Any:
+def plain_json(v: Any, depth: int = 0) -> Any:
     """Plain JSON data (objects with string keys, lists, strings, finite numbers, booleans, null)."""
     if v is None or isinstance(v, (str, bool)):
         return v
-    if isinstance(v, (int, float, np.integer, np.floating)):
+    if isinstance(v, (int, np.integer)):
+        return v
+    if isinstance(v, (float, np.floating)):
         if not math.isfinite(float(v)):
             raise _fail("a finite number", v)
         return v
     if depth > 32:
         raise _fail("JSON data nested at most 32 deep", "...")
     if isinstance(v, (list, tuple)):
-        return [_json_value(x, depth + 1) for x in v]
+        return [plain_json(x, depth + 1) for x in v]
     if isinstance(v, dict):
         for key in v:
             if not isinstance(key, str):
                 raise _fail("an object with string keys", key)
-        return {k: _json_value(x, depth + 1) for k, x in v.items()}
+        return {k: plain_json(x, depth + 1) for k, x in v.items()}
     raise _fail("plain JSON data", v)
 
 
 def _json_object(v: Any) -> dict[str, Any]:
     if not isinstance(v, dict):
         raise _fail("a JSON object", v)
-    return _json_value(v)
+    return plain_json(v)
 
 
 Bool = Annotated[bool, BeforeValidator(_bool)]
@@ -171,7 +176,7 @@ Str = Annotated[str, BeforeValidator(_str)]
 FileName = Annotated[str, BeforeValidator(_file_name)]
 Sha256 = Annotated[str, BeforeValidator(_hex64)]
 #: Any plain JSON value (finite numbers only), for free-form informational fields.
-JsonValue = Annotated[Any, BeforeValidator(_json_value)]
+JsonValue = Annotated[Any, BeforeValidator(plain_json)]
 #: A JSON object of plain JSON values (finite numbers only).
 JsonObject = Annotated[dict[str, Any], BeforeValidator(_json_object)]
 

@@ -33,7 +33,7 @@ from pydantic_core import PydanticCustomError
 
 from ..fileio import FormatError, atomic_write_json, sha256_file
 from ..schema import MAX_DIM, FileName, Float, Int, JsonObject, Schema, Sha256, load_schema, show
-from ..whitening import Whitening, learn_pca_whitening
+from ..whitening import MAX_POWER, Whitening, learn_pca_whitening
 from .compose import Rerank
 
 #: Recipes shipped with cbir, loadable by name (``--recipe holidays805-lite0``).
@@ -43,10 +43,6 @@ INDEX_RECIPE = "recipe.json"
 FORMAT = "recipe"
 FORMAT_VERSION = 1
 WHITENING_METHODS = ("none", "pca", "lw")
-
-
-#: Largest eigenvalue power of a PCA whitening in a recipe (1 = full whitening).
-MAX_POWER = 2.0
 
 
 class WhiteningSpec(Schema):
