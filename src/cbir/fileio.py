@@ -125,15 +125,25 @@ def sha256_file(path: str | os.PathLike[str], block: int = 1 << 22) -> str:
 
 def load_error_reason(exc: BaseException) -> str:
     """One line saying why a safe load (``torch.load(weights_only=True)``, a restricted unpickler)
-    refused or failed, without torch's advice to load the file unsafely."""
+    refused or failed, without torch's advice to load the file unsafely (``weights_only=False``,
+    "if you trust the source", add_safe_globals): that advice is never repeated to the user."""
     import re
 
     text = str(exc)
-    m = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    m = re.search(r"[Uu]nsupported (?:global: )?GLOBAL (\S+)", text)
     if m:
         return f"it holds a Python object ({m.group(1)}) that a data file may not (refused: loading it could run code)"
-    first = next((ln.strip() for ln in text.splitlines() if ln.strip()), type(exc).__name__)
-    return f"damaged or not a PyTorch file ({first})"
+    if isinstance(exc, EOFError):
+        return "empty or truncated"
+    advice = re.compile(r"weights_only|trust|arbitrary code|safe_globals|can still be loaded|file an issue|"
+                        r"documentation|re-running|pytorch\.org", re.IGNORECASE)
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", ln).strip() for ln in text.splitlines()]
+    facts = [ln for ln in lines if ln and not advice.search(ln) and not ln.lower().startswith("weights only load failed")
+             and not ln.startswith("(")]
+    if "weights only load failed" in text.lower():
+        return f"it holds pickled data that a safe load refuses ({facts[0] if facts else 'not plain tensors'})"
+    first = (facts[0] if facts else type(exc).__name__).split(". ")[0]
+    return f"damaged or not a PyTorch file ({first[:200]})"
 
 
 #: Default bounds of :func:`read_json`: file size, and nesting depth of objects / lists.
