@@ -29,7 +29,7 @@ from pydantic_core import PydanticCustomError
 
 from .fileio import FormatError, atomic_save_npy, atomic_write_json, check_format, read_json
 from .linalg import l2_normalize  # noqa: F401  (re-exported; the function lives in cbir.linalg)
-from .schema import MAX_DIM, MAX_ROWS, FileName, Float, Int, JsonObject, Schema, Str, plain_json
+from .schema import MAX_DIM, MAX_ROWS, FileName, Float, Int, JsonObject, Schema, Str, field_name, plain_json
 
 FORMAT = "descriptors"
 FORMAT_VERSION = 1
@@ -112,16 +112,20 @@ class DescriptorMeta(Schema):
                     try:
                         plain_json(value)
                     except PydanticCustomError as exc:
-                        raise PydanticCustomError("cbir", "{key}: {problem}", {"key": key, "problem": exc.message()}) from None
+                        raise PydanticCustomError("cbir", "{key}: {problem}",
+                                                  {"key": field_name(key), "problem": exc.message()}) from None
         return data
 
-    @model_validator(mode="after")
-    def _layout(self) -> "DescriptorMeta":
-        if self.format_version == 1 and self.ids is None:
-            raise PydanticCustomError("cbir", "ids: is missing (format_version 1 lists the ids in meta.json)")
-        if self.format_version == 2 and self.shards is None:
-            raise PydanticCustomError("cbir", "shards: is missing (format_version 2 lists its shards)")
-        return self
+    @model_validator(mode="before")
+    @classmethod
+    def _layout(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            key = {1: "ids", 2: "shards"}.get(data.get("format_version"))
+            if key is not None and data.get(key) is None:
+                what = "is missing" if key not in data else "must be a list (got null)"
+                raise PydanticCustomError("cbir", "{key}: {what} (format_version {v} lists its {key} in meta.json)",
+                                          {"key": key, "what": what, "v": data["format_version"]})
+        return data
 
 
 

@@ -20,6 +20,7 @@ ONE line naming where and the field: ``recipe x.json: rerank.qe: must be an inte
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from pathlib import Path
@@ -50,16 +51,21 @@ class SchemaError(FormatError):
         first = errors[0] if errors else ("", "invalid")
         text = f"{first[0]}: {first[1]}" if first[0] else first[1]
         more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
-        super().__init__(f"{where}: {text}{more}" if where else text + more)
+        line = f"{where}: {text}{more}" if where else text + more
+        super().__init__(" ".join(line.splitlines()))  # one line, whatever a key or a path holds
 
 
 def show(value: Any, limit: int = 60) -> str:
-    """A short printable form of a bad value, for the ``(got ...)`` of a message."""
-    if isinstance(value, float):
-        text = repr(value)
-    elif isinstance(value, (dict, list)):
-        text = type(value).__name__ + (" of " + str(len(value)) + (" keys" if isinstance(value, dict) else " items"))
-    else:
+    """A short printable form of a bad value for the ``(got ...)`` of a message, in JSON notation
+    (``"abc"``, ``true``, ``null``, ``NaN``, ``1e+30``) since most come from JSON files."""
+    if isinstance(value, (dict, list, tuple)):
+        n = len(value)
+        return f"an object of {n} keys" if isinstance(value, dict) else f"a list of {n} items"
+    if isinstance(value, (np.integer, np.floating, np.bool_)):
+        value = value.item()
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
         text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
@@ -207,8 +213,15 @@ def _problem(err: dict) -> str:
     return msg
 
 
+def field_name(part: Any) -> str:
+    """One part of a field path as printed: a key with unprintable characters in JSON quotes."""
+    text = str(part)
+    return text if text.isprintable() and text else json.dumps(text)
+
+
 def _field(loc: tuple) -> str:
-    return ".".join(str(p) for p in loc if not (isinstance(p, str) and ("[" in p or "(" in p)))
+    return ".".join(field_name(p) for p in loc
+                    if not (isinstance(p, str) and p.startswith(("function-", "nullable[", "union[", "list[", "dict[", "[key]"))))
 
 
 def error_list(exc: ValidationError) -> list[tuple[str, str]]:
