@@ -100,3 +100,15 @@ def test_search_rerank_does_not_copy_the_matrix(monkeypatch):
     np.testing.assert_allclose([[h.score for h in row] for row in hits], np.take_along_axis(scores, want, 1),
                                rtol=1e-4, atol=1e-5)
     assert [row[0].id for row in hits] == [0, 1]
+
+
+def test_graph_k_out_of_range_is_refused_before_any_work():
+    """A k the manifest could not record (above MAX_NEIGHBOURS, a float, a bool) fails at once."""
+    from cbir.schema import MAX_NEIGHBOURS
+
+    idx = Index(8)
+    idx.add(clustered(20, 8, 2), [str(i) for i in range(20)])
+    for k in (0, MAX_NEIGHBOURS + 1, 2.5, True):
+        with pytest.raises(ValueError, match="graph k must be an integer"):
+            idx.build_graph(k)
+    assert idx.graph is None

@@ -217,6 +217,10 @@ class Index:
             from ..rerank.diffusion import DiffusionParams
 
             k = DiffusionParams().k
+        from ..schema import MAX_NEIGHBOURS
+
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= int(k) <= MAX_NEIGHBOURS:
+            raise ValueError(f"graph k must be an integer in [1, {MAX_NEIGHBOURS}], got {k!r}")
         with self.lock.write():
             self.graph = KnnGraph.build(self.store.vectors, self.store.ids, int(k), exact_max=exact_max)
             self._affinity.clear()
