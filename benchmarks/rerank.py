@@ -28,7 +28,6 @@ baseline of the same run.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
