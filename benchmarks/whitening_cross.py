@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from cbir.datasets import from_gnd_file
-from cbir.rerank.options import Rerank
+from cbir.rerank import Rerank
 from cbir.rerank.recipe import Recipe, WhiteningSpec
 from cbir.rerank.tune import Grid, LabelledSet, _learn, tune
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 import time
 from importlib.metadata import version
 from pathlib import Path
@@ -52,11 +53,23 @@ def test_offline_weights_fail_fast_with_one_line(tmp_path, capsys, monkeypatch):
 
     from cbir import backbones
 
-    monkeypatch.setattr(backbones, "hub_reachable", lambda *a, **k: False)
+    probes, offline_at_load, connects, sleeps = [], [], [], []
+    monkeypatch.setattr(backbones, "hub_reachable", lambda *a, **k: probes.append(a) or False)
     monkeypatch.setattr(hf, "HF_HUB_CACHE", str(tmp_path / "hf-empty"))
-    t0 = time.perf_counter()
+    real_net = backbones._timm_net
+
+    def timm_net(arch, pretrained):
+        offline_at_load.append(hf.HF_HUB_OFFLINE)
+        return real_net(arch, pretrained)
+
+    monkeypatch.setattr(backbones, "_timm_net", timm_net)
+    real_connect = socket.socket.connect
+    monkeypatch.setattr(socket.socket, "connect",
+                        lambda self, addr: connects.append(addr) or real_connect(self, addr))
+    monkeypatch.setattr(time, "sleep", lambda s: sleeps.append(s))  # the hub client's back-off would sleep
     rc, _, err = run(capsys, "extract", PHOTOS[0], "--out", tmp_path / "x", "--model", "resnet10t")
-    assert time.perf_counter() - t0 < 20
+    assert len(probes) == 1 and offline_at_load == [True]  # one probe, then the hub client is offline
+    assert connects == [] and sleeps == []  # so it neither connects nor retries
     assert rc == 2 and "could not download pretrained weights" in err and "--weights FILE" in err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert hf.HF_HUB_OFFLINE is False  # restored

@@ -12,7 +12,7 @@ from cbir.pipeline import describing
 from cbir.descriptors import Descriptors
 from cbir.evaluation import evaluate_revisitop
 from cbir.model import ModelSpec, build_model
-from cbir.rerank.options import Rerank
+from cbir.rerank import Rerank
 from conftest import toy_benchmark
 
 

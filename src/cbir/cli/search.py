@@ -43,7 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--nprobe", type=int, help="ivfpq: lists visited per query")
     g.add_argument("--refine", type=int, help="ivfpq: re-score refine*top candidates exactly (0 = off)")
     g.add_argument("--ef-search", type=int, dest="efSearch", help="hnsw: search beam width")
-    from ..rerank.options import add_arguments
+    from .rerank_options import add_arguments
 
     add_arguments(p)
     p.set_defaults(func=cmd_search)
@@ -80,7 +80,7 @@ def wants_rerank(args: argparse.Namespace) -> bool:
 def cmd_search(args: argparse.Namespace) -> int:
     from ..index import Index
     from ..pipeline import find_image, search_index
-    from ..rerank.options import settings_from_args
+    from .rerank_options import settings_from_args
 
     if args.top < 1:
         raise CLIError("--top must be at least 1")

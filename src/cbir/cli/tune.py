@@ -63,7 +63,7 @@ def describe(args: argparse.Namespace, bench):
 
 
 def _figures(ds, q, db, recipe) -> dict:
-    from ..rerank.options import Rerank
+    from ..rerank.compose import Rerank
 
     out = {}
     for label, fn in (("raw", Rerank().apply), ("defaults (--qe --dba --diffusion)",

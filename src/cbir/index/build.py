@@ -141,8 +141,32 @@ def add_or_update(index: Index, paths: Sequence[str | os.PathLike[str]], vectors
     return {"added": len(new_paths), "updated": updated, "present": present}
 
 
+#: How far from 1 the L2 norm of a stored descriptor may be (cbir extract writes unit vectors; float16
+#: storage keeps them within ~1e-3). A row outside is refused rather than re-normalised: a norm of
+#: 1000 or 0 means a damaged file or vectors made elsewhere, and silently fixing it would hide that.
+NORM_TOLERANCE = 0.05
+
+
+def check_rows(ids: Sequence[str], vectors: np.ndarray, where: str) -> None:
+    """ValueError naming the ids of rows that are not finite or whose L2 norm is not ~1
+    (``|norm - 1| > NORM_TOLERANCE``): in an inner-product index such a row outranks, or never
+    reaches, every real match."""
+    finite = np.isfinite(vectors).all(axis=1)
+    norms = np.linalg.norm(np.where(finite[:, None], vectors, 0.0), axis=1)
+    for mask, what in ((~finite, "NaN or infinite values"),
+                       (finite & (np.abs(norms - 1.0) > NORM_TOLERANCE), "an L2 norm far from 1")):
+        bad = np.flatnonzero(mask)
+        if bad.size:
+            shown = ", ".join(f"{ids[i]!r}" + (f" (norm {norms[i]:.3g})" if what.startswith("an") else "")
+                              for i in bad[:5]) + (", ..." if bad.size > 5 else "")
+            raise ValueError(f"{where}: {bad.size} descriptor(s) with {what}: {shown}; `cbir extract` writes "
+                             "finite unit vectors: these are damaged or made elsewhere (extract those images "
+                             "again, or L2-normalise them with cbir.linalg.l2_normalize)")
+
+
 def descriptors_of_paths(features: str | os.PathLike[str]) -> tuple[list[Path], np.ndarray, dict[str, Any]]:
-    """(image paths, vectors, settings) of a ``cbir extract`` folder (see :func:`index_from_descriptors`)."""
+    """(image paths, vectors, settings) of a ``cbir extract`` folder (see :func:`index_from_descriptors`);
+    every row checked by :func:`check_rows` (ValueError naming the bad ids)."""
     from ..descriptors import Descriptors
 
     desc = Descriptors.load(features)
@@ -153,4 +177,6 @@ def descriptors_of_paths(features: str | os.PathLike[str]) -> tuple[list[Path], 
     missing = next((i for i in desc.ids if i not in paths), None)
     if missing is not None:
         raise ValueError(f"{features}: no image path recorded for id {missing!r}")
-    return [Path(paths[i]).resolve() for i in desc.ids], np.asarray(desc.vectors, np.float32), dict(desc.meta)
+    vectors = np.asarray(desc.vectors, np.float32)
+    check_rows(desc.ids, vectors, str(features))
+    return [Path(paths[i]).resolve() for i in desc.ids], vectors, dict(desc.meta)

@@ -2,7 +2,7 @@
 
     from cbir.pipeline import load_benchmark, describe, score, evaluate
     from cbir.model import ModelSpec
-    from cbir.rerank.options import Rerank
+    from cbir.rerank import Rerank
 
     bench = load_benchmark("demo")                       # or a .pkl, a gt folder, a labelled folder
     q, db = describe(bench, ModelSpec("efficientnet_lite0", "gem"), cache_dir="~/.cache/cbir")
