@@ -99,7 +99,7 @@ def create_app(index: Index | str | os.PathLike[str], *, index_path: str | os.Pa
                encoder: Any = None, guard: Guard | None = None, rerank: Any = None) -> FastAPI:
     """The app for an index (an open ``Index`` + where to save it, or the index folder).
 
-    ``rerank``: a :class:`cbir.rerank.options.Rerank` or :class:`cbir.rerank.recipe.Recipe` applied
+    ``rerank``: a :class:`cbir.rerank.Rerank` or :class:`cbir.rerank.recipe.Recipe` applied
     to every search (exact, over all stored vectors); None: the index's own search.
 
     ``guard``: allowed Host names and write token (default: loopback names, no token).
