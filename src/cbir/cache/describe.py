@@ -8,7 +8,7 @@ Each input is named by (the SHA-256 of its file's bytes, its crop box): the box 
 to the image as the extractor does (:func:`cbir.extraction.images.clip_box`), and a box covering
 the whole image counts as no box. Inputs whose name is in the store are read from it; the others
 are described once each (an image named twice in one call, e.g. a whole-image query that is also a
-database photo, runs once), in one :func:`cbir.extract.extract` call, and stored. The network is
+database photo, runs once), in one :func:`cbir.extraction.loop.extract` call, and stored. The network is
 built (``model`` may be a zero-argument function) only when something is left to describe.
 Without a cache the same de-duplication applies within the call.
 """
@@ -149,7 +149,7 @@ def item_keys(images: Sequence[Any], bboxes: Sequence[Box | None], memo: DigestM
 
 def _run_extract(model: Any, images: Sequence[Any], **kw: Any):
     """One extraction call (a seam: tests count the images that reach the network)."""
-    from ..extract import extract
+    from ..extraction.loop import extract
 
     return extract(model, images, **kw)
 

@@ -20,13 +20,14 @@ and key is replaced. The folder is bounded by :func:`prune` (least recently used
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import sqlite3
 import time
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -71,13 +72,22 @@ class VectorCache:
         self.file = store_folder(root) / f"{self.key}.sqlite"
         self.about: dict[str, Any] | None = None
         self.rejected = 0  # damaged rows met by get()
-        self._con: sqlite3.Connection | None = None
 
-    # --- opening -----------------------------------------------------------------------------
+    # --- opening (one connection per operation: nothing stays open between calls) -------------
+    @contextlib.contextmanager
+    def _connection(self) -> Iterator[sqlite3.Connection | None]:
+        con = self._open()
+        try:
+            yield con
+        finally:
+            if con is not None:
+                con.close()
+
     def _open(self) -> sqlite3.Connection | None:
-        if self._con is not None:
-            return self._con
+        stamp = {"format": FORMAT, "format_version": str(CACHE_FORMAT_VERSION),
+                 "key": json.dumps(self.fields, sort_keys=True)}
         for attempt in range(2):
+            con = None
             try:
                 self.file.parent.mkdir(parents=True, exist_ok=True)
                 con = sqlite3.connect(self.file, timeout=60, isolation_level=None, check_same_thread=False)
@@ -86,38 +96,35 @@ class VectorCache:
                 con.execute("CREATE TABLE IF NOT EXISTS info (name TEXT PRIMARY KEY, value TEXT)")
                 con.execute("CREATE TABLE IF NOT EXISTS vectors (digest TEXT, box TEXT, dim INTEGER, vec BLOB, "
                             "check_ TEXT, used INTEGER, PRIMARY KEY (digest, box)) WITHOUT ROWID")
-                con.execute("BEGIN IMMEDIATE")
-                con.executemany("INSERT OR IGNORE INTO info VALUES (?, ?)", [
-                    ("format", FORMAT), ("format_version", str(CACHE_FORMAT_VERSION)),
-                    ("key", json.dumps(self.fields, sort_keys=True)), ("created", str(int(time.time())))])
-                con.execute("COMMIT")
                 info = dict(con.execute("SELECT name, value FROM info").fetchall())
-                if (info.get("format") != FORMAT or info.get("format_version") != str(CACHE_FORMAT_VERSION)
-                        or info.get("key") != json.dumps(self.fields, sort_keys=True)):
+                if not info:  # a new store: stamp it
+                    con.execute("BEGIN IMMEDIATE")
+                    con.executemany("INSERT OR IGNORE INTO info VALUES (?, ?)",
+                                    [*stamp.items(), ("created", str(int(time.time())))])
+                    con.execute("COMMIT")
+                    info = dict(con.execute("SELECT name, value FROM info").fetchall())
+                if any(info.get(k) != v for k, v in stamp.items()):
                     raise sqlite3.DatabaseError(f"{self.file} is not the store of this key and format")
                 if info.get("about"):
                     try:
                         self.about = json.loads(info["about"])
                     except ValueError:
                         self.about = None
-                self._con = con
                 return con
             except sqlite3.DatabaseError:  # damaged, foreign or another format: replaced (a cache, never trusted)
-                try:
+                if con is not None:
                     con.close()
-                except Exception:
-                    pass
                 if attempt:
                     return None
                 _remove_db(self.file)
             except OSError:
+                if con is not None:
+                    con.close()
                 return None  # a read-only cache folder: describe everything, keep nothing
         return None
 
     def close(self) -> None:
-        if self._con is not None:
-            self._con.close()
-            self._con = None
+        """Nothing to release: each operation opens and closes its own connection."""
 
     def __enter__(self) -> "VectorCache":
         return self
@@ -128,11 +135,14 @@ class VectorCache:
     # --- reading and writing -----------------------------------------------------------------
     def get(self, keys: Sequence[ItemKey]) -> dict[ItemKey, np.ndarray]:
         """The stored vectors of ``keys`` that are present and intact (others: absent)."""
-        con = self._open()
         want = set(keys)
         out: dict[ItemKey, np.ndarray] = {}
-        if con is None or not want:
-            return out
+        with self._connection() as con:
+            if con is not None:
+                self._get(con, want, out)
+        return out
+
+    def _get(self, con: sqlite3.Connection, want: set[ItemKey], out: dict[ItemKey, np.ndarray]) -> None:
         digests = sorted({d for d, _ in want})
         try:
             for i in range(0, len(digests), _CHUNK):
@@ -151,19 +161,19 @@ class VectorCache:
             if out:
                 self._touch(con, list(out))
         except sqlite3.DatabaseError:
-            return {}
-        return out
+            out.clear()
 
     def put(self, items: Iterable[tuple[ItemKey, np.ndarray]], about: dict[str, Any] | None = None) -> int:
         """Store (key, vector) rows in one transaction (replacing damaged ones); returns how many."""
-        con = self._open()
-        if con is None:
-            return 0
         now = int(time.time())
         rows = []
         for (digest, box), v in items:
             blob = np.ascontiguousarray(v, dtype="<f4").ravel().tobytes()
             rows.append((digest, box, int(np.asarray(v).size), blob, _check(blob), now))
+        with self._connection() as con:
+            return 0 if con is None else self._put(con, rows, about)
+
+    def _put(self, con: sqlite3.Connection, rows: list[tuple], about: dict[str, Any] | None) -> int:
         try:
             con.execute("BEGIN IMMEDIATE")
             con.executemany("INSERT OR REPLACE INTO vectors VALUES (?, ?, ?, ?, ?, ?)", rows)

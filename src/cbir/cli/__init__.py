@@ -17,7 +17,8 @@ import sys
 from typing import Sequence
 
 # Order here is the order in `cbir --help`.
-STAGES = ("extract", "models", "whiten", "tune", "evaluate", "download", "index", "search", "serve", "train")
+STAGES = ("extract", "models", "whiten", "tune", "evaluate", "download", "index", "search", "serve", "train",
+          "cache")
 
 EPILOG = """\
 typical flow:

@@ -40,22 +40,26 @@ def aa_bilinear_weights(n_in: int, n_out: int, scale: float | None = None) -> np
     ``scale_factor``) or n_in/n_out, output pixel i is centred at c = r (i + 0.5) in input
     coordinates; when shrinking (r >= 1) the triangle filter is widened to support r:
     w_ij ∝ max(0, 1 - |j + 0.5 - c| / max(r, 1)) over j in [trunc(c - R + 0.5), trunc(c + R + 0.5)),
-    R = max(r, 1), clipped to the image, and each row normalised to sum 1.
+    R = max(r, 1), clipped to the image, and each row normalised to sum 1. Computed in float32
+    step by step as torch's CPU kernel does (r, c, R and the weights are float32), so that the
+    weights agree to the last bits rather than to 1e-5.
     """
-    r = (1.0 / scale) if scale is not None and scale > 0 else n_in / n_out
-    support = r if r >= 1.0 else 1.0
-    inv = 1.0 / r if r >= 1.0 else 1.0
-    w = np.zeros((n_out, n_in), dtype=np.float64)
-    for i in range(n_out):
-        c = r * (i + 0.5)
-        lo = max(int(c - support + 0.5), 0)
-        hi = min(int(c + support + 0.5), n_in)
-        j = np.arange(lo, hi)
-        t = np.clip(1.0 - np.abs((j - c + 0.5) * inv), 0.0, None)
-        total = t.sum()
-        if total > 0:
-            w[i, lo:hi] = t / total
-    return w.astype(np.float32)
+    f32, f64 = np.float32, np.float64
+    r = f32(1.0 / scale) if scale is not None and scale > 0 else f32(n_in / n_out)
+    support = r if r >= 1.0 else f32(1.0)
+    inv = f32(1.0 / float(r)) if r >= 1.0 else f32(1.0)
+    c = (float(r) * (np.arange(n_out) + 0.5)).astype(f32)  # centres
+    lo = np.maximum(((c - support).astype(f64) + 0.5).astype(np.int64), 0)  # int(): truncation, as in C
+    hi = np.minimum(((c + support).astype(f64) + 0.5).astype(np.int64), n_in)
+    taps = int(math.ceil(float(support))) * 2 + 1
+    j = lo[:, None] + np.arange(taps)[None, :]
+    x = np.abs(((j.astype(f32) - c[:, None]).astype(f64) + 0.5) * float(inv)).astype(f32)
+    t = np.where((j < hi[:, None]) & (x < 1.0), (1.0 - x.astype(f64)).astype(f32), f32(0.0))
+    total = np.add.accumulate(t, axis=1, dtype=f32)[:, -1:]  # a sequential float32 sum, as the kernel adds
+    t = np.divide(t, total, out=np.zeros_like(t), where=total != 0)
+    w = np.zeros((n_out, n_in + taps), dtype=f32)
+    np.put_along_axis(w, j, t, axis=1)
+    return np.ascontiguousarray(w[:, :n_in])
 
 
 def rescale(x: np.ndarray, scale: float, min_side: int = MIN_SIDE) -> np.ndarray:

@@ -62,6 +62,9 @@ def build_index(
     spec = ModelSpec(model, pooling, weights)
     net = spec.build()
     settings = model_settings(net, source_of(spec, net), imsize, scales)
+    from ..device import resolve_device, resolve_precision
+
+    settings["precision"] = resolve_precision(resolve_device(device), precision)  # queries are described alike
     index = Index(net.dim, kind, params, settings=settings, device=device)
     index.meta.reserve_ids_below(first_id)
     cache = None
@@ -99,6 +102,8 @@ def index_from_descriptors(
     if len(paths) == 0:
         raise ValueError(f"{features} holds no descriptor")
     settings = {k: meta[k] for k in ("model", "weights", "pooling", "pooling_params", "whitening") if k in meta}
+    if meta.get("precision") in ("fp32", "bf16"):
+        settings["precision"] = meta["precision"]
     settings.update(source=dict(meta.get("source") or {}), imsize=meta.get("imsize"),
                     scales=[float(s) for s in meta.get("scales") or (1.0,)], features=str(Path(features).resolve()))
     index = Index(vectors.shape[1], kind, params, settings=settings, device=device)

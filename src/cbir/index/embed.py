@@ -60,6 +60,7 @@ class QueryEncoder:
         self.device = device
         self.imsize = settings.get("imsize", 1024)
         self.scales = tuple(settings.get("scales") or (1.0,))
+        self.precision = str(settings.get("precision") or "auto")  # as the index's images were described
         self.model = model if model is not None else build_model_from_source(dict(settings.get("source") or {}))
         made = dict(self.model.describe())
         bad = compat_mismatch(self.settings, made)
@@ -80,7 +81,8 @@ class QueryEncoder:
 
         with self._lock:
             res = extract(self.model, [path], imsize=self.imsize, scales=self.scales, bboxes=[bbox],
-                          device=self.device, workers=0, batch_size=1, progress=False, strict=True)
+                          device=self.device, workers=0, batch_size=1, progress=False, strict=True,
+                          precision=self.precision)
         return res.vectors[0]
 
 
@@ -149,13 +151,15 @@ def describe_for_index(settings: dict[str, Any], paths: Sequence[str | os.PathLi
 
     source = dict(settings.get("source") or {})
     imsize, scales = settings.get("imsize"), tuple(settings.get("scales") or (1.0,))
+    precision = str(settings.get("precision") or "auto")
     lazy = LazyNet(lambda: build_model_from_source(source))
     cache = None
     if cache_dir is not None and source and str(settings.get("pooling", "")) != "bow":
-        cache = DescriptorCache.for_source(source, imsize=imsize, scales=scales, device=device, root=cache_dir)
+        cache = DescriptorCache.for_source(source, imsize=imsize, scales=scales, device=device, precision=precision,
+                                           root=cache_dir)
     try:
         res = extract_with_cache(lazy, list(paths), cache=cache, imsize=imsize, scales=scales, device=device,
-                                 progress=progress)
+                                 precision=precision, progress=progress)
         about = lazy.net.describe() if lazy.net is not None else dict((cache.store.about if cache else None) or {})
     finally:
         if cache is not None:
