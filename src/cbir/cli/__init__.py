@@ -54,6 +54,15 @@ def error_line(exc: BaseException) -> str:
     return " ".join(lines) if len(lines) <= 3 else lines[0] + " ..."
 
 
+class _Version(argparse.Action):
+    """``--version``: the package metadata is read only when asked (the lookup costs ~0.1-0.2 s)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):  # noqa: ANN001
+        from .. import __version__
+
+        parser.exit(message=f"cbir {__version__}\n")
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The ``cbir`` parser; with ``command`` (one of :data:`STAGES`) only that sub-command is
     registered, so that ``cbir search ...`` imports the search command's module and nothing else."""
@@ -63,9 +72,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    from .. import __version__
-
-    parser.add_argument("--version", action="version", version=f"cbir {__version__}")
+    parser.add_argument("--version", action=_Version, nargs=0, help="show the version and exit")
     parser.add_argument("--debug", action="store_true",
                         help="on an error, show the full traceback (may also come after the command)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

@@ -115,7 +115,14 @@ def query_encoder(settings: dict[str, Any], index_dir: str | os.PathLike[str] | 
     imsize, scales = settings.get("imsize", 1024), tuple(settings.get("scales") or (1.0,))
     model = load_query_model(index_dir, settings) if index_dir is not None else None
     if model is not None:
-        return OnnxQueryEncoder(model, imsize=imsize, scales=scales)
+        fast = OnnxQueryEncoder(model, imsize=imsize, scales=scales)
+        try:
+            fast.session  # noqa: B018 (a damaged graph shows here, not at the first query)
+            return fast
+        except Exception as exc:  # a damaged file: export again below
+            if log is not None:
+                log(f"query network for ONNX Runtime: not usable ({type(exc).__name__}: {exc}); exporting again")
+            Path(model.source).unlink(missing_ok=True) if model.source is not None else None
     torch_encoder = QueryEncoder(settings, device="cpu")
     model, what = ensure_query_model(index_dir, settings, lambda: torch_encoder.model, check_images=check_images)
     if log is not None:

@@ -29,9 +29,9 @@ whole-folder extraction; :func:`export_pool_onnx` is the one function both can s
 from __future__ import annotations
 
 import io
+import json
 import os
 import threading
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -39,7 +39,7 @@ import numpy as np
 
 from ..cache.identity import EXTRACTION_VERSION, key_of, source_identity
 from ..extraction import numpy_path as npp
-from ..fileio import FormatError, load_stamped_npz, save_stamped_npz
+from ..fileio import FormatError, save_stamped_npz
 
 __all__ = ["QUERY_MODEL", "FORMAT", "FORMAT_VERSION", "MIN_COSINE", "QueryModel", "OnnxQueryEncoder",
            "query_model_key", "export_pool_onnx", "build_query_model", "load_query_model", "ensure_query_model",
@@ -66,34 +66,79 @@ def query_model_key(settings: dict[str, Any], digest: Any = None) -> str:
                    "model": source_identity(dict(settings.get("source") or {}), digest), "describe": described})
 
 
-@dataclass
 class QueryModel:
-    """An exported network: ONNX bytes, the head (whitening) arrays, and its meta (see module doc)."""
+    """An exported network: ONNX bytes, the head (whitening) arrays, and its meta (see module doc).
 
-    onnx: bytes
-    meta: dict[str, Any]
-    head: dict[str, np.ndarray] = field(default_factory=dict)
+    Read from a file, the ONNX bytes (megabytes) are read only when a session needs them: a search
+    whose machine keeps the optimised graph (:func:`optimized_file`) reads the meta alone.
+    """
+
+    def __init__(self, onnx: bytes | None, meta: dict[str, Any], head: dict[str, np.ndarray] | None = None,
+                 source: Path | None = None) -> None:
+        self._onnx = onnx
+        self.meta = dict(meta)
+        self.head = dict(head or {})
+        self.source = source
 
     @property
     def key(self) -> str:
         return str(self.meta.get("key", ""))
 
+    @property
+    def onnx(self) -> bytes:
+        """The ONNX graph (read from :attr:`source` on first use; FormatError when it is damaged)."""
+        if self._onnx is None:
+            if self.source is None:
+                raise FormatError("no ONNX graph")
+            try:
+                with np.load(self.source, allow_pickle=False) as z:
+                    arr = z["onnx"]
+            except Exception as exc:
+                raise FormatError(f"{self.source}: damaged ONNX graph ({exc})") from exc
+            if arr.dtype != np.uint8 or arr.ndim != 1 or not arr.size:
+                raise FormatError(f"{self.source}: no ONNX graph")
+            data = arr.tobytes()
+            import hashlib
+
+            if hashlib.sha256(data).hexdigest() != self.meta.get("onnx_sha256"):
+                raise FormatError(f"{self.source}: the ONNX graph does not match its checksum (damaged)")
+            self._onnx = data
+        return self._onnx
+
     def save(self, path: str | os.PathLike[str]) -> None:
+        import hashlib
+
+        meta = dict(self.meta, onnx_sha256=hashlib.sha256(self.onnx).hexdigest())
         arrays = {"onnx": np.frombuffer(self.onnx, dtype=np.uint8), **self.head}
-        save_stamped_npz(path, arrays, self.meta, FORMAT, FORMAT_VERSION)
+        save_stamped_npz(path, arrays, meta, FORMAT, FORMAT_VERSION)
+        self.meta = meta
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> "QueryModel":
-        """Read a query-model file; FileNotFoundError / FormatError (never runs code: npz without pickles)."""
-        arrays, meta = load_stamped_npz(path, FORMAT, (FORMAT_VERSION,), what="cbir query model")
-        onnx = arrays.pop("onnx", None)
-        if onnx is None or onnx.dtype != np.uint8 or onnx.ndim != 1 or not onnx.size:
-            raise FormatError(f"{path}: no ONNX graph")
-        head = {k: np.asarray(v, np.float32) for k, v in arrays.items() if k in ("whiten_weight", "whiten_bias")}
-        for name in ("mean", "std", "multiscale_p", "key", "dim"):
+        """Read a query-model file's meta and head (the graph on first use); FileNotFoundError /
+        FormatError. Never runs code: an .npz read without pickles."""
+        from ..fileio import check_format
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"cbir query model file not found: {path}")
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                meta = json.loads(str(z["meta"]))
+                check_format(meta, FORMAT, (FORMAT_VERSION,), path, "cbir query model")
+                if "onnx" not in z.files:
+                    raise FormatError(f"{path}: no ONNX graph")
+                head = {k: np.asarray(z[k], np.float32) for k in ("whiten_weight", "whiten_bias") if k in z.files}
+        except FormatError:
+            raise
+        except Exception as exc:  # zip / npy / JSON damage
+            raise FormatError(f"{path} is not a readable cbir query model: {exc}") from exc
+        for name in ("mean", "std", "multiscale_p", "key", "dim", "onnx_sha256"):
             if name not in meta:
                 raise FormatError(f"{path}: meta lacks {name!r}")
-        return cls(onnx.tobytes(), meta, head)
+        meta.pop("format", None)
+        meta.pop("format_version", None)
+        return cls(None, meta, head, source=path)
 
 
 # --- export (torch) ---------------------------------------------------------------------------
@@ -184,15 +229,15 @@ class OnnxQueryEncoder:
 
     @property
     def session(self) -> Any:
+        """The ONNX Runtime session. ONNX Runtime's full graph optimisation takes ~0.1-0.3 s per
+        start; its result is kept for this machine (:func:`optimized_file`: the key, the ONNX Runtime
+        version and the CPU in the name) and later sessions load it with optimisation off."""
         if self._session is None:
             try:
                 import onnxruntime as ort
             except ImportError as exc:  # pragma: no cover - onnxruntime is a dependency
                 raise ValueError("describing queries with the exported network needs onnxruntime") from exc
-            opts = ort.SessionOptions()
-            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            opts.log_severity_level = 3
-            self._session = ort.InferenceSession(self.model.onnx, opts, providers=["CPUExecutionProvider"])
+            self._session = _session(ort, self.model)
         return self._session
 
     def _pool(self, x: np.ndarray) -> np.ndarray:
@@ -215,6 +260,59 @@ class OnnxQueryEncoder:
             return npp.describe_array(x, self.scales, self.p, self._pool, self._head).astype(np.float32)
 
 
+def optimized_file(key: str, ort_version: str) -> Path:
+    """Where the graph optimised by ONNX Runtime for this machine is kept (cache folder): such a
+    graph may use this CPU's kernels, so its name holds the key, the ONNX Runtime version and a
+    digest of the CPU's model name and flags."""
+    import hashlib
+    import platform
+
+    from ..cache.digest import default_cache_dir
+
+    cpu = platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu += "".join(ln for ln in fh if ln.startswith(("model name", "flags")))[:4000]
+    except OSError:
+        cpu += platform.processor()
+    tag = hashlib.sha256(f"{ort_version}|{cpu}".encode()).hexdigest()[:12]
+    return default_cache_dir() / "query-models" / f"{key}-ort-{tag}.onnx"
+
+
+def _session(ort: Any, model: QueryModel) -> Any:
+    """An InferenceSession of ``model``: from the kept optimised graph when there is one (optimisation
+    off), else optimised now (ORT_ENABLE_ALL) and the result kept atomically for the next start."""
+    providers = ["CPUExecutionProvider"]
+    fast = optimized_file(model.key, ort.__version__)
+
+    def options(level: Any) -> Any:
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = level
+        opts.log_severity_level = 3
+        return opts
+
+    if fast.is_file():
+        try:
+            return ort.InferenceSession(str(fast), options(ort.GraphOptimizationLevel.ORT_DISABLE_ALL),
+                                        providers=providers)
+        except Exception:  # damaged or from another build: made again below
+            fast.unlink(missing_ok=True)
+    opts = options(ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+    tmp = fast.with_name(f".{fast.name}.{os.getpid()}.tmp")
+    try:
+        fast.parent.mkdir(parents=True, exist_ok=True)
+        opts.optimized_model_filepath = str(tmp)
+    except OSError:
+        tmp = None  # a read-only cache: optimise in memory every time
+    session = ort.InferenceSession(model.onnx, opts, providers=providers)
+    if tmp is not None:
+        try:
+            os.replace(tmp, fast)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+    return session
+
+
 # --- where the file lives ---------------------------------------------------------------------------
 def _fallback_file(key: str) -> Path:
     from ..cache.digest import default_cache_dir
@@ -222,9 +320,17 @@ def _fallback_file(key: str) -> Path:
     return default_cache_dir() / "query-models" / f"{key}.npz"
 
 
+def _memo_digest() -> Callable[[Any], str | None]:
+    """Files' sha256 remembered between runs (the weights file is hashed once, not at every search)."""
+    from ..cache.digest import DigestMemo, default_cache_dir
+
+    return DigestMemo(default_cache_dir()).digest
+
+
 def load_query_model(index_dir: str | os.PathLike[str], settings: dict[str, Any], digest: Any = None
                      ) -> QueryModel | None:
     """The index's exported network when present, readable and of the index's current key, else None."""
+    digest = digest or _memo_digest()
     try:
         key = query_model_key(settings, digest)
     except (ValueError, OSError):
@@ -258,6 +364,7 @@ def ensure_query_model(index_dir: str | os.PathLike[str], settings: dict[str, An
     """The index's exported network: the saved one when current, else exported from ``make_net()``
     (the index's network, e.g. :func:`cbir.index.embed.build_model_from_source`), checked on
     ``check_images`` and saved. Returns (model or None, one line: what was done, or why not)."""
+    digest = digest or _memo_digest()
     found = load_query_model(index_dir, settings, digest)
     if found is not None:
         return found, "present"

@@ -30,7 +30,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .. import __version__
 from ..fileio import FormatError, atomic_write_json, check_format, fsync_dir, read_json, sha256_file
 from .backends import KINDS, check_params
 from .graph import KnnGraph
@@ -45,6 +44,12 @@ MANIFEST = "manifest.json"
 _GEN_DIR = re.compile(r"^(\.tmp-)?g\d{6}-[0-9a-f]{6}$")
 _TMP_MANIFEST = re.compile(r"^\.manifest\.json\..+\.tmp$")  # cbir.fileio.atomic_open's temporary name
 VECTORS, IDS, SQLITE = "vectors.npy", "ids.npy", "meta.sqlite"
+
+
+def _version() -> str:
+    from .. import __version__  # read on first use (cbir.__getattr__): opening an index does not pay for it
+
+    return __version__
 
 
 class StaleIndexError(RuntimeError):
@@ -109,7 +114,7 @@ def save_generation(index: "Index", root: Path) -> tuple[Path, int]:
         "files": files,
         "created": index.created,
         "saved": time.time(),
-        "cbir_version": __version__,
+        "cbir_version": _version(),
     }
     if index.graph is not None:
         manifest["graph"] = {"k": index.graph.k, "exact": bool(index.graph.exact)}
