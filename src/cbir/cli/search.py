@@ -124,7 +124,10 @@ def cmd_search(args: argparse.Namespace) -> int:
     if bbox is not None and len(images) > 1:
         raise CLIError("--bbox applies to one query image; give one --image")
     _check_index_path(Path(args.index))
-    index = Index.load(args.index, device=args.device)
+    from ..cache.digest import DigestMemo, default_cache_dir
+
+    # memory-mapped vectors; each generation file's sha256 is checked once per file version (memoised)
+    index = Index.load(args.index, device=args.device, mmap=True, digest=DigestMemo(default_cache_dir()).digest)
     if len(index) == 0:
         raise CLIError(f"the index {args.index} is empty")
     index.set_search_params(**{k: getattr(args, k) for k in ("nprobe", "refine", "efSearch")

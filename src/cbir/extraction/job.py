@@ -216,8 +216,8 @@ def extract_to_dir(
             stop = job.stop(start)
             before = bar.n if bar is not None else 0
             res = run(model, job.paths[start:stop], bboxes=job.bboxes[start:stop], imsize=job.imsize,
-                               scales=job.scales, progress=False,
-                               on_progress=bar.update if bar is not None else None, **kw)
+                      scales=job.scales, progress=False,
+                      on_progress=bar.update if bar is not None else None, **kw)
             save_chunk(job, start, res)
             if bar is not None:
                 bar.update(before + (stop - start) - bar.n)  # failed images count as done too

@@ -37,7 +37,11 @@ def database_tensor(vectors: np.ndarray, device: "torch.device") -> "torch.Tenso
     """The (N, D) database as a tensor: zero-copy float32 on CPU, float16 on the GPU (half the memory, tensor cores)."""
     import torch
 
-    x = torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float32))
+    import warnings
+
+    with warnings.catch_warnings():  # a read-only (memory-mapped) store: the tensor is only ever read
+        warnings.simplefilter("ignore", UserWarning)
+        x = torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float32))
     if device.type != "cuda":
         return x
     out = torch.empty(x.shape, dtype=torch.float16, device=device)

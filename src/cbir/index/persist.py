@@ -26,7 +26,7 @@ import shutil
 import time
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
@@ -127,19 +127,24 @@ def save_generation(index: "Index", root: Path) -> tuple[Path, int]:
     return root, number
 
 
-def load_index(cls: type["Index"], root: Path, *, device: str = "auto", verify: bool = True) -> "Index":
-    """Open the current generation of ``root`` as an instance of ``cls``."""
+def load_index(cls: type["Index"], root: Path, *, device: str = "auto", verify: bool = True, mmap: bool = False,
+               digest: Callable[[Path], str | None] | None = None) -> "Index":
+    """Open the current generation of ``root`` as an instance of ``cls``. ``mmap``: the vectors are
+    memory-mapped (read-only; changes make copies). ``digest(file)``: the sha256 used to verify
+    each file (default: hashed now; a memo such as :class:`cbir.cache.digest.DigestMemo` hashes each
+    version of a generation file once)."""
     for attempt in range(3):  # a concurrent save may delete the generation we just read of
         manifest = read_manifest(root)
         try:
-            return _load_generation(cls, root, manifest, device, verify)
+            return _load_generation(cls, root, manifest, device, verify, mmap, digest)
         except FileNotFoundError as exc:
             if attempt == 2 or read_manifest(root).get("generation") == manifest.get("generation"):
                 raise FormatError(f"{root} is incomplete: {exc}") from exc
     raise AssertionError("unreachable")
 
 
-def _load_generation(cls: type["Index"], root: Path, manifest: dict, device: str, verify: bool) -> "Index":
+def _load_generation(cls: type["Index"], root: Path, manifest: dict, device: str, verify: bool, mmap: bool = False,
+                     digest: Callable[[Path], str | None] | None = None) -> "Index":
     where = root / MANIFEST
     try:
         gen = root / str(manifest["generation"])
@@ -159,10 +164,10 @@ def _load_generation(cls: type["Index"], root: Path, manifest: dict, device: str
             raise FileNotFoundError(f"index file missing: {file}")
         if file.stat().st_size != desc.get("bytes"):
             raise FormatError(f"{file} has {file.stat().st_size} bytes, the manifest says {desc.get('bytes')}: damaged or truncated")
-        if verify and sha256_file(file) != desc.get("sha256"):
+        if verify and (digest or sha256_file)(file) != desc.get("sha256"):
             raise FormatError(f"{file} does not match its checksum in the manifest: the index is damaged")
     try:
-        vectors = np.load(gen / VECTORS, allow_pickle=False)
+        vectors = np.load(gen / VECTORS, allow_pickle=False, mmap_mode="r" if mmap else None)
         ids = np.load(gen / IDS, allow_pickle=False)
     except ValueError as exc:
         raise FormatError(f"{gen}: damaged array: {exc}") from exc
