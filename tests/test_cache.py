@@ -249,3 +249,28 @@ def test_index_build_add_and_extract_share_the_cache(tmp_path, capsys, counted):
     assert "added 1" in capsys.readouterr().out and sum(counted[1:]) == 0
     assert main(["extract", str(folder), "--out", str(tmp_path / "feats2"), *common, "--quiet", "--no-cache"]) == 0
     assert counted[-1] == 3
+
+
+def _writer(root: str, start: int, n: int) -> None:
+    from cbir.cache.vectors import VectorCache
+
+    store = VectorCache(root, {"model": {"m": 1}, "settings": {"s": 1}})
+    for i in range(start, start + n):  # one transaction per row: many interleavings
+        store.put([((f"{i:064x}", ""), np.full(8, i, np.float32))])
+
+
+def test_two_processes_write_one_store(tmp_path):
+    """Concurrent writers (WAL, busy timeout): every row of both arrives intact."""
+    import multiprocessing as mp
+
+    from cbir.cache.vectors import VectorCache
+
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_writer, args=(str(tmp_path), s, 40)) for s in (0, 40)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    got = VectorCache(tmp_path, {"model": {"m": 1}, "settings": {"s": 1}}).get([(f"{i:064x}", "") for i in range(80)])
+    assert len(got) == 80 and all(float(v[0]) == int(k[0], 16) for k, v in got.items())

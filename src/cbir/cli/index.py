@@ -243,10 +243,16 @@ def cmd_build(args: argparse.Namespace) -> int:
         raise CLIError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {folder}")
     print(f"describing {len(files)} images with {args.model} (imsize {imsize}, "
           f"scales {','.join(f'{s:g}' for s in scales)}), then building the {args.type} index", file=sys.stderr)
+    from ..cache.describe import CacheStats
+
+    stats = CacheStats()
     index, failed = build_index(files, model=spec.model, pooling=spec.pooling, weights=spec.weights,
                                 imsize=imsize, scales=scales, kind=args.type, params=params,
                                 device=args.device, batch_size=args.batch_size, precision=args.precision,
-                                first_id=args.first_id, cache_dir=_cache_dir(args))
+                                first_id=args.first_id, cache_dir=_cache_dir(args), stats=stats)
+    if stats.hits:
+        print(f"descriptors: {stats.described} images described, {stats.hits} read from the extraction cache",
+              file=sys.stderr)
     _report_failed(failed)
     _finish_and_save(index, args)
     keep_recipe(args)

@@ -43,6 +43,7 @@ def build_index(
     progress: bool = True,
     first_id: int = 0,
     cache_dir: str | os.PathLike[str] | None = None,
+    stats: Any = None,
 ) -> tuple[Index, list[dict[str, str]]]:
     """Index of ``files`` described by ``model`` (a backbone name + ``pooling``, or a saved model file).
 
@@ -50,7 +51,8 @@ def build_index(
     built (faiss training included) before returning, so its errors come here. Ids start at
     ``first_id`` (``cbir.index.persist.next_free_id`` of an index this one will replace).
     ``cache_dir``: the extraction cache (:mod:`cbir.cache`): images already described with this
-    model and these settings are read from it, the others described and kept.
+    model and these settings are read from it, the others described and kept; ``stats`` (a
+    :class:`cbir.cache.describe.CacheStats`) says how many were described.
     """
     from ..cache.describe import DescriptorCache, extract_with_cache
     from ..cache.identity import cacheable_pooling
@@ -73,7 +75,7 @@ def build_index(
                                          root=cache_dir)
     try:
         res = extract_with_cache(net, files, cache=cache, imsize=imsize, scales=tuple(scales), device=device,
-                                 batch_size=batch_size, precision=precision, progress=progress)
+                                 batch_size=batch_size, precision=precision, progress=progress, stats=stats)
     finally:
         if cache is not None:
             cache.close()
