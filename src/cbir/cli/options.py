@@ -9,8 +9,6 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING, Any
 
-from ..pipeline.benchmark import DEFAULT_IMSIZE, DEFAULT_SCALES_TEXT
-
 if TYPE_CHECKING:  # torch comes with cbir.model: imported where a handler needs it, never to build the parser
     from ..model import ModelSpec
 
@@ -32,7 +30,7 @@ def add_model_options(parser: Any) -> None:
 def add_extraction_options(parser: Any, *, per_benchmark: bool = False) -> None:
     """``--imsize``, ``--scales``, ``--device``, ``--batch-size``, ``--precision`` (``per_benchmark``:
     say that a benchmark of small photos, the demo, has its own defaults)."""
-    from ..pipeline.benchmark import SMALL_PHOTO_SETS
+    from ..pipeline.benchmark import DEFAULT_IMSIZE, DEFAULT_SCALES_TEXT, SMALL_PHOTO_SETS
 
     small_size = "".join(f"; {n}: {v[0]}" for n, v in SMALL_PHOTO_SETS.items()) if per_benchmark else ""
     small_scales = "".join(f"; {n}: {','.join(f'{x:g}' for x in v[1])}" for n, v in SMALL_PHOTO_SETS.items()) \
