@@ -182,9 +182,10 @@ def extract_with_cache(
     st.inputs = len(paths)
     memo = cache.memo if cache is not None else DigestMemo(None)
     keys = item_keys(paths, boxes, memo)
+    rejected = cache.store.rejected if cache is not None else 0
     found = cache.store.get([k for k in keys if k is not None]) if cache is not None else {}
     if cache is not None:
-        st.damaged = cache.store.rejected
+        st.damaged = cache.store.rejected - rejected
     st.hits = sum(1 for k in keys if k is not None and k in found)
     # one representative input per missing key (and every input without a key)
     todo: list[int] = []
