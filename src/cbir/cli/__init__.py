@@ -60,7 +60,8 @@ class _Version(argparse.Action):
     def __call__(self, parser, namespace, values, option_string=None):  # noqa: ANN001
         from .. import __version__
 
-        parser.exit(message=f"cbir {__version__}\n")
+        print(f"cbir {__version__}")  # standard output, as argparse's own version action
+        parser.exit()
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
