@@ -104,11 +104,20 @@ def describe_settings(settings: dict) -> str:
     if "imsize" in settings and settings.get("model"):
         return (f"{settings['model']} {settings.get('pooling', '')}, {settings['imsize']} px, "
                 f"scales {','.join(f'{s:g}' for s in settings['scales'])}"
-                + (" (cached)" if settings.get("cache") == "hit" else ""))
+                + _cache_note(settings))
     what = f"saved in {settings.get('features')}"
     if settings.get("model"):
         what += f" ({settings['model']} {settings.get('pooling', '')})".rstrip()
     return what
+
+
+def _cache_note(settings: dict) -> str:
+    """" (cached: nothing described)", " (N described, M from the cache)" or ""."""
+    if settings.get("cache") == "hit":
+        return " (cached: nothing described)"
+    if settings.get("cache_hits"):
+        return f" ({settings.get('described', 0)} images described, {settings['cache_hits']} read from the cache)"
+    return ""
 
 
 def handler(args: argparse.Namespace) -> int:

@@ -56,6 +56,8 @@ def register(subparsers) -> None:
                                                             "up to 8 with a GPU)")
     e.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="stored precision (default: float32)")
     e.add_argument("--strict", action="store_true", help="stop at the first unreadable image instead of skipping it")
+    e.add_argument("--no-cache", action="store_true",
+                   help="describe every image again and keep nothing in the extraction cache ($CBIR_CACHE)")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
     e.add_argument("--chunk", type=int, default=64, metavar="N",
                    help="inputs per shard of the store, also the resume step (default: 64)")
@@ -114,11 +116,17 @@ def handler(args: argparse.Namespace) -> int:
             device=args.device, precision=args.precision, progress=not args.quiet, strict=args.strict,
         )
     else:
+        cache = None
+        if not args.no_cache and model.pooling.name != "bow":
+            from ..cache.describe import DescriptorCache
+
+            cache = DescriptorCache.for_spec(spec, imsize=imsize, scales=scales, device=args.device,
+                                             precision=args.precision, backend=args.backend, decode=args.decode)
         desc = extract_to_dir(
             model, files, out, ids=ids, imsize=imsize, scales=scales, dtype=args.dtype, chunk=args.chunk,
             batch_size=args.batch_size, device=args.device, workers=args.workers, strict=args.strict,
             precision=args.precision, progress=not args.quiet, extra_meta=extra, backend=args.backend,
-            decode=args.decode,
+            decode=args.decode, cache=cache,
         )
     for f in desc.failed:
         print(f"failed: {f['path']}: {f['reason']}", file=sys.stderr)

@@ -180,10 +180,13 @@ def extract_to_dir(
     dtype: str = "float32",
     chunk: int = 64,
     extra_meta: dict | None = None,
+    cache: Any = None,
     **kw: Any,
 ) -> Descriptors:
     """Extract into ``out_dir`` as a sharded descriptor store, resumably (see the module docstring).
 
+    ``cache``: a :class:`cbir.cache.describe.DescriptorCache` opened with these settings: images it
+    holds are read from it, the others described and kept (the extraction cache).
     Returns the store (``Descriptors`` with memory-mapped ``vectors``). ``kw`` go to
     :func:`cbir.extraction.loop.extract` (batch_size, device, workers, progress, strict, precision,
     decode, backend).
@@ -201,13 +204,20 @@ def extract_to_dir(
 
         bar = tqdm(total=len(job.paths), unit="img", desc="extract", dynamic_ncols=True,
                    initial=len(job.paths) - sum(job.stop(s) - s for s in todo))
+    run = loop.extract
+    if cache is not None:
+        from functools import partial
+
+        from ..cache.describe import extract_with_cache
+
+        run = partial(extract_with_cache, cache=cache)
     try:
         for start in todo:
             stop = job.stop(start)
             before = bar.n if bar is not None else 0
-            res = loop.extract(model, job.paths[start:stop], bboxes=job.bboxes[start:stop], imsize=job.imsize,
-                               scales=job.scales, progress=False,
-                               on_progress=bar.update if bar is not None else None, **kw)
+            res = run(model, job.paths[start:stop], bboxes=job.bboxes[start:stop], imsize=job.imsize,
+                      scales=job.scales, progress=False,
+                      on_progress=bar.update if bar is not None else None, **kw)
             save_chunk(job, start, res)
             if bar is not None:
                 bar.update(before + (stop - start) - bar.n)  # failed images count as done too

@@ -42,14 +42,20 @@ def build_index(
     precision: str = "auto",
     progress: bool = True,
     first_id: int = 0,
+    cache_dir: str | os.PathLike[str] | None = None,
+    stats: Any = None,
 ) -> tuple[Index, list[dict[str, str]]]:
     """Index of ``files`` described by ``model`` (a backbone name + ``pooling``, or a saved model file).
 
     Returns (index, failed [{"path", "reason"}] for unreadable images). The search structure is
     built (faiss training included) before returning, so its errors come here. Ids start at
     ``first_id`` (``cbir.index.persist.next_free_id`` of an index this one will replace).
+    ``cache_dir``: the extraction cache (:mod:`cbir.cache`): images already described with this
+    model and these settings are read from it, the others described and kept; ``stats`` (a
+    :class:`cbir.cache.describe.CacheStats`) says how many were described.
     """
-    from ..extract import extract
+    from ..cache.describe import DescriptorCache, extract_with_cache
+    from ..cache.identity import cacheable_pooling
     from ..model import ModelSpec
 
     files = [Path(f).resolve() for f in files]
@@ -58,10 +64,21 @@ def build_index(
     spec = ModelSpec(model, pooling, weights)
     net = spec.build()
     settings = model_settings(net, source_of(spec, net), imsize, scales)
+    from ..device import resolve_device, resolve_precision
+
+    settings["precision"] = resolve_precision(resolve_device(device), precision)  # queries are described alike
     index = Index(net.dim, kind, params, settings=settings, device=device)
     index.meta.reserve_ids_below(first_id)
-    res = extract(net, files, imsize=imsize, scales=tuple(scales), device=device, batch_size=batch_size,
-                  precision=precision, progress=progress)
+    cache = None
+    if cache_dir is not None and cacheable_pooling(spec.pooling):
+        cache = DescriptorCache.for_spec(spec, imsize=imsize, scales=scales, device=device, precision=precision,
+                                         root=cache_dir)
+    try:
+        res = extract_with_cache(net, files, cache=cache, imsize=imsize, scales=tuple(scales), device=device,
+                                 batch_size=batch_size, precision=precision, progress=progress, stats=stats)
+    finally:
+        if cache is not None:
+            cache.close()
     if len(res.ok) == 0:
         raise ValueError(f"none of the {len(files)} images could be read (first: {res.failed[0]['reason']})")
     index.add(res.vectors, [str(files[i]) for i in res.ok])
@@ -87,6 +104,8 @@ def index_from_descriptors(
     if len(paths) == 0:
         raise ValueError(f"{features} holds no descriptor")
     settings = {k: meta[k] for k in ("model", "weights", "pooling", "pooling_params", "whitening") if k in meta}
+    if meta.get("precision") in ("fp32", "bf16"):
+        settings["precision"] = meta["precision"]
     settings.update(source=dict(meta.get("source") or {}), imsize=meta.get("imsize"),
                     scales=[float(s) for s in meta.get("scales") or (1.0,)], features=str(Path(features).resolve()))
     index = Index(vectors.shape[1], kind, params, settings=settings, device=device)

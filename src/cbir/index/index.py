@@ -449,9 +449,12 @@ class Index:
         return root
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str], *, device: str = "auto", verify: bool = True) -> "Index":
-        """Open a saved index; FormatError if it is not one, is of another version, or is damaged."""
-        return persist.load_index(cls, Path(path), device=device, verify=verify)
+    def load(cls, path: str | os.PathLike[str], *, device: str = "auto", verify: bool = True, mmap: bool = False,
+             digest: Any = None) -> "Index":
+        """Open a saved index; FormatError if it is not one, is of another version, or is damaged.
+        ``mmap``: vectors memory-mapped (read-only); ``digest``: the sha256 function used to verify
+        the files (e.g. a :class:`cbir.cache.digest.DigestMemo`'s ``digest``: each file hashed once)."""
+        return persist.load_index(cls, Path(path), device=device, verify=verify, mmap=mmap, digest=digest)
 
     def reload_if_stale(self) -> bool:
         """For readers: if another writer saved a newer generation of ``self.path``, load it in place.

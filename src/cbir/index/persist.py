@@ -27,14 +27,13 @@ import shutil
 import time
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Callable, Literal
 
 import numpy as np
 
 from pydantic import field_validator
 from pydantic_core import PydanticCustomError
 
-from .. import __version__
 from ..fileio import FormatError, atomic_write_json, check_format, fsync_dir, read_json, sha256_file
 from ..schema import MAX_DIM, MAX_NEIGHBOURS, MAX_ROWS, Bool, FileName, Float, Int, JsonObject, Schema, Sha256, Str, show
 from .backends import KINDS, check_params
@@ -105,6 +104,12 @@ class IndexManifest(Schema):
         return v
 
 
+def _version() -> str:
+    from .. import __version__  # read on first use (cbir.__getattr__): opening an index does not pay for it
+
+    return __version__
+
+
 class StaleIndexError(RuntimeError):
     """Saving would overwrite a newer generation written by another writer (a lost update)."""
 
@@ -162,7 +167,7 @@ def save_generation(index: "Index", root: Path) -> tuple[Path, int]:
             "files": files,
             "created": index.created,
             "saved": time.time(),
-            "cbir_version": __version__,
+            "cbir_version": _version(),
         }
         if index.graph is not None:
             manifest["graph"] = {"k": index.graph.k, "exact": bool(index.graph.exact)}
@@ -185,19 +190,24 @@ def save_generation(index: "Index", root: Path) -> tuple[Path, int]:
     return root, number
 
 
-def load_index(cls: type["Index"], root: Path, *, device: str = "auto", verify: bool = True) -> "Index":
-    """Open the current generation of ``root`` as an instance of ``cls``."""
+def load_index(cls: type["Index"], root: Path, *, device: str = "auto", verify: bool = True, mmap: bool = False,
+               digest: Callable[[Path], str | None] | None = None) -> "Index":
+    """Open the current generation of ``root`` as an instance of ``cls``. ``mmap``: the vectors are
+    memory-mapped (read-only; changes make copies). ``digest(file)``: the sha256 used to verify
+    each file (default: hashed now; a memo such as :class:`cbir.cache.digest.DigestMemo` hashes each
+    version of a generation file once)."""
     for attempt in range(3):  # a concurrent save may delete the generation we just read of
         manifest = read_manifest(root)
         try:
-            return _load_generation(cls, root, manifest, device, verify)
+            return _load_generation(cls, root, manifest, device, verify, mmap, digest)
         except FileNotFoundError as exc:
             if attempt == 2 or read_manifest(root).get("generation") == manifest.get("generation"):
                 raise FormatError(f"{root} is incomplete: {exc}") from exc
     raise AssertionError("unreachable")
 
 
-def _load_generation(cls: type["Index"], root: Path, manifest: dict, device: str, verify: bool) -> "Index":
+def _load_generation(cls: type["Index"], root: Path, manifest: dict, device: str, verify: bool, mmap: bool = False,
+                     digest: Callable[[Path], str | None] | None = None) -> "Index":
     """The generation named by ``manifest`` (already checked against :class:`IndexManifest`)."""
     where = root / MANIFEST
     gen = root / str(manifest["generation"])
@@ -213,10 +223,10 @@ def _load_generation(cls: type["Index"], root: Path, manifest: dict, device: str
             raise FileNotFoundError(f"index file missing: {file}")
         if file.stat().st_size != desc.get("bytes"):
             raise FormatError(f"{file} has {file.stat().st_size} bytes, the manifest says {desc.get('bytes')}: damaged or truncated")
-        if verify and sha256_file(file) != desc.get("sha256"):
+        if verify and (digest or sha256_file)(file) != desc.get("sha256"):
             raise FormatError(f"{file} does not match its checksum in the manifest: the index is damaged")
     try:
-        vectors = np.load(gen / VECTORS, allow_pickle=False)
+        vectors = np.load(gen / VECTORS, allow_pickle=False, mmap_mode="r" if mmap else None)
         ids = np.load(gen / IDS, allow_pickle=False)
     except (ValueError, EOFError, OSError) as exc:
         raise FormatError(f"{gen}: damaged array: {exc}") from exc

@@ -35,10 +35,12 @@ kq = 3, gamma = 3, alpha = 0.8, beta = 0.5, 20 CG iterations, no truncation up t
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
-import scipy.sparse as sp
+
+if TYPE_CHECKING:  # scipy is imported where a graph is built: `cbir search` without diffusion never loads it
+    import scipy.sparse as sp
 
 from ..schema import MAX_EXPONENT, MAX_NEIGHBOURS, Bool, Float, Int, Schema
 from .knn import knn_search, topk
@@ -131,6 +133,8 @@ def graph_from_knn(sims: np.ndarray, idx: np.ndarray, gamma: float = 3.0, mutual
     Self-neighbours are dropped; ``w = max(s, 0)^gamma``; mutual: ``W = min(A, A^T)`` (an edge
     only when each is in the other's list), else ``W = max(A, A^T)``.
     """
+    import scipy.sparse as sp
+
     n, k = idx.shape
     rows = np.repeat(np.arange(n), k)
     cols = idx.ravel()
@@ -165,6 +169,8 @@ def knn_graph(
 
 def normalize_graph(w: sp.spmatrix) -> sp.csr_matrix:
     """``S = D^-1/2 W D^-1/2`` with ``D = diag(W 1)``; rows/columns of isolated nodes stay zero."""
+    import scipy.sparse as sp
+
     w = sp.csr_matrix(w)
     deg = np.asarray(w.sum(axis=1)).ravel()
     inv = np.zeros_like(deg)
@@ -224,6 +230,8 @@ def cg(
 
 def diffuse(s: sp.spmatrix, y: np.ndarray, alpha: float = 0.99, maxiter: int = 20, tol: float = 1e-6) -> np.ndarray:
     """``F = (1 - alpha) (I - alpha S)^-1 Y`` by conjugate gradient. S (n, n), Y (n, m) -> (n, m)."""
+    import scipy.sparse as sp
+
     s = sp.csr_matrix(s)
     y = np.asarray(y, dtype=np.float64)
     vec = y.ndim == 1
@@ -292,6 +300,8 @@ def truncated_subgraphs(graph: sp.spmatrix, regions: np.ndarray, max_table: int 
     of regions with at most ``max_table`` entries, at least 16 regions), else through a binary
     search in the sorted (region, node) keys. Returns (nq*R, nq*R) csr.
     """
+    import scipy.sparse as sp
+
     graph = sp.csr_matrix(graph)
     n = graph.shape[0]
     nq, r = regions.shape
@@ -385,6 +395,8 @@ class OfflineDiffusion:
     ) -> "OfflineDiffusion":
         """Solve ``(I - alpha S) l_i = (1 - alpha) e_i`` for every database item (CG, chunks of
         right-hand sides) and keep each solution's top-m entries. Cost: n CG solves."""
+        import scipy.sparse as sp
+
         n = db.shape[0]
         if graph is None:
             graph = knn_graph(db, k=params.k, gamma=params.gamma, mutual=params.mutual)
@@ -413,6 +425,8 @@ class OfflineDiffusion:
 
     def scores(self, q: np.ndarray, db: np.ndarray, sim: np.ndarray | None = None) -> np.ndarray:
         """Online diffusion scores (nq, n) float32 (final scores as in the module docstring)."""
+        import scipy.sparse as sp
+
         n = self.columns.shape[0]
         if sim is None:
             sim = np.ascontiguousarray(q, dtype=np.float32) @ np.ascontiguousarray(db, dtype=np.float32).T
