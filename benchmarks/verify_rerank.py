@@ -34,7 +34,6 @@ Holidays mAP) and applied to the other.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
 import sys
@@ -112,14 +111,35 @@ def global_descriptors(cache: Path, name: str) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(q.vectors, np.float32), np.asarray(db.vectors, np.float32)
 
 
+def defaults():
+    from cbir.rerank.options import Rerank
+
+    return Rerank(qe=2, dba=5, diffusion={})
+
+
 def base_rankings(cache: Path, name: str) -> dict[str, np.ndarray]:
-    """{"raw": scores, "recipe": scores} (nq, n) of the two bases."""
+    """{"raw", "defaults", "recipe"}: scores (nq, n) of the three bases."""
     from cbir.rerank.recipe import Recipe
 
     q, db = global_descriptors(cache, name)
     raw = q @ db.T
+    dflt, _ = defaults().apply(q, db)
     recipe, _ = Recipe.load("holidays805-lite0").apply(q, db)
-    return {"raw": raw, "recipe": recipe}
+    return {"raw": raw, "defaults": dflt, "recipe": recipe}
+
+
+def candidate_scores(name: str, b, scores: np.ndarray) -> np.ndarray:
+    """Scores with the query itself out of the candidates (Holidays: its junk is the query itself)."""
+    if SETS[name][1]:
+        return scores
+    s = np.array(scores, dtype=np.float64)
+    for i, g in enumerate(b.gnd):
+        s[i, list(g.get("junk", []))] = -np.inf
+    return s
+
+
+def top_k(scores: np.ndarray, k: int) -> np.ndarray:
+    return np.argsort(-scores, axis=1, kind="stable")[:, :k]
 
 
 def truncate(f, n: int):
@@ -140,15 +160,8 @@ def cmd_inliers(args: argparse.Namespace) -> None:
         st = store_of(args.cache, name)
         ranks = base_rankings(args.cache, name)
         nq = len(b.query_ids)
-        cand = []
-        for i in range(nq):
-            top = set()
-            for s in ranks.values():
-                row = s[i].copy()
-                for j in b.gnd[i].get("junk", []) if not SETS[name][1] else []:
-                    row[j] = -np.inf  # Holidays: the query itself is not a candidate
-                top.update(np.argsort(-row, kind="stable")[:TOP].tolist())
-            cand.append(sorted(top))
+        tops = [top_k(candidate_scores(name, b, s), TOP) for s in ranks.values()]
+        cand = [sorted(set(np.concatenate([t[i] for t in tops]).tolist())) for i in range(nq)]
         db_keys = list(b.db_ids)
         for n in args.features:
             out = args.cache / "inliers" / f"{name}-{n}.npz"
@@ -180,6 +193,182 @@ def cmd_inliers(args: argparse.Namespace) -> None:
                 f"RANSAC (3 models) {t_ransac:.1f} s")
 
 
+def load_inliers(cache: Path, name: str, n: int) -> dict[str, np.ndarray]:
+    z = np.load(cache / "inliers" / f"{name}-{n}.npz")
+    return {k: z[k] for k in z.files}
+
+
+def judged_pairs(name: str, b, base: np.ndarray, k: int = TOP) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(query rows, db rows, is positive) of the top-k pairs of ``base`` the ground truth judges."""
+    top = top_k(candidate_scores(name, b, base), k)
+    qs, ds, pos = [], [], []
+    for i, g in enumerate(b.gnd):
+        positive = set(g.get("easy", [])) | set(g.get("hard", []))
+        junk = set(g.get("junk", []))
+        for j in top[i]:
+            if j in junk:
+                continue
+            qs.append(i)
+            ds.append(int(j))
+            pos.append(j in positive)
+    return np.asarray(qs), np.asarray(ds), np.asarray(pos)
+
+
+def cmd_pairs(args: argparse.Namespace) -> dict:
+    """Precision / recall of "inliers >= t" on judged top-100 pairs of the raw ranking."""
+    out: dict[str, Any] = {}
+    for name in args.sets:
+        b = bench(name)
+        raw = base_rankings(args.cache, name)["raw"]
+        qs, ds, pos = judged_pairs(name, b, raw)
+        out[name] = {"pairs": int(len(pos)), "positives": int(pos.sum()), "rows": []}
+        print(f"\n{name}: {len(pos)} judged pairs in the raw top-{TOP}, {int(pos.sum())} positive")
+        print(f"{'features':>8} {'model':>12} {'t':>3} {'precision':>9} {'recall':>7} {'verified':>8}")
+        for n in args.features:
+            inl = load_inliers(args.cache, name, n)
+            for m in MODELS:
+                c = inl[m][qs, ds]
+                assert (c >= 0).all()
+                for t in (8, 10, 12, 15, 20, 25, 30):
+                    v = c >= t
+                    prec = 100.0 * (v & pos).sum() / max(1, v.sum())
+                    rec = 100.0 * (v & pos).sum() / max(1, pos.sum())
+                    out[name]["rows"].append({"features": n, "model": m, "t": t, "precision": prec,
+                                              "recall": rec, "verified": int(v.sum())})
+                    print(f"{n:>8} {m:>12} {t:>3} {prec:9.2f} {rec:7.2f} {int(v.sum()):>8}")
+    return out
+
+
+def objective(name: str, res: dict) -> float:
+    m = res["mAP"]
+    return (m["medium"] + m["hard"]) / 2 if SETS[name][1] else m["medium"]
+
+
+def figures(name: str, res: dict) -> str:
+    m = res["mAP"]
+    return f"{m['easy']:.2f} / {m['medium']:.2f} / {m['hard']:.2f}" if SETS[name][1] else f"{m['medium']:.2f}"
+
+
+class Evaluator:
+    """Everything one set needs to score a verification variant quickly."""
+
+    def __init__(self, cache: Path, name: str):
+        from cbir.rerank.recipe import Recipe
+
+        self.name = name
+        self.b = bench(name)
+        self.q, self.db = global_descriptors(cache, name)
+        self.recipe = Recipe.load("holidays805-lite0")
+        w = self.recipe.whitening_for(self.db)
+        self.spaces = {"raw": (self.q, self.db), "recipe": (w.apply(self.q), w.apply(self.db))}
+        self.post = {"raw": None, "defaults": defaults(), "recipe": self.recipe.rerank}
+        self.bases = base_rankings(cache, name)
+        self.cache = cache
+        self._inl: dict[int, dict[str, np.ndarray]] = {}
+
+    def inliers(self, n: int, model: str) -> np.ndarray:
+        if n not in self._inl:
+            self._inl[n] = load_inliers(self.cache, self.name, n)
+        return self._inl[n][model]
+
+    def score(self, scores: np.ndarray) -> dict:
+        return self.b.evaluate(scores)
+
+    def run(self, base: str, n: int, model: str, params, post: str | None) -> dict:
+        """base ranking -> verify its top K -> (expansion -> re-ranking ``post``) -> order."""
+        from cbir.rerank.verify import apply_order, expand_queries
+
+        space = "recipe" if base == "recipe" else "raw"
+        q, db = self.spaces[space]
+        scores = self.bases[base]
+        top = top_k(candidate_scores(self.name, self.b, scores), params.k)
+        inl = np.take_along_axis(self.inliers(n, model), top, axis=1)
+        if (inl < 0).any():
+            raise RuntimeError(f"{self.name}: pairs of the {base} top-{params.k} were not verified")
+        if params.expand:
+            q2 = expand_queries(q, db, top, inl, params)
+            rr = self.post[post] if post else None
+            scores = q2 @ db.T if rr is None else rr.apply(q2, db)[0]
+        return self.score(apply_order(scores, top, inl, params))
+
+
+def cmd_table(args: argparse.Namespace) -> dict:
+    from cbir.rerank.verify import VerifyParams
+
+    ev = {name: Evaluator(args.cache, name) for name in SETS}
+    report: dict[str, Any] = {"stage_a": {}, "stage_b": {}, "cross": {}}
+    # reference rows (no verification)
+    ref = {name: {base: e.score(e.bases[base]) for base in e.bases} for name, e in ev.items()}
+    for name in SETS:
+        print(f"{name}: raw {figures(name, ref[name]['raw'])}; defaults {figures(name, ref[name]['defaults'])}; "
+              f"recipe {figures(name, ref[name]['recipe'])}")
+    chosen: dict[str, dict[str, Any]] = {}
+    for tune in SETS:
+        e = ev[tune]
+        # stage A: features, model, threshold by "raw -> verified first" (no expansion, K = 100)
+        best_a = None
+        for n in args.features:
+            for m in MODELS:
+                for t in (8, 10, 12, 15, 20, 25):
+                    p = VerifyParams(k=TOP, min_inliers=t, order="first", expand=False)
+                    obj = objective(tune, e.run("raw", n, m, p, None))
+                    report["stage_a"].setdefault(tune, []).append({"features": n, "model": m, "t": t, "objective": obj})
+                    if best_a is None or obj > best_a[0] + 1e-9:
+                        best_a = (obj, n, m, t)
+        _, n, m, t = best_a
+        print(f"tuned on {tune}: stage A chose {n} features, {m}, min_inliers {t} (objective {best_a[0]:.2f})")
+        # stage B: order rule and expansion, per base (raw -> + defaults after; recipe -> its own re-ranking)
+        grid = []
+        for k in (50, 100):
+            for order, weight in (("none", 0.0), ("first", 0.0), ("inliers", 0.0), ("add", 0.05), ("add", 0.1),
+                                  ("add", 0.2)):
+                for expand, ew, emax in ((False, "one", 0), (True, "one", 0), (True, "inliers", 0), (True, "one", 10)):
+                    if order == "none" and not expand:
+                        continue
+                    grid.append(VerifyParams(k=k, min_inliers=t, order=order, weight=weight or 0.1, expand=expand,
+                                             expand_weight=ew, expand_max=emax))
+        chosen[tune] = {"features": n, "model": m, "min_inliers": t}
+        for base, post in (("raw", None), ("raw", "defaults"), ("recipe", "recipe")):
+            best_b = None
+            for p in grid:
+                if not p.expand and post is not None:
+                    continue  # without expansion the re-ranking after is the base's own ("defaults" base)
+                obj = objective(tune, e.run(base, n, m, p, post))
+                report["stage_b"].setdefault(tune, []).append({"base": base, "post": post, **p.model_dump(),
+                                                               "objective": obj})
+                if best_b is None or obj > best_b[0] + 1e-9:
+                    best_b = (obj, p)
+            chosen[tune][f"{base}+{post}"] = best_b[1]
+            print(f"  {base} -> {post}: {best_b[1]} (objective {best_b[0]:.2f})")
+    # cross-set report: chosen on `tune`, measured on `target`
+    for tune in SETS:
+        for target in SETS:
+            e, c = ev[target], chosen[tune]
+            n, m, t = c["features"], c["model"], c["min_inliers"]
+            rows = [("raw", ref[target]["raw"]), ("defaults (qe 2, dba 5, diffusion)", ref[target]["defaults"]),
+                    ("recipe holidays805-lite0", ref[target]["recipe"])]
+            for k in (50, 100):
+                first = VerifyParams(k=k, min_inliers=t, order="first", expand=False)
+                rows.append((f"raw + verify {k} (verified first)", e.run("raw", n, m, first, None)))
+                rows.append((f"defaults + verify {k} (verified first)", e.run("defaults", n, m, first, None)))
+                rows.append((f"recipe + verify {k} (verified first)", e.run("recipe", n, m, first, None)))
+                exp = VerifyParams(k=k, min_inliers=t, order="none", expand=True)
+                rows.append((f"raw + verify {k} + expansion", e.run("raw", n, m, exp, None)))
+                rows.append((f"raw + verify {k} + expansion + defaults", e.run("raw", n, m, exp, "defaults")))
+                rows.append((f"recipe + verify {k} + expansion + recipe re-ranking", e.run("recipe", n, m, exp, "recipe")))
+            for key in ("raw+None", "raw+defaults", "recipe+recipe"):
+                p = c[key]
+                base, post = key.split("+")
+                rows.append((f"chosen for {key}: {p}", e.run(base, n, m, p, None if post == "None" else post)))
+            report["cross"][f"{tune}->{target}"] = [(label, res["mAP"]) for label, res in rows]
+            print(f"\nchosen on {tune} ({n} features, {m}, >= {t} inliers), measured on {target}:")
+            for label, res in rows:
+                print(f"  {figures(target, res):>24}  {label}")
+    report["chosen"] = {k: {kk: (vv.model_dump() if hasattr(vv, "model_dump") else vv) for kk, vv in v.items()}
+                        for k, v in chosen.items()}
+    return report
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("stage", choices=("extract", "inliers", "pairs", "table"))
@@ -189,7 +378,9 @@ def main() -> None:
     p.add_argument("--features", type=lambda s: [int(v) for v in s.split(",")], default=list(FEATURES))
     p.add_argument("--json", type=Path)
     args = p.parse_args()
-    {"extract": cmd_extract, "inliers": cmd_inliers}[args.stage](args)
+    out = {"extract": cmd_extract, "inliers": cmd_inliers, "pairs": cmd_pairs, "table": cmd_table}[args.stage](args)
+    if args.json and out is not None:
+        args.json.write_text(json.dumps(out, indent=1, default=str))
 
 
 if __name__ == "__main__":
