@@ -10,7 +10,8 @@ mAP = Medium; whole-image queries that are database photos, left out of their ow
 gnd's junk). Global descriptors: ``cbir.pipeline.describe`` with the default model (Lite0 + GeM,
 512 px, 3 scales), cached under ``CACHE/descriptors``.
 
-Local features (``extract``): SIFT through pycolmap at 1024 px, ``first_octave`` -1, up to 4096
+Local features (``extract``): SIFT through pycolmap at 1024 px, ``first_octave`` -1 (or 0 with
+``--first-octave 0``, for every stage), up to 4096
 descriptors, RootSIFT, every database photo (and the cropped queries of rparis6k-250) once, in a
 :class:`cbir.local.store.LocalFeatureStore` under ``CACHE/local/<set>/<settings key>``. Fewer
 features are the *coarsest* ``n`` of those (exactly what ``extract_local`` keeps with
@@ -63,10 +64,13 @@ def bench(name: str):
     return load_benchmark(SHARED / SETS[name][0])
 
 
+FIRST_OCTAVE = -1  # --first-octave
+
+
 def store_settings():
     from cbir.local.features import LocalFeatureSettings
 
-    return LocalFeatureSettings(max_size=1024, max_features=4096, first_octave=-1, root=True)
+    return LocalFeatureSettings(max_size=1024, max_features=4096, first_octave=FIRST_OCTAVE, root=True)
 
 
 def store_of(cache: Path, name: str, settings=None):
@@ -74,6 +78,10 @@ def store_of(cache: Path, name: str, settings=None):
 
     settings = settings or store_settings()
     return LocalFeatureStore(cache / "local" / name / settings.key(), settings)
+
+
+def inliers_file(cache: Path, name: str, n: int) -> Path:
+    return cache / "inliers" / f"{name}-{n}{'' if FIRST_OCTAVE == -1 else f'-fo{FIRST_OCTAVE}'}.npz"
 
 
 def query_key(name: str, b, i: int) -> str:
@@ -164,7 +172,7 @@ def cmd_inliers(args: argparse.Namespace) -> None:
         cand = [sorted(set(np.concatenate([t[i] for t in tops]).tolist())) for i in range(nq)]
         db_keys = list(b.db_ids)
         for n in args.features:
-            out = args.cache / "inliers" / f"{name}-{n}.npz"
+            out = inliers_file(args.cache, name, n)
             if out.exists():
                 log(f"{out} exists")
                 continue
@@ -194,7 +202,7 @@ def cmd_inliers(args: argparse.Namespace) -> None:
 
 
 def load_inliers(cache: Path, name: str, n: int) -> dict[str, np.ndarray]:
-    z = np.load(cache / "inliers" / f"{name}-{n}.npz")
+    z = np.load(inliers_file(cache, name, n))
     return {k: z[k] for k in z.files}
 
 
@@ -376,8 +384,12 @@ def main() -> None:
     p.add_argument("--sets", nargs="+", default=list(SETS))
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--features", type=lambda s: [int(v) for v in s.split(",")], default=list(FEATURES))
+    p.add_argument("--first-octave", type=int, default=-1, choices=(-1, 0),
+                   help="SIFT's first octave of the extraction compared (-1: COLMAP's default)")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
+    global FIRST_OCTAVE
+    FIRST_OCTAVE = args.first_octave
     out = {"extract": cmd_extract, "inliers": cmd_inliers, "pairs": cmd_pairs, "table": cmd_table}[args.stage](args)
     if args.json and out is not None:
         args.json.write_text(json.dumps(out, indent=1, default=str))

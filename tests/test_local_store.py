@@ -240,3 +240,17 @@ def test_crafted_or_damaged_shards_are_refused(tmp_path, case):
         m["format_version"] = 99
         (root / "manifest.json").write_text(json.dumps(m))
         _refused(root, "manifest.json", "not supported")
+
+
+def test_driver_checks_its_inputs(tmp_path):
+    with pytest.raises(ValueError, match="2 paths for 1 keys"):
+        extract_to_store(PHOTOS[:2], ["a"], TINY, tmp_path / "s")
+    with pytest.raises(ValueError, match="'a' is given twice"):
+        extract_to_store(PHOTOS[:2], ["a", "a"], TINY, tmp_path / "s")
+    with pytest.raises(ValueError, match="not sift-1024px"):
+        extract_to_store(PHOTOS[:1], ["a"], LocalFeatureSettings(), LocalFeatureStore(tmp_path / "t", TINY))
+    with pytest.raises(ValueError, match="local-feature device"):
+        extract_to_store(PHOTOS[:1], ["a"], TINY, tmp_path / "u", device="tpu")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FileExistsError, match="is a file"):
+        LocalFeatureStore(tmp_path / "file", TINY)
