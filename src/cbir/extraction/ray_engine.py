@@ -32,16 +32,17 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from ..descriptors import Descriptors
 from .images import ImageError, load_image, reason_of, resized_pixels
-from .job import Job, save_chunk
-from .loop import ExtractResult
 
-__all__ = ["extract_to_dir_ray", "connect", "run", "check_options", "LOST"]
+if TYPE_CHECKING:  # torch comes with these: the decoding tasks, which import this module, do without it
+    from ..descriptors import Descriptors
+    from .job import Job
+
+__all__ = ["extract_to_dir_ray", "connect", "run", "check_options", "LOST", "RowsLost"]
 
 log = logging.getLogger(__name__)
 
@@ -49,11 +50,11 @@ log = logging.getLogger(__name__)
 class RowsLost(RuntimeError):
     """Ray Data finished without returning every row of the run (the chunks are submitted again)."""
 
+
 #: the names of :mod:`ray.exceptions` that mean lost machines or processes, not a bad input: the
 #: front end submits the chunks still missing again after one of these
-LOST = ("NodeDiedError", "ActorDiedError", "ActorUnavailableError", "WorkerCrashedError", "ObjectLostError",
-        "OwnerDiedError", "ObjectReconstructionFailedError", "RaySystemError", "LocalRayletDiedError",
-        "OutOfMemoryError")
+LOST = ("NodeDiedError", "RayActorError", "WorkerCrashedError", "ObjectLostError", "RaySystemError",
+        "LocalRayletDiedError", "OutOfMemoryError")
 
 
 def _decode_row(row: dict[str, Any], imsize: int | None) -> dict[str, Any]:
@@ -103,6 +104,13 @@ class _Describer:
         return {"i": np.asarray(batch["i"], np.int64), "vector": out, "reason": np.asarray(batch["reason"], dtype=object)}
 
 
+def save_chunk(job: "Job", start: int, res) -> dict[str, Any]:
+    """:func:`cbir.extraction.job.save_chunk` (imported when called, see the imports above)."""
+    from .job import save_chunk as save
+
+    return save(job, start, res)
+
+
 def check_options(kw: dict[str, Any]) -> None:
     """ValueError for an option of the local engine that Ray does not have."""
     if kw.get("backend", "torch") != "torch":
@@ -149,7 +157,7 @@ def connect(address: str | None, workers: int | None, cpus_per_worker: int, devi
     return device, resolve_precision(torch.device(device), precision)
 
 
-def run(job: Job, model, *, address: str | None = None, workers: int | None = None, cpus_per_worker: int = 1,
+def run(job: "Job", model, *, address: str | None = None, workers: int | None = None, cpus_per_worker: int = 1,
         device: str = "cpu", retries: int = 2, batch_size: int = 8, progress: bool = True,
         strict: bool = False) -> None:
     """Describe the chunks of ``job`` without a shard on Ray, writing each chunk's shard.
@@ -179,18 +187,18 @@ def run(job: Job, model, *, address: str | None = None, workers: int | None = No
 
 
 def _lost(exc: BaseException) -> bool:
-    """Whether ``exc`` (or an exception it wraps) is one of :data:`LOST`."""
+    """Whether ``exc`` (or the exception it wraps: ``__cause__``, Ray's ``.cause``) is a :data:`LOST` one."""
     seen = 0
     while exc is not None and seen < 20:
         if isinstance(exc, RowsLost) or any(c.__name__ in LOST for c in type(exc).__mro__):
             return True
-        exc = exc.__cause__ or getattr(exc, "cause", None) or exc.__context__
+        exc = exc.__cause__ or getattr(exc, "cause", None)
         seen += 1
     return False
 
 
 def extract_to_dir_ray(model, images: Sequence[str | os.PathLike[str]], out_dir: str | os.PathLike[str], *,
-                       workers: int | None = None, **kw: Any) -> Descriptors:
+                       workers: int | None = None, **kw: Any) -> "Descriptors":
     """``extract_to_dir(..., engine="ray", ray_workers=workers)`` (the name of cbir <= 0.3)."""
     from .job import extract_to_dir
 
@@ -236,5 +244,7 @@ def _write(job, start: int, got: dict[int, tuple[np.ndarray | None, str]], stric
     failed = [{"path": str(job.paths[i]), "reason": r} for i, (v, r) in sorted(got.items()) if v is None]
     if strict and failed:
         raise ImageError(failed[0]["path"], failed[0]["reason"])
+    from .loop import ExtractResult
+
     vectors = np.stack([got[i][0] for i in ok]).astype(np.float32) if ok else np.zeros((0, dim), np.float32)
     save_chunk(job, start, ExtractResult(vectors=vectors, ok=np.asarray(ok, np.int64) - start, failed=failed))
