@@ -61,7 +61,7 @@ def run_on_cluster(model, n: int, files, ref, out: Path, kw: dict, cpus: int, ki
     from ray._private import state
     from ray.cluster_utils import Cluster
 
-    from cbir.extraction import ray_engine
+    from cbir.extraction import job as jobmod
 
     t0 = time.perf_counter()
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False,
@@ -70,7 +70,7 @@ def run_on_cluster(model, n: int, files, ref, out: Path, kw: dict, cpus: int, ki
     c.wait_for_nodes()
     ray.init(address=c.address, log_to_driver=False, configure_logging=False)
     up = time.perf_counter() - t0
-    real, written, killed = ray_engine.save_chunk, [], []
+    real, written, killed = jobmod.save_chunk, [], []
     n_shards = -(-len(files) // kw["chunk"])
 
     def save(job, start, res):
@@ -84,7 +84,7 @@ def run_on_cluster(model, n: int, files, ref, out: Path, kw: dict, cpus: int, ki
                 killed.append(time.perf_counter())
         return out_
 
-    ray_engine.save_chunk = save
+    jobmod.save_chunk = save  # the shard writer of both engines
     jobs: list = []
     load0 = load()
     try:
@@ -94,7 +94,7 @@ def run_on_cluster(model, n: int, files, ref, out: Path, kw: dict, cpus: int, ki
         places = {a["Address"]["NodeID"] for a in describers(state)}
         restarts = sum(a["NumRestarts"] for a in describers(state))
     finally:
-        ray_engine.save_chunk = real
+        jobmod.save_chunk = real
         ray.shutdown()
         c.shutdown()
     diff = float(np.abs(np.asarray(got.vectors) - np.asarray(ref.vectors)).max())

@@ -44,11 +44,12 @@ def case(tmp_path_factory):
 
 def test_ray_equals_local_and_resumes(local_ray, case, monkeypatch):
     from cbir.descriptors import Descriptors
-    from cbir.extraction import ray_engine
+    from cbir.extract import extract_to_dir
+    from cbir.extraction import job as jobmod
 
     model, images, boxes, local, tmp = case
     assert len(local) == 5 and [f["id"] for f in local.failed] == ["broken"]
-    real, written = ray_engine.save_chunk, []
+    real, written = jobmod.save_chunk, []  # the shard writer of both engines
 
     def killed_after_two(job, start, res):
         if len(written) == 2:
@@ -56,12 +57,12 @@ def test_ray_equals_local_and_resumes(local_ray, case, monkeypatch):
         written.append(start)
         return real(job, start, res)
 
-    monkeypatch.setattr(ray_engine, "save_chunk", killed_after_two)
+    monkeypatch.setattr(jobmod, "save_chunk", killed_after_two)
     with pytest.raises(KeyboardInterrupt):
-        ray_engine.extract_to_dir_ray(model, images, tmp / "ray", bboxes=boxes, workers=2, **KW)
+        extract_to_dir(model, images, tmp / "ray", bboxes=boxes, engine="ray", ray_workers=2, **KW)
     assert not (tmp / "ray" / "meta.json").exists() and len(written) == 2
-    monkeypatch.setattr(ray_engine, "save_chunk", lambda job, start, res: (written.append(start), real(job, start, res))[1])
-    out = ray_engine.extract_to_dir_ray(model, images, tmp / "ray", bboxes=boxes, workers=2, **KW)
+    monkeypatch.setattr(jobmod, "save_chunk", lambda job, start, res: (written.append(start), real(job, start, res))[1])
+    out = extract_to_dir(model, images, tmp / "ray", bboxes=boxes, engine="ray", ray_workers=2, **KW)
     assert sorted(written[2:]) == sorted({0, 2, 4} - set(written[:2]))  # only the missing shard was described
     assert out.ids == local.ids and out.failed == local.failed
     np.testing.assert_allclose(np.asarray(out.vectors), np.asarray(local.vectors), atol=1e-5)

@@ -61,7 +61,7 @@ def _describer_restarts() -> int:
 def test_worker_node_killed_mid_extraction(cluster, tmp_path, monkeypatch, capsys):
     from cbir.cli import main
     from cbir.descriptors import Descriptors
-    from cbir.extraction import ray_engine
+    from cbir.extraction import job as jobmod
 
     c, workers = cluster
     folder = tmp_path / "photos"
@@ -70,8 +70,8 @@ def test_worker_node_killed_mid_extraction(cluster, tmp_path, monkeypatch, capsy
         (folder / p.name).symlink_to(p)
     common = ["--imsize", "256", "--precision", "fp32", "--chunk", "2", "--quiet"]
 
-    real, written, killed = ray_engine.save_chunk, [], []
-    monkeypatch.setattr(ray_engine, "save_chunk",
+    real, written, killed = jobmod.save_chunk, [], []
+    monkeypatch.setattr(jobmod, "save_chunk",
                         lambda job, start, res: (written.append((start, time.monotonic())), real(job, start, res))[1])
     done = threading.Event()
 
@@ -98,7 +98,7 @@ def test_worker_node_killed_mid_extraction(cluster, tmp_path, monkeypatch, capsy
     assert sorted(s for s, _ in written) == [0, 2, 4]  # every shard once: nothing lost, nothing doubled
     assert _describer_restarts() >= 1  # Ray restarted the killed node's model actor on the survivor
     assert "resuming" not in capsys.readouterr().err
-    monkeypatch.setattr(ray_engine, "save_chunk", real)
+    monkeypatch.setattr(jobmod, "save_chunk", real)
     assert main(["extract", str(folder), "--out", str(tmp_path / "local"), *common]) == 0
     got, local = Descriptors.load(tmp_path / "ray"), Descriptors.load(tmp_path / "local")
     assert got.ids == local.ids and len(set(got.ids)) == 6 and got.failed == local.failed == []

@@ -229,7 +229,7 @@ def extract_to_dir(
     if job.complete:
         return Descriptors.load(job.out)
     if engine == "ray":
-        ray_engine.run(job, model, address=address, workers=ray_workers, cpus_per_worker=cpus_per_worker,
+        ray_engine.run(job, model, save_chunk, address=address, workers=ray_workers, cpus_per_worker=cpus_per_worker,
                        device=device, retries=retries, batch_size=kw.get("batch_size") or 8,
                        progress=kw.get("progress", True), strict=kw.get("strict", False))
     else:

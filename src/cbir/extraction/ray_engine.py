@@ -2,10 +2,10 @@
 
 The front end (:func:`cbir.extraction.job.extract_to_dir` with ``engine="ray"``) lists the inputs,
 plans the job (fingerprint, kept shards) and writes ``meta.json``; this module only describes the
-pending chunks, on Ray Data, and writes each chunk's shard through the same
-:func:`cbir.extraction.job.save_chunk` as the local engine. A run can therefore be resumed by either
-engine, and the descriptors equal the local engine's to float tolerance (the same PIL decoding and
-resizing, the same :func:`cbir.extraction.loop.describe`).
+pending chunks, on Ray Data, and writes each chunk's shard through the writer the front end hands
+it (:func:`cbir.extraction.job.save_chunk`, as for the local engine). A run can therefore be
+resumed by either engine, and the descriptors equal the local engine's to float tolerance (the same
+PIL decoding and resizing, the same :func:`cbir.extraction.loop.describe`).
 
 - decode: ``Dataset.map`` tasks, one row per image: EXIF-rotated, cropped, shrunk to ``imsize``,
   as uint8 pixels (a failure becomes a row with its reason);
@@ -32,17 +32,16 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
 from .images import ImageError, load_image, reason_of, resized_pixels
 
-if TYPE_CHECKING:  # torch comes with these: the decoding tasks, which import this module, do without it
-    from ..descriptors import Descriptors
+if TYPE_CHECKING:  # torch comes with it: the decoding tasks, which import this module, do without it
     from .job import Job
 
-__all__ = ["extract_to_dir_ray", "connect", "run", "check_options", "LOST", "RowsLost"]
+__all__ = ["connect", "run", "check_options", "LOST", "RowsLost"]
 
 log = logging.getLogger(__name__)
 
@@ -104,13 +103,6 @@ class _Describer:
         return {"i": np.asarray(batch["i"], np.int64), "vector": out, "reason": np.asarray(batch["reason"], dtype=object)}
 
 
-def save_chunk(job: "Job", start: int, res) -> dict[str, Any]:
-    """:func:`cbir.extraction.job.save_chunk` (imported when called, see the imports above)."""
-    from .job import save_chunk as save
-
-    return save(job, start, res)
-
-
 def check_options(kw: dict[str, Any]) -> None:
     """ValueError for an option of the local engine that Ray does not have."""
     if kw.get("backend", "torch") != "torch":
@@ -157,10 +149,11 @@ def connect(address: str | None, workers: int | None, cpus_per_worker: int, devi
     return device, resolve_precision(torch.device(device), precision)
 
 
-def run(job: "Job", model, *, address: str | None = None, workers: int | None = None, cpus_per_worker: int = 1,
-        device: str = "cpu", retries: int = 2, batch_size: int = 8, progress: bool = True,
-        strict: bool = False) -> None:
-    """Describe the chunks of ``job`` without a shard on Ray, writing each chunk's shard.
+def run(job: "Job", model, save: Callable[["Job", int, Any], Any], *, address: str | None = None,
+        workers: int | None = None, cpus_per_worker: int = 1, device: str = "cpu", retries: int = 2,
+        batch_size: int = 8, progress: bool = True, strict: bool = False) -> None:
+    """Describe the chunks of ``job`` without a shard on Ray; ``save(job, start, ExtractResult)``
+    writes each chunk's shard (the front end's :func:`cbir.extraction.job.save_chunk`).
 
     After a lost node / actor / object (:data:`LOST`) that Ray itself did not recover from, the
     chunks still without a shard are submitted again, up to ``retries`` times; ``job.resubmits``
@@ -176,7 +169,7 @@ def run(job: "Job", model, *, address: str | None = None, workers: int | None = 
         if not todo:
             return
         try:
-            _run(ray, job, model, todo, device, gpus, workers, cpus_per_worker, batch_size, progress, strict)
+            _run(ray, job, model, todo, save, device, gpus, workers, cpus_per_worker, batch_size, progress, strict)
             return
         except Exception as exc:
             if attempt == retries or not _lost(exc):
@@ -197,15 +190,7 @@ def _lost(exc: BaseException) -> bool:
     return False
 
 
-def extract_to_dir_ray(model, images: Sequence[str | os.PathLike[str]], out_dir: str | os.PathLike[str], *,
-                       workers: int | None = None, **kw: Any) -> "Descriptors":
-    """``extract_to_dir(..., engine="ray", ray_workers=workers)`` (the name of cbir <= 0.3)."""
-    from .job import extract_to_dir
-
-    return extract_to_dir(model, images, out_dir, engine="ray", ray_workers=workers, **kw)
-
-
-def _run(ray, job, model, todo, device, gpus, workers, cpus_per_worker, batch_size, progress, strict):
+def _run(ray, job, model, todo, save, device, gpus, workers, cpus_per_worker, batch_size, progress, strict):
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
@@ -234,12 +219,12 @@ def _run(ray, job, model, todo, device, gpus, workers, cpus_per_worker, batch_si
                 continue
             done[start][int(i)] = (None if reason else v, str(reason))
             if len(done[start]) == job.stop(start) - start:
-                _write(job, start, done.pop(start), strict, model.dim)
+                _write(job, start, done.pop(start), strict, model.dim, save)
     if done:  # pragma: no cover - Ray lost rows
         raise RowsLost(f"Ray returned no result for {sum(job.stop(s) - s for s in done)} images")
 
 
-def _write(job, start: int, got: dict[int, tuple[np.ndarray | None, str]], strict: bool, dim: int) -> None:
+def _write(job, start: int, got: dict[int, tuple[np.ndarray | None, str]], strict: bool, dim: int, save) -> None:
     ok = sorted(i for i, (v, _) in got.items() if v is not None)
     failed = [{"path": str(job.paths[i]), "reason": r} for i, (v, r) in sorted(got.items()) if v is None]
     if strict and failed:
@@ -247,4 +232,4 @@ def _write(job, start: int, got: dict[int, tuple[np.ndarray | None, str]], stric
     from .loop import ExtractResult
 
     vectors = np.stack([got[i][0] for i in ok]).astype(np.float32) if ok else np.zeros((0, dim), np.float32)
-    save_chunk(job, start, ExtractResult(vectors=vectors, ok=np.asarray(ok, np.int64) - start, failed=failed))
+    save(job, start, ExtractResult(vectors=vectors, ok=np.asarray(ok, np.int64) - start, failed=failed))
