@@ -108,9 +108,11 @@ def run(cmd: list[str], env: dict[str, str], cwd: Path) -> tuple[float, int, str
     return time.perf_counter() - t, p.returncode, p.stdout, p.stderr
 
 
-def last_line(text: str) -> str:
-    lines = [ln.strip() for ln in text.replace("\r", "\n").splitlines() if ln.strip()]
-    return lines[-1] if lines else ""
+def last_line(text: str, word: str = "") -> str:
+    """The last non-empty line of ``text`` (the last one holding ``word`` when given), spaces squeezed."""
+    lines = [" ".join(ln.split()) for ln in text.replace("\r", "\n").splitlines() if ln.strip()]
+    picked = [ln for ln in lines if word in ln] or lines
+    return picked[-1] if picked else ""
 
 
 def main() -> int:
@@ -145,9 +147,9 @@ def main() -> int:
             files = sorted(photos.iterdir())
         queries = files[:: max(1, len(files) // args.searches)][: args.searches]
 
-        def step(label: str, argv: list[str], note: str = "") -> bool:
+        def step(label: str, argv: list[str], note: str = "", word: str = "") -> bool:
             dt, rc, out, err = run([*cbir, *argv], env, work)
-            what = last_line(out) or last_line(err)
+            what = last_line(out, word) or last_line(err)
             if rc != 0:
                 what = f"exit {rc}: {last_line(err) or last_line(out)}"
             rows.append({"command": label, "seconds": round(dt, 2), "exit": rc, "notes": (note + "; " if note else "") + what})
@@ -177,12 +179,14 @@ def main() -> int:
                  f"{len(list(more.iterdir()))} photos not in the folder")
         if not args.folder:
             step("cbir evaluate --dataset holidays --data-root PHOTOS",
-                 ["evaluate", "--dataset", "holidays", "--data-root", str(photos), "--quiet"], "Holidays rule")
+                 ["evaluate", "--dataset", "holidays", "--data-root", str(photos), "--quiet"], "Holidays rule",
+                 word="Medium")
         elif gnd is not None:
-            step("cbir evaluate --gnd GND --images PHOTOS", ["evaluate", "--gnd", str(gnd), "--images", str(photos), "--quiet"])
+            step("cbir evaluate --gnd GND --images PHOTOS", ["evaluate", "--gnd", str(gnd), "--images", str(photos), "--quiet"],
+                 word="Medium")
         if gnd is not None:
             step("cbir tune --val gnd.pkl PHOTOS --out my.recipe.json",
-                 ["tune", "--val", str(gnd), str(photos), "--out", "my.recipe.json"])
+                 ["tune", "--val", str(gnd), str(photos), "--out", "my.recipe.json"], word="recipe")
         else:
             rows.append({"command": "cbir evaluate / cbir tune", "seconds": float("nan"), "exit": 0,
                          "notes": "skipped: no ground truth (give --gnd)"})
