@@ -127,7 +127,8 @@ def main() -> int:
     ap.add_argument("--kill-nodes", type=int, default=3, help="nodes of the kill run (default: 3)")
     args = ap.parse_args()
 
-    files = sorted(p for p in Path(args.folder).iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))[: args.images]
+    files = sorted(p for p in Path(args.folder).iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    files = files[: args.images]
     scales = tuple(float(s) for s in args.scales.split(","))
     model = build_model("efficientnet_lite0", pooling="gem")
     kw = dict(imsize=args.imsize, scales=scales, progress=False, precision="fp32", chunk=args.chunk)
@@ -154,7 +155,8 @@ def main() -> int:
         import ray
 
         counts = [int(w) for w in args.workers.split(",")]
-        ray.init(num_cpus=max(counts) + 1, include_dashboard=False, log_to_driver=False, configure_logging=False,
+        ray.init(address="local", num_cpus=max(counts) + 1, include_dashboard=False, log_to_driver=False,
+                 configure_logging=False,
                  _system_config={"worker_niceness": 0})
         print(f"local Ray with {max(counts) + 1} CPUs")
         try:

@@ -16,10 +16,11 @@ user's shell):
 Default folder: the first 200 photos (sorted ids) of ``$CBIR_SHARED/data/holidays-805/jpg``,
 symlinked into a temporary folder, with their Holidays ground truth (``gnd.pkl``, revisitop format,
 for ``tune``); ``index add`` adds the next 10. ``--folder DIR`` times your own photos instead
-(``--gnd FILE``: its ground truth for evaluate and tune, which are skipped without it). Prints a table (command, wall seconds, notes), the date, the machine and its
-load average (``os.getloadavg()``) before and after.
+(``--gnd FILE``: its ground truth for evaluate and tune, which are skipped without it). Prints a
+table (command, wall seconds, notes), the date, the machine and its load average
+(``os.getloadavg()``) before and after.
 
-  python benchmarks/user_paths.py                  # 200 Holidays photos (about 10-30 min on 2 cores)
+  python benchmarks/user_paths.py                  # 200 Holidays photos (30-60 min on a loaded 2-core CPU)
   python benchmarks/user_paths.py --quick          # 40 photos, 5 searches
   python benchmarks/user_paths.py --folder ~/photos --gnd ~/photos_gnd.pkl --json user_paths.json
 """
@@ -96,7 +97,8 @@ def holidays_subset(n: int, extra: int, work: Path) -> tuple[Path, Path, Path]:
         easy = [old[i] for i in g["easy"] if old[i] is not None]
         if name in keep and easy:
             gnd["qimlist"].append(name)
-            gnd["gnd"].append({**g, "easy": easy, "hard": [], "junk": [old[i] for i in g["junk"] if old[i] is not None]})
+            junk = [old[i] for i in g["junk"] if old[i] is not None]
+            gnd["gnd"].append({**g, "easy": easy, "hard": [], "junk": junk})
     path = work / "gnd.pkl"
     path.write_bytes(pickle.dumps(gnd))
     return photos, more, path
@@ -152,7 +154,8 @@ def main() -> int:
             what = last_line(out, word) or last_line(err)
             if rc != 0:
                 what = f"exit {rc}: {last_line(err) or last_line(out)}"
-            rows.append({"command": label, "seconds": round(dt, 2), "exit": rc, "notes": (note + "; " if note else "") + what})
+            rows.append({"command": label, "seconds": round(dt, 2), "exit": rc,
+                         "notes": (note + "; " if note else "") + what})
             print(f"  {label}: {dt:.1f} s (exit {rc})", file=sys.stderr, flush=True)
             return rc == 0
 
@@ -171,7 +174,8 @@ def main() -> int:
                              "notes": f"exit {rc}: {last_line(err)}"})
         ok = [t for t in times if t == t]
         rows.append({"command": f"cbir search photos.index --image Q --top 20 (x{len(times)}, median)",
-                     "seconds": round(statistics.median(ok), 2) if ok else float("nan"), "exit": 0 if len(ok) == len(times) else 1,
+                     "seconds": round(statistics.median(ok), 2) if ok else float("nan"),
+                     "exit": 0 if len(ok) == len(times) else 1,
                      "each": [round(t, 2) for t in times],
                      "notes": "each: " + " ".join(f"{t:.1f}" for t in times)})
         if more is not None:
@@ -182,7 +186,8 @@ def main() -> int:
                  ["evaluate", "--dataset", "holidays", "--data-root", str(photos), "--quiet"], "Holidays rule",
                  word="Medium")
         elif gnd is not None:
-            step("cbir evaluate --gnd GND --images PHOTOS", ["evaluate", "--gnd", str(gnd), "--images", str(photos), "--quiet"],
+            step("cbir evaluate --gnd GND --images PHOTOS",
+                 ["evaluate", "--gnd", str(gnd), "--images", str(photos), "--quiet"],
                  word="Medium")
         if gnd is not None:
             step("cbir tune --val gnd.pkl PHOTOS --out my.recipe.json",

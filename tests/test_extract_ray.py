@@ -20,7 +20,7 @@ KW = dict(imsize=64, scales=(1.0, 0.5), chunk=2, progress=False, precision="fp32
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False, configure_logging=False,
+    ray.init(address="local", num_cpus=3, include_dashboard=False, log_to_driver=False, configure_logging=False,
              _system_config={"worker_niceness": 0})
     yield
     ray.shutdown()

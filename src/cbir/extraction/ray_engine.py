@@ -100,7 +100,8 @@ class _Describer:
             for rows in groups.values():
                 x = torch.stack([pixels_tensor(batch["pixels"][j], self.model.mean, self.model.std) for j in rows])
                 out[rows] = describe(self.model, x.to(self.dev), self.scales, self.p).cpu().numpy()
-        return {"i": np.asarray(batch["i"], np.int64), "vector": out, "reason": np.asarray(batch["reason"], dtype=object)}
+        return {"i": np.asarray(batch["i"], np.int64), "vector": out,
+                "reason": np.asarray(batch["reason"], dtype=object)}
 
 
 def check_options(kw: dict[str, Any]) -> None:
@@ -129,8 +130,9 @@ def connect(address: str | None, workers: int | None, cpus_per_worker: int, devi
         raise ValueError(f"ray_workers must be >= 1, got {workers}")
     if address is None and not ray.is_initialized():
         # one logical CPU per model actor thread, plus one for the (light) decoding tasks
-        ray.init(num_cpus=max(1, (workers or os.cpu_count() or 1) * cpus_per_worker) + 1, include_dashboard=False,
-                 log_to_driver=False, configure_logging=False,
+        # address="local": a new Ray of our own, even where `ray start` (or a test's cluster) runs on this machine
+        ray.init(address="local", num_cpus=max(1, (workers or os.cpu_count() or 1) * cpus_per_worker) + 1,
+                 include_dashboard=False, log_to_driver=False, configure_logging=False,
                  _system_config={"worker_niceness": 0})  # Ray's default 15 starves the actors on a busy machine
     elif not ray.is_initialized():
         ray.init(address=address, log_to_driver=False, configure_logging=False)
@@ -206,7 +208,8 @@ def _run(ray, job, model, todo, save, device, gpus, workers, cpus_per_worker, ba
     # decoding: tasks of half a logical CPU (so Ray does not fuse them into the model actors)
     ds = ds.map(_decode_row, fn_kwargs={"imsize": imsize}, num_cpus=0.5)
     ds = ds.map_batches(
-        _Describer, fn_constructor_args=(model.cpu(), job.scales, device, job.precision, 0 if on_gpu else cpus_per_worker),
+        _Describer,
+        fn_constructor_args=(model.cpu(), job.scales, device, job.precision, 0 if on_gpu else cpus_per_worker),
         batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=workers),
         num_gpus=1 if on_gpu else 0, num_cpus=0 if on_gpu else cpus_per_worker,
     )
