@@ -29,7 +29,9 @@ ids: the path relative to the given folder, without its extension (photos/a/b.jp
 a file given by name gets its bare name. Unreadable files (corrupt, truncated, empty, not an
 image) are listed with the reason in DIR/meta.json "failed" and the run goes on (--strict: stop).
 Output: DIR/shards/*.npy + *.json (one shard per --chunk inputs, written as it goes) and DIR/meta.json
-(last). Interrupted? Run the same command again (either engine): finished shards are kept and it resumes.
+(last). Interrupted? Run the same command again (either engine): finished shards are kept and it
+resumes ("resuming at N of M images" on stderr). --engine ray: a lost node's work is done again by Ray
+(actor restarts, task retries), else the missing shards are submitted again (docs/extraction.md).
 Odd shapes are fine: every scale's sides are kept >= 32 px (a 1x1 image, a 3000x2 strip, a crop 1 px
 high are described); only a crop with no pixel inside its image is reported as failed.
 Poolings: spoc, mac, gem, rmac, regional, crow, bow (`cbir models` lists them with parameters).
