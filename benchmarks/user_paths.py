@@ -209,7 +209,8 @@ def main() -> int:
     print(f"| {'command'.ljust(width)} | wall s | notes |")
     print(f"|{'-' * (width + 2)}|-------:|-------|")
     for r in rows:
-        print(f"| {r['command'].ljust(width)} | {r['seconds']:6.1f} | {r['notes']} |")
+        secs = f"{r['seconds']:6.1f}" if r["seconds"] == r["seconds"] else "     -"
+        print(f"| {r['command'].ljust(width)} | {secs} | {r['notes']} |")
     if args.json:
         Path(args.json).write_text(json.dumps({"date": started.isoformat(), "machine": machine(),
                                                "load_before": load_before, "load_after": load_after,
