@@ -28,7 +28,6 @@ baseline of the same run.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -131,7 +130,7 @@ def run(n: int, d: int, nq: int, repeat: int, params: DiffusionParams, args_exac
 def run_index(n: int, d: int, nq: int, params: DiffusionParams, kind: str = "exact", factory: str | None = None) -> dict:
     """Per-query diffusion through cbir.index.Index with its stored graph (see module doc)."""
     from cbir.index import Index
-    from cbir.rerank.options import Rerank
+    from cbir.rerank import Rerank
 
     res: dict = {"n": n, "dim": d, "queries": nq, "index": kind, "factory": factory}
     db, q = synthetic(n, nq, d)
@@ -189,7 +188,7 @@ def main(argv=None) -> int:
     ap.add_argument("--index-type", default="exact", choices=("exact", "faiss"))
     ap.add_argument("--factory", default=None, help="faiss factory string for --index-type faiss")
     args = ap.parse_args(argv)
-    params = dataclasses.replace(PAPER, k=args.k, trunc=args.trunc)
+    params = PAPER.model_copy(update={"k": args.k, "trunc": args.trunc})
     if args.through_index:
         print(f"# diffusion through cbir.index, {os.cpu_count()} CPUs, params {params.to_dict()}", flush=True)
         rows = []

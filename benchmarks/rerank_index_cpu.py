@@ -25,7 +25,7 @@ from rerank import synthetic  # noqa: E402
 from cbir.index import Index  # noqa: E402
 from cbir.index.graph import KnnGraph  # noqa: E402
 from cbir.rerank.diffusion import PAPER  # noqa: E402
-from cbir.rerank.options import Rerank  # noqa: E402
+from cbir.rerank import Rerank  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -30,7 +30,7 @@ from cbir.descriptors import Descriptors, l2_normalize, read_fvecs
 from cbir.model import ModelSpec
 from cbir.pipeline import describe, load_benchmark, lookup, score
 from cbir.rerank.diffusion import PAPER, DiffusionParams
-from cbir.rerank.options import Rerank
+from cbir.rerank import Rerank
 
 PAPER_QE = {"qe_k": 2, "qe_alpha": 3.0}  # untuned: alpha = 3 as Radenovic et al. TPAMI'18, a small k
 PAPER_DBA = {"dba_k": 10, "dba_alpha": 3.0}  # untuned

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from cbir.datasets import from_gnd_file
-from cbir.rerank.options import Rerank
+from cbir.rerank import Rerank
 from cbir.rerank.recipe import Recipe, WhiteningSpec
 from cbir.rerank.tune import Grid, LabelledSet, _learn, tune
 
@@ -40,26 +40,20 @@ SETS = {
 DIMS = (128, 256, 512, None)
 
 
-def load(name: str, cache: Path) -> LabelledSet:
+def load(name: str, cache: Path | None) -> LabelledSet:
+    """The set's (queries, database) descriptors through the extraction cache (``cbir.cache``: shared
+    with `cbir evaluate`, `cbir tune`, ...; a Holidays query is its database photo, described once)."""
+    from cbir.model import ModelSpec
+    from cbir.pipeline import default_cache_dir, describe
+
     gnd_file, crop = SETS[name]
     ds = from_gnd_file(SHARED / gnd_file, name=name)
-    path = cache / f"{name}_lite0_gem_512_s1.npz"
-    if not path.exists():
-        from cbir.extract import extract
-        from cbir.model import build_model
-
-        model = build_model("efficientnet_lite0", pooling="gem")
-        db = extract(model, ds.db_paths, imsize=512, scales=(1.0,), progress=False, strict=True).vectors
-        if crop:
-            q = extract(model, ds.query_paths, imsize=512, scales=(1.0,), bboxes=ds.query_bboxes,
-                        progress=False, strict=True).vectors
-        else:
-            row = {n: i for i, n in enumerate(ds.db_ids)}
-            q = db[[row[n] for n in ds.query_ids]]
-        cache.mkdir(parents=True, exist_ok=True)
-        np.savez(path, q=q, db=db)
-    z = np.load(path)
-    return LabelledSet(name, z["q"], z["db"], ds)
+    q, db = describe(ds, ModelSpec("efficientnet_lite0", "gem"), imsize=512, scales=(1.0,), crop=crop,
+                     cache_dir=cache or default_cache_dir())
+    if not crop:  # whole images: each query is the row of the same photo
+        row = {n: i for i, n in enumerate(ds.db_ids)}
+        assert np.array_equal(q.vectors, db.vectors[[row[n] for n in ds.query_ids]])
+    return LabelledSet(name, q.vectors, db.vectors, ds)
 
 
 def emh(target: LabelledSet, scores: np.ndarray) -> list[float]:
@@ -120,11 +114,11 @@ def direction(learn: LabelledSet, target: LabelledSet, say) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cache", default="/tmp/cbir-bench", help="descriptor cache folder")
+    ap.add_argument("--cache", default=None, help="extraction cache folder (default: cbir's, $CBIR_CACHE)")
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args(argv)
     say = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
-    sets = {n: load(n, Path(args.cache)) for n in SETS}
+    sets = {n: load(n, Path(args.cache) if args.cache else None) for n in SETS}
     results = [direction(sets["holidays-805"], sets["rparis6k-250"], say),
                direction(sets["rparis6k-250"], sets["holidays-805"], say)]
     for r in results:

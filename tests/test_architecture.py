@@ -146,3 +146,37 @@ def test_library_never_imports_the_cli():
     bad = sorted(f"{m} -> {d}" for m, deps in graph.items() if not m.startswith(cli)
                  for d in deps if d == "cbir.cli" or d.startswith("cbir.cli."))
     assert bad == [], "library modules importing the CLI: " + ", ".join(bad)
+
+
+def argparse_imports(root: Path = PKG) -> list[str]:
+    """Modules outside ``cbir.cli`` / ``cbir.__main__`` that import argparse (anywhere in their body,
+    ``from argparse import ...`` included; imports for annotations only, under TYPE_CHECKING, too:
+    a library signature should not take an argparse.Namespace)."""
+    bad = []
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root.parent)
+        if rel.parts[1:2] in (("cli",), ("__main__.py",)) or "data" in rel.parts[1:2]:
+            continue
+        tree = ast.parse(path.read_text(), filename=str(path))
+        for node in ast.walk(tree):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            if any(n == "argparse" or n.startswith("argparse.") for n in names):
+                bad.append(f"{rel}:{node.lineno}")
+    return bad
+
+
+def test_the_argparse_checker_finds_imports(tmp_path):
+    pkg = tmp_path / "cbir"
+    (pkg / "cli").mkdir(parents=True)
+    (pkg / "cli" / "ok.py").write_text("import argparse\n")
+    (pkg / "__main__.py").write_text("import argparse\n")
+    (pkg / "lib.py").write_text("def f():\n    from argparse import Namespace\n")
+    (pkg / "other.py").write_text("import os, argparse as ap\n")
+    (pkg / "clean.py").write_text("import json  # argparse in a comment\nx = 'import argparse'\n")
+    assert argparse_imports(pkg) == ["cbir/lib.py:2", "cbir/other.py:1"]
+
+
+def test_argparse_only_in_the_cli():
+    bad = argparse_imports()
+    assert bad == [], "argparse imported outside cbir/cli (the library takes typed objects): " + ", ".join(bad)

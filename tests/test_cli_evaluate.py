@@ -151,3 +151,18 @@ def test_distractors_with_top_k_use_the_chunked_path(tmp_path, monkeypatch):
     assert main(["evaluate", "--gnd", str(gpath), "--features", str(feats), "--distractors", str(near),
                  "--top-k", "2", "--json", str(out)]) == 0
     assert json.loads(out.read_text())["mAP"]["medium"] == 0.0
+
+
+def test_help_lists_every_dataset(capsys):
+    """`cbir evaluate --help` names every dataset `--dataset` takes (holidays was missing)."""
+    import re
+
+    from cbir.cli import main
+    from cbir.datasets import DATASETS
+
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    listed = out.split("--dataset NAME", 2)[-1].split("--data-root")[0]
+    for name in DATASETS:
+        assert re.search(rf"\b{name}\b", listed), (name, listed)

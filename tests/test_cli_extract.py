@@ -118,3 +118,30 @@ def test_help_teaches(capsys):
         main(["extract", "--help"])
     out = capsys.readouterr().out
     assert "examples:" in out and "cbir extract photos/ --out feats/" in out and "--strict" in out
+
+
+def test_resume_says_where_it_continues(photo_dir, tmp_path, capsys, monkeypatch):
+    """An interrupted `cbir extract` run again says "resuming at N of M" (N = inputs in kept shards)."""
+    from cbir.extraction import job as jobmod
+
+    out = tmp_path / "feats"
+    args = ["extract", str(photo_dir), "--out", str(out), "--imsize", "64", "--scales", "1", "--chunk", "2", "--quiet"]
+    real, saved = jobmod.save_chunk, []
+
+    def interrupted_at_second_shard(job, start, res):
+        if saved:
+            raise KeyboardInterrupt
+        saved.append(start)
+        return real(job, start, res)
+
+    monkeypatch.setattr(jobmod, "save_chunk", interrupted_at_second_shard)
+    assert main(args) == 130  # Ctrl-C after the first shard (inputs 0..1 of 5)
+    assert "resuming" not in capsys.readouterr().err
+    monkeypatch.setattr(jobmod, "save_chunk", real)
+    assert main(args) == 0
+    text = capsys.readouterr()
+    assert "resuming at 2 of 5 images" in text.err and "3 images described" in text.out  # and 2 failed
+    assert Descriptors.load(out).ids == ["paris_eiffel_000000", "paris_louvre_000004", "sub/paris_invalides_000002"]
+    assert main(args) == 0
+    text = capsys.readouterr()
+    assert "already complete" in text.out and "resuming" not in text.err

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 import time
 from importlib.metadata import version
 from pathlib import Path
@@ -12,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cbir.pipeline import describing
 from cbir.cli import main
 from cbir.datasets import demo_root
 from cbir.descriptors import Descriptors
@@ -52,11 +52,23 @@ def test_offline_weights_fail_fast_with_one_line(tmp_path, capsys, monkeypatch):
 
     from cbir import backbones
 
-    monkeypatch.setattr(backbones, "hub_reachable", lambda *a, **k: False)
+    probes, offline_at_load, connects, sleeps = [], [], [], []
+    monkeypatch.setattr(backbones, "hub_reachable", lambda *a, **k: probes.append(a) or False)
     monkeypatch.setattr(hf, "HF_HUB_CACHE", str(tmp_path / "hf-empty"))
-    t0 = time.perf_counter()
+    real_net = backbones._timm_net
+
+    def timm_net(arch, pretrained):
+        offline_at_load.append(hf.HF_HUB_OFFLINE)
+        return real_net(arch, pretrained)
+
+    monkeypatch.setattr(backbones, "_timm_net", timm_net)
+    real_connect = socket.socket.connect
+    monkeypatch.setattr(socket.socket, "connect",
+                        lambda self, addr: connects.append(addr) or real_connect(self, addr))
+    monkeypatch.setattr(time, "sleep", lambda s: sleeps.append(s))  # the hub client's back-off would sleep
     rc, _, err = run(capsys, "extract", PHOTOS[0], "--out", tmp_path / "x", "--model", "resnet10t")
-    assert time.perf_counter() - t0 < 20
+    assert len(probes) == 1 and offline_at_load == [True]  # one probe, then the hub client is offline
+    assert connects == [] and sleeps == []  # so it neither connects nor retries
     assert rc == 2 and "could not download pretrained weights" in err and "--weights FILE" in err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert hf.HF_HUB_OFFLINE is False  # restored
@@ -102,7 +114,10 @@ def test_index_from_extract_folder_add_features_and_duplicates(feats, tmp_path, 
     calls = []
     monkeypatch.setattr(ex, "extract", lambda *a, **k: calls.append(1) or real(*a, **k))
     rc, stdout, err = run(capsys, "index", "build", "--features", out, "--out", ix)
-    assert rc == 0 and "indexed 3 images" in stdout and calls == [], err
+    # nothing of the collection is described again; the network exported for torch-free search is
+    # checked against torch on 2 indexed photos (one call)
+    assert rc == 0 and "indexed 3 images" in stdout and len(calls) == 1, err
+    assert "query network for fast search: exported" in err and (ix / "query-model.npz").is_file()
     desc = Descriptors.load(out)
     rc, stdout, _ = run(capsys, "index", "info", ix, "--json", "--list", "5")
     info = json.loads(stdout)
@@ -199,8 +214,11 @@ def test_search_says_what_is_wrong(feats, tmp_path, capsys):
     assert rc == 2 and "descriptors from `cbir extract`" in err and "index build --features" in err
     ix = tmp_path / "ix"
     assert run(capsys, "index", "build", "--features", out, "--out", ix)[0] == 0
-    rc, _, err = run(capsys, "search", ix, "--image", folder)
-    assert rc == 2 and "is a folder" in err
+    rc, out, err = run(capsys, "search", ix, "--image", folder, "--top", "1")  # a folder: each of its images
+    assert rc == 0 and out.count("query: ") == 3, (out, err)
+    (tmp_path / "empty").mkdir()
+    rc, _, err = run(capsys, "search", ix, "--image", tmp_path / "empty")
+    assert rc == 2 and "folder without images" in err
     rc, _, err = run(capsys, "search", ix, "--id", "no_such_name")
     assert rc == 2 and "no indexed image is named" in err
 
@@ -213,19 +231,21 @@ def test_resumed_complete_extract_says_so(feats, capsys):
 
 def test_evaluate_images_hits_the_cache_and_takes_pooling_params(tmp_path, capsys, monkeypatch):
     gnd = toy_benchmark(tmp_path)
+    from cbir.cache import describe as cached
+
     calls = []
-    real = describing._run_extract
-    monkeypatch.setattr(describing, "_run_extract", lambda m, p, **k: calls.append(len(p)) or real(m, p, **k))
+    real = cached._run_extract
+    monkeypatch.setattr(cached, "_run_extract", lambda m, p, **k: calls.append(len(p)) or real(m, p, **k))
     argv = ["evaluate", "--gnd", gnd, "--images", tmp_path / "jpg", "--weights", "none", "--pooling", "gem:p=4",
             "--imsize", "32", "--scales", "1", "--cache-dir", tmp_path / "cache", "--quiet", "--json", tmp_path / "r.json"]
     rc, out1, _ = run(capsys, *argv)
-    assert rc == 0 and calls == [3, 1]
+    assert rc == 0 and calls == [4]  # 3 database photos + 1 query, one pass
     res = json.loads((tmp_path / "r.json").read_text())
     assert res["settings"]["pooling_params"]["p"] == pytest.approx(4.0)
     rc, out2, _ = run(capsys, *argv, "--qe", "1")
-    assert rc == 0 and calls == [3, 1] and "(cached)" in out2
+    assert rc == 0 and calls == [4] and "(cached: nothing described" in out2
     rc, _, _ = run(capsys, *argv, "--no-cache")
-    assert rc == 0 and calls == [3, 1, 3, 1]
+    assert rc == 0 and calls == [4, 4]
 
 
 def test_evaluate_features_names_the_descriptors(tmp_path, capsys):

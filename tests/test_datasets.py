@@ -131,14 +131,18 @@ def test_checksum_mismatch_leaves_nothing(server, tmp_path):
     assert not dest.exists() and not (tmp_path / "f.bin.part").exists()
 
 
-def test_offline_fails_at_once_with_clear_message(tmp_path):
+def test_offline_fails_at_once_with_clear_message(tmp_path, monkeypatch):
+    """At once = one connection attempt, no retry, no back-off sleep (counted, not timed)."""
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    t0 = time.perf_counter()
+    connects, sleeps = [], []
+    real_connect = socket.socket.connect
+    monkeypatch.setattr(socket.socket, "connect", lambda self, addr: connects.append(addr) or real_connect(self, addr))
+    monkeypatch.setattr(time, "sleep", lambda sec: sleeps.append(sec))
     with pytest.raises(DownloadError, match="cannot reach .*by hand"):
         download_file(f"http://127.0.0.1:{port}/gnd.pkl", tmp_path / "gnd.pkl")
-    assert time.perf_counter() - t0 < 5
+    assert connects == [("127.0.0.1", port)] and sleeps == []
     assert not (tmp_path / "gnd.pkl").exists()
 
 

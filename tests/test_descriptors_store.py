@@ -70,8 +70,9 @@ def test_damaged_shard_is_a_clear_error(tmp_path):
     info = tmp_path / "sh" / "shards" / "000000000010.json"
     meta = json.loads(info.read_text())
     info.write_text(json.dumps({**meta, "ids": meta["ids"][:3]}))
-    with pytest.raises(FormatError, match="000000000010.npy"):
+    with pytest.raises(FormatError, match="000000000010.json lists 3 ids but .*meta.json says the shard has 10 rows"):
         Descriptors.load(tmp_path / "sh")
+    info.write_text(json.dumps(meta))
     (tmp_path / "sh" / "shards" / "000000000000.npy").unlink()
     with pytest.raises(FileNotFoundError, match="000000000000.npy"):
         Descriptors.load(tmp_path / "sh")

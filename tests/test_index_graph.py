@@ -7,7 +7,7 @@ import pytest
 
 from cbir.index import Index
 from cbir.rerank.diffusion import PAPER, DiffusionParams, knn_graph
-from cbir.rerank.options import Rerank
+from cbir.rerank import Rerank
 
 
 def clustered(n: int, dim: int, clusters: int, seed: int = 0, spread: float = 0.6) -> np.ndarray:
@@ -90,6 +90,25 @@ def test_search_rerank_does_not_copy_the_matrix(monkeypatch):
     idx = Index(16)
     idx.add(x, [f"p{i}" for i in range(400)])
     idx.build_graph(k=10)
+    rr = Rerank(qe=3, diffusion=DiffusionParams(k=10, kq=5, trunc=50))
+    scores, _ = rr.apply(x[:2], x)  # the same re-ranking on a copy the test holds
+    want = np.argsort(-scores, axis=1, kind="stable")[:, :5]
     monkeypatch.setattr(Index, "vectors", lambda self: pytest.fail("search_rerank copied every vector"))
-    hits, _ = idx.search_rerank(x[:2], 5, Rerank(qe=3, diffusion=DiffusionParams(k=10, kq=5, trunc=50)))
-    assert hits[0][0].id == 0 or len(hits[0]) == 5
+    hits, _ = idx.search_rerank(x[:2], 5, rr)
+    # without the copy, the same top 5 (ids = rows here), scores included, and each query finds itself first
+    assert [[h.id for h in row] for row in hits] == want.tolist()
+    np.testing.assert_allclose([[h.score for h in row] for row in hits], np.take_along_axis(scores, want, 1),
+                               rtol=1e-4, atol=1e-5)
+    assert [row[0].id for row in hits] == [0, 1]
+
+
+def test_graph_k_out_of_range_is_refused_before_any_work():
+    """A k the manifest could not record (above MAX_NEIGHBOURS, a float, a bool) fails at once."""
+    from cbir.schema import MAX_NEIGHBOURS
+
+    idx = Index(8)
+    idx.add(clustered(20, 8, 2), [str(i) for i in range(20)])
+    for k in (0, MAX_NEIGHBOURS + 1, 2.5, True):
+        with pytest.raises(ValueError, match="graph k must be an integer"):
+            idx.build_graph(k)
+    assert idx.graph is None

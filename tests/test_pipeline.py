@@ -12,7 +12,7 @@ from cbir.pipeline import describing
 from cbir.descriptors import Descriptors
 from cbir.evaluation import evaluate_revisitop
 from cbir.model import ModelSpec, build_model
-from cbir.rerank.options import Rerank
+from cbir.rerank import Rerank
 from conftest import toy_benchmark
 
 
@@ -56,29 +56,35 @@ def test_score_matches_the_protocol_and_records_rerank(tmp_path):
 
 def test_describe_uses_the_cache(tmp_path, monkeypatch):
     """Second describe with the same settings runs no extraction and gives the same vectors;
-    another setting (or a changed image) is a miss."""
+    another setting is a miss for every image, an edited image a miss for that image alone."""
+    from cbir.cache import describe as cached
+
     bench = pipeline.load_benchmark(toy_benchmark(tmp_path))
     calls = []
-    real = describing._run_extract
+    real = cached._run_extract
 
     def counting(model, paths, **kw):
         calls.append(len(paths))
         return real(model, paths, **kw)
 
-    monkeypatch.setattr(describing, "_run_extract", counting)
+    monkeypatch.setattr(cached, "_run_extract", counting)
     spec = ModelSpec("efficientnet_lite0", "gem:p=4", "none")
     kw = dict(imsize=32, scales=(1.0,), device="cpu", cache_dir=tmp_path / "cache")
     q1, db1 = pipeline.describe(bench, spec, **kw)
-    assert calls == [3, 1] and q1.meta["cache"] == "miss" and q1.meta["pooling_params"]["p"] == pytest.approx(4)
+    assert calls == [4] and q1.meta["cache"] == "miss" and q1.meta["pooling_params"]["p"] == pytest.approx(4)
+    assert q1.meta["described"] == 4 and q1.meta["cache_hits"] == 0
     q2, db2 = pipeline.describe(bench, spec, **kw)
-    assert calls == [3, 1] and q2.meta["cache"] == "hit"
+    assert calls == [4] and q2.meta["cache"] == "hit" and q2.meta["cache_hits"] == 4
+    assert q2.meta["pooling_params"] == q1.meta["pooling_params"] and q2.meta["model"] == "efficientnet_lite0"
     np.testing.assert_array_equal(q1.vectors, q2.vectors)
     np.testing.assert_array_equal(db1.vectors, db2.vectors)
     pipeline.describe(bench, spec, **{**kw, "imsize": 24})
-    assert len(calls) == 4
-    Image.new("RGB", (40, 30), (0, 0, 0)).save(bench.db_paths[2])  # an edited image: described again
-    pipeline.describe(bench, spec, **kw)
-    assert len(calls) == 6
+    assert calls == [4, 4]
+    Image.new("RGB", (40, 30), (0, 0, 0)).save(bench.db_paths[2])  # an edited image: described again, alone
+    q3, db3 = pipeline.describe(bench, spec, **kw)
+    assert calls == [4, 4, 1] and q3.meta["cache"] == "miss"
+    np.testing.assert_array_equal(db3.vectors[:2], db1.vectors[:2])
+    assert not np.allclose(db3.vectors[2], db1.vectors[2])
 
 
 def test_describe_an_in_memory_net_is_not_cached_and_crops(tmp_path, monkeypatch):

@@ -14,7 +14,7 @@ import pytest
 
 from cbir.evaluation import evaluate_revisitop
 from cbir.rerank.diffusion import UNREACHED_OFFSET, DiffusionParams, diffusion_scores, knn_graph
-from cbir.rerank.options import add_arguments, rerank_from_args
+from cbir.cli.rerank_options import add_arguments, rerank_from_args
 
 OPTIONS = (["--qe"], ["--dba"], ["--diffusion"])
 COMBOS = [sum(c, []) for r in (1, 2, 3) for c in itertools.combinations(OPTIONS, r)]

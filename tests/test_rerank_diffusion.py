@@ -208,7 +208,7 @@ def test_truncated_subgraphs_both_lookups_equal_slicing():
 def test_qe_and_diffusion_raise_medium_and_hard_on_rparis250_lite0(rparis250_lite0, rparis250_gnd):
     """Default model (Lite0 + GeM, 512 px): 238 database images, so a small graph (k = 10)."""
     from cbir.evaluation import evaluate_revisitop
-    from cbir.rerank.options import rerank
+    from cbir.rerank import rerank
 
     q, db = rparis250_lite0["q"], rparis250_lite0["db"]
     raw = evaluate_revisitop(rerank(q, db)[0], rparis250_gnd)["mAP"]

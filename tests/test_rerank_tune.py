@@ -16,7 +16,9 @@ from cbir.datasets.base import RetrievalDataset
 from cbir.fileio import FormatError
 from cbir.linalg import l2_normalize
 from cbir.rerank.diffusion import DiffusionParams
-from cbir.rerank.options import Rerank, add_arguments, rerank, rerank_from_args
+from cbir.cli import CLIError
+from cbir.cli.rerank_options import add_arguments, rerank_from_args
+from cbir.rerank import Rerank, rerank
 from cbir.rerank.recipe import Recipe, WhiteningSpec
 from cbir.rerank.tune import Grid, LabelledSet, matching_pairs, tune
 from cbir.whitening import learn_lw, learn_pca_whitening
@@ -115,7 +117,7 @@ def test_recipe_option_in_evaluate_and_search_parsers(tmp_path):
     scores, applied = rerank_from_args(p.parse_args(["--recipe", str(tmp_path / "r.json")]), q, db)
     np.testing.assert_allclose(scores, Rerank(qe=2).apply(q, db)[0])
     assert applied["recipe"]["whitening"] == {"method": "none"} and applied["qe"]["k"] == 2
-    with pytest.raises(ValueError, match="--recipe replaces"):
+    with pytest.raises(CLIError, match="--recipe replaces"):
         rerank_from_args(p.parse_args(["--recipe", str(tmp_path / "r.json"), "--qe"]), q, db)
 
 

@@ -51,7 +51,10 @@ def test_build_info_search_add_remove(tmp_path, capsys):
     rc, out, _ = run(capsys, "search", ix, "--image", q, "--top", "3", "--json", tmp_path / "res.json")
     res = json.loads((tmp_path / "res.json").read_text())
     assert rc == 0 and len(res) == 3 and set(res[0]) == {"id", "path", "score"}
-    assert res[0]["path"] == str(q.resolve()) and res[0]["score"] == pytest.approx(1.0, abs=1e-4)
+    # the query is described in fp32 by the exported network (ONNX Runtime, no torch); the index's
+    # descriptors were made under precision "auto" (bf16 on AMX CPUs): the same photo scores >= 0.999
+    assert res[0]["path"] == str(q.resolve()) and res[0]["score"] == pytest.approx(1.0, abs=1e-3)
+    assert (ix / "query-model.npz").is_file()
     assert [r["score"] for r in res] == sorted((r["score"] for r in res), reverse=True)
     # the printed table has a header, then the same ranking
     lines = out.strip().splitlines()

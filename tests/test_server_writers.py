@@ -27,6 +27,16 @@ def photo(seed: int, size=(80, 60)) -> bytes:
     return buf.getvalue()
 
 
+def wait_for(get, done, seconds: float, every: float = 0.05):
+    """``get()`` until ``done(value)``, at most ``seconds``; the last value (the caller asserts on it)."""
+    import time
+
+    deadline = time.monotonic() + seconds
+    while not done(value := get()) and time.monotonic() < deadline:
+        time.sleep(every)
+    return value
+
+
 def app_for(demo_index, **kw):
     from cbir.server import create_app
 
@@ -139,10 +149,9 @@ def test_uploads_and_another_process_writing_at_once_lose_nothing(demo_index, tm
         for t in threads:
             t.join()
         assert writer.wait(timeout=300) == 0
-        import time
-
-        time.sleep(0.6)  # > the service's refresh interval
-        health = httpx.get(url + "/api/health").json()
+        # the service notices the writer's last generation at its next look at the manifest (every 0.5 s)
+        health = wait_for(lambda: httpx.get(url + "/api/health").json(),
+                          lambda h: h["images"] == 33 + k + clients, seconds=30)
     assert not failures, failures
     back = Index.load(path, device="cpu")
     ids = back.vectors()[0].tolist()

@@ -38,6 +38,13 @@ def _evil_torch(path: Path, marker: Path, wrap) -> Path:
     return path
 
 
+def _no_unsafe_advice(message: str) -> None:
+    """A refusal says what the file holds; it never repeats torch's advice to load it unsafely."""
+    assert "holds a Python object" in message, message
+    for advice in ("weights_only", "trust", "safe_globals", "can still be loaded"):
+        assert advice not in message, message
+
+
 @pytest.fixture
 def marker(tmp_path) -> Path:
     return tmp_path / "PWNED"
@@ -142,9 +149,10 @@ def test_model_file(tmp_path, marker):
 
     p = _evil_torch(tmp_path / "model.pt", marker,
                     lambda x: {"format": MODEL_FORMAT, "format_version": 1, "config": x, "state_dict": {}})
-    with pytest.raises(FormatError, match="not a cbir model file"):
+    with pytest.raises(FormatError, match="not a cbir model file") as err:
         load_model(p)
     assert not marker.exists()
+    _no_unsafe_advice(str(err.value))
 
 
 def test_backbone_weights_file(tmp_path, marker):
@@ -152,9 +160,10 @@ def test_backbone_weights_file(tmp_path, marker):
     from cbir.model import build_model
 
     p = _evil_torch(tmp_path / "weights.pth", marker, lambda x: {"state_dict": {"w": torch.zeros(1)}, "x": x})
-    with pytest.raises(WeightsUnavailable, match="not a readable PyTorch weights file"):
+    with pytest.raises(WeightsUnavailable, match="not a readable PyTorch weights file") as err:
         build_model("test_efficientnet", weights=p)
     assert not marker.exists()
+    _no_unsafe_advice(str(err.value))
 
 
 def test_checkpoint(tmp_path, marker, class_images, capsys):
@@ -170,3 +179,4 @@ def test_checkpoint(tmp_path, marker, class_images, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and "not a readable checkpoint" in err and str(out / "last.pt") in err
     assert not marker.exists()
+    _no_unsafe_advice(err)

@@ -239,3 +239,61 @@ def test_cli_whiten_says_what_it_did(tmp_path, capsys):
     assert Whitening.load(tmp_path / "w.npz").meta["shrinkage"] == 0.5
     assert main(["whiten", "--features", str(tmp_path / "f"), "--out", str(tmp_path / "w0.npz"), "--shrinkage", "0"]) == 0
     assert "warning" in capsys.readouterr().err
+
+
+def test_auto_power_follows_the_data_support():
+    """power="auto": AUTO_POWER x min(1, N / (10 D)); it says so when it whitens only partly."""
+    from cbir.whitening import AUTO_POWER, ENOUGH_PER_DIM, auto_power
+
+    rng = np.random.default_rng(3)
+    d = 16
+    assert auto_power(ENOUGH_PER_DIM * d, d) == AUTO_POWER == auto_power(10 ** 6, d)
+    assert auto_power(40, d) == pytest.approx(AUTO_POWER * 40 / (ENOUGH_PER_DIM * d))
+    few = rng.normal(size=(40, d))
+    w = learn_pca_whitening(few, power="auto")
+    assert w.meta["power"] == pytest.approx(auto_power(40, d)) and w.meta["notes"][0].startswith("power=auto")
+    np.testing.assert_allclose(w.proj, learn_pca_whitening(few, power=auto_power(40, d)).proj)
+    assert learn_pca_whitening(rng.normal(size=(400, d)), power="auto").meta["power"] == AUTO_POWER
+    with pytest.raises(ValueError, match="power"):
+        learn_pca_whitening(few, power=float("nan"))
+
+
+def _medium(q, db, gnd, whiten=None) -> float:
+    from cbir.evaluation import evaluate_revisitop
+    from cbir.rerank import Rerank
+
+    return evaluate_revisitop(Rerank(whiten=whiten).apply(q, db)[0], gnd)["mAP"]["medium"]
+
+
+@pytest.mark.shared
+def test_cli_whiten_default_does_not_wreck_the_collection_it_learned_on(tmp_path, capsys, rparis250_lite0, rparis250_gnd):
+    """Issue 19: `cbir whiten --features F --method pca` on the 250 rparis6k-250 vectors, then the
+    same collection searched with it (the `evaluate --whiten` path): Medium may drop by 2 at most.
+    The 250 vectors: the 238 database photos and the 12 query photos (cropped, as searched).
+    Full whitening (power 1, main's old default) lost ~40 points here, so the bound can fail."""
+    from cbir.cli import main
+
+    q, db = rparis250_lite0["q"], rparis250_lite0["db"]
+    x = np.concatenate([db, q])
+    Descriptors(ids=[f"v{i}" for i in range(len(x))], vectors=x, meta={"model": "efficientnet_lite0"}).save(tmp_path / "f")
+    assert main(["whiten", "--features", str(tmp_path / "f"), "--out", str(tmp_path / "w.npz"), "--method", "pca"]) == 0
+    assert "power=auto" in capsys.readouterr().err
+    raw = _medium(q, db, rparis250_gnd)
+    assert _medium(q, db, rparis250_gnd, tmp_path / "w.npz") >= raw - 2.0
+    assert main(["whiten", "--features", str(tmp_path / "f"), "--out", str(tmp_path / "w1.npz"), "--power", "1"]) == 0
+    assert _medium(q, db, rparis250_gnd, tmp_path / "w1.npz") < raw - 20.0  # what the default avoids
+
+
+@pytest.mark.shared
+def test_auto_power_half_whitens_where_the_data_support_it(oxford_fc7, roxford_gnd):
+    """Oxford5k fc7-128d: 5063 vectors for 128 dimensions (40 per dimension) -> power 0.5, which
+    does not lower Medium when learned and applied in-domain (full whitening does: 21.13 -> 19.76)."""
+    from cbir.evaluation import evaluate_revisitop
+
+    x, names = oxford_fc7
+    row = {n: i for i, n in enumerate(names)}
+    db, q = x[[row[n] for n in roxford_gnd["imlist"]]], x[[row[n] for n in roxford_gnd["qimlist"]]]
+    w = learn_pca_whitening(x, power="auto")
+    assert w.meta["power"] == 0.5
+    medium = lambda a, b: evaluate_revisitop(a @ b.T, roxford_gnd)["mAP"]["medium"]  # noqa: E731
+    assert medium(w.apply(q), w.apply(db)) >= medium(q, db)

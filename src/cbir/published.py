@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .backbones import FeatureMap, WeightsUnavailable, map_in_order
-from .fileio import FormatError, sha256_file
+from .fileio import FormatError, load_error_reason, sha256_file
 from .pooling import Pooling, build_pooling
 
 __all__ = [
@@ -144,9 +144,7 @@ def read_checkpoint(path: str | os.PathLike[str]) -> Any:
         with torch.serialization.safe_globals(_numpy_globals()):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # zip/pickle errors of many kinds, or a forbidden global
-        first = str(exc).strip().splitlines()
-        why = next((line for line in first if "Unsupported global" in line), first[0] if first else type(exc).__name__)
-        raise FormatError(f"{path} is not a readable PyTorch checkpoint ({why.strip()})") from exc
+        raise FormatError(f"{path} is not a readable PyTorch checkpoint: {load_error_reason(exc)}") from exc
 
 
 def is_cirtorch(blob: Any) -> bool:

@@ -19,12 +19,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
 from .fileio import FormatError, load_stamped_npz, save_stamped_npz
 from .linalg import l2_normalize
+from .schema import MAX_DIM, MAX_ROWS, Float, Int, Schema, Str
 
 FORMAT = "whitening"
 FORMAT_VERSION = 1
@@ -40,6 +41,42 @@ FORMAT_VERSION = 1
 # shrinkage 0 / 0.5 / 0.95: 42.17 / 49.65 / 73.41): that case is warned about.
 AUTO_SHRINKAGE = 0.5
 ENOUGH_PER_DIM = 10
+#: Largest eigenvalue power of a PCA whitening (1 = full whitening; above 1 over-whitens).
+MAX_POWER = 2.0
+# The power of ``power="auto"`` (the default of ``cbir whiten``): AUTO_POWER scaled down by the
+# data support, AUTO_POWER * min(1, N / (ENOUGH_PER_DIM * D)). Measured (2026-12-06, Lite0 GeM
+# 512 px, 1 scale, Medium mAP, whitening learned on the very vectors it is then applied to, the
+# `cbir whiten` -> `evaluate --whiten` path): rparis6k-250 (250 vectors, 1280-D; raw 86.63) power
+# 1 / 0.5 / 0.25 / 0.1 / 0.02 / 0: 45.48 / 78.27 / 83.51 / 85.55 / 86.35 / 86.54 (shrinkage 0.5;
+# neither shrinkage up to 0.9 nor a kept dimension of 128 or 64 rescued power 1 or 0.5); Oxford5k
+# fc7-128d (5063 vectors, 128-D, 40 per dimension; raw 21.13) power 1 / 0.5: 19.76 / 21.38. So
+# half-whitening where the data support it, and next to a rotation where they do not.
+AUTO_POWER = 0.5
+
+
+def auto_power(n: int, d: int) -> float:
+    """Default eigenvalue power for ``n`` learning vectors of dimension ``d`` (``power="auto"``):
+    ``AUTO_POWER * min(1, n / (ENOUGH_PER_DIM * d))``."""
+    return AUTO_POWER * min(1.0, n / (ENOUGH_PER_DIM * d))
+
+
+class WhiteningMeta(Schema):
+    """The ``meta`` of a whitening file (format ``whitening`` v1; the stamp is checked apart): what
+    learned it (``method``, ``power``, ``dim``, ``shrinkage``, ``n_learn`` vectors / ``n_pairs``
+    pairs, ``notes``), its ``in_dim`` / ``out_dim`` (checked against the arrays) and, from
+    ``cbir whiten``, the ``features`` folder and ``source_model``. Unknown keys are refused."""
+
+    method: Literal["pca", "lw"] | None = None
+    power: Float(ge=0.0, le=MAX_POWER) | None = None
+    dim: Int(ge=1, le=MAX_DIM) | None = None
+    shrinkage: Float(ge=0.0, le=1.0) | None = None
+    n_learn: Int(ge=0, le=MAX_ROWS) | None = None
+    n_pairs: Int(ge=0, le=MAX_ROWS) | None = None
+    notes: list[Str] = []
+    in_dim: Int(ge=1, le=MAX_DIM) | None = None
+    out_dim: Int(ge=1, le=MAX_DIM) | None = None
+    features: Str | None = None
+    source_model: Str | None = None
 
 
 def auto_shrinkage(n: int, d: int) -> float:
@@ -48,7 +85,8 @@ def auto_shrinkage(n: int, d: int) -> float:
     return AUTO_SHRINKAGE if n < ENOUGH_PER_DIM * d else 0.0
 
 
-def _resolve_shrinkage(shrinkage: float | str | None, n: int, d: int, what: str) -> tuple[float, list[str]]:
+def _resolve_shrinkage(shrinkage: float | str | None, n: int, d: int, what: str,
+                       power: float = 1.0) -> tuple[float, list[str]]:
     """(shrinkage, notes): ``"auto"``/None -> auto_shrinkage; notes say what was done and why."""
     notes: list[str] = []
     if shrinkage in (None, "auto"):
@@ -58,12 +96,12 @@ def _resolve_shrinkage(shrinkage: float | str | None, n: int, d: int, what: str)
                          f"shrunk towards tr(C)/D I by {value:g} (shrinkage=auto)")
     else:
         value = float(shrinkage)
-        if not 0.0 <= value <= 1.0:
+        if not (np.isfinite(value) and 0.0 <= value <= 1.0):
             raise ValueError(f"shrinkage must be in [0, 1] or 'auto', got {shrinkage}")
         if value == 0.0 and n <= d:
             notes.append(f"warning: {n} {what} for {d} dimensions and no shrinkage: the covariance is singular "
                          f"and full whitening amplifies noise (use shrinkage=auto)")
-    if n <= d:
+    if n <= d and power > 0.1:
         notes.append(f"warning: fewer {what} ({n}) than dimensions ({d}): do not apply this whitening to the same "
                      f"vectors it was learned from (it makes them nearly equidistant: rparis6k-250, 238 vectors, "
                      f"Medium 91.78 -> 49.65 even with shrinkage 0.5); learn it on another, larger set")
@@ -133,18 +171,33 @@ class Whitening:
 
     @classmethod
     def load(cls, path: str | Path) -> "Whitening":
+        """Read a whitening file, checked: its meta against :class:`WhiteningMeta`, ``mean`` (D,) and
+        ``proj`` (d, D) finite floats whose sizes match ``in_dim`` / ``out_dim`` (FormatError naming it)."""
         arrays, meta = load_stamped_npz(path, FORMAT, (FORMAT_VERSION,), "cbir whitening")
         if "mean" not in arrays or "proj" not in arrays:
             raise FormatError(f"{path} is not a readable cbir whitening file (mean/proj missing)")
+        doc = WhiteningMeta.parse(meta, f"whitening {path}")
+        mean, proj = arrays["mean"], arrays["proj"]
+        for name, arr, ndim in (("mean", mean, 1), ("proj", proj, 2)):
+            if arr.ndim != ndim or not np.issubdtype(arr.dtype, np.floating):
+                raise FormatError(f"whitening {path}: {name} must be a {ndim}-D float array, got {arr.dtype.name} {arr.shape}")
+            if not np.isfinite(arr).all():
+                raise FormatError(f"whitening {path}: {name} holds NaN or infinite values (damaged)")
+        if proj.shape[1] != mean.shape[0] or not 1 <= proj.shape[0] <= proj.shape[1]:
+            raise FormatError(f"whitening {path}: proj {proj.shape} does not fit mean {mean.shape}")
+        if (doc.in_dim, doc.out_dim) != (None, None) and (doc.in_dim, doc.out_dim) != (proj.shape[1], proj.shape[0]):
+            raise FormatError(f"whitening {path}: in_dim/out_dim {doc.in_dim}/{doc.out_dim} but proj is {proj.shape}")
         for key in ("in_dim", "out_dim"):
             meta.pop(key, None)
-        return cls(mean=arrays["mean"], proj=arrays["proj"], meta=meta)
+        return cls(mean=mean, proj=proj, meta=meta)
 
 
 def _check_x(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, dtype=np.float64)
     if x.ndim != 2 or x.shape[0] < 2:
         raise ValueError(f"whitening needs a 2-D learning set with >= 2 rows, got shape {x.shape}")
+    if not np.isfinite(x).all():
+        raise ValueError("the whitening's learning vectors hold NaN or infinite values")
     return x
 
 
@@ -164,19 +217,32 @@ def _eig_desc(c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def learn_pca_whitening(
-    x: np.ndarray, power: float = 1.0, dim: int | None = None, shrinkage: float | str = "auto", eps: float = 1e-12
+    x: np.ndarray, power: float | str = 1.0, dim: int | None = None, shrinkage: float | str = "auto", eps: float = 1e-12
 ) -> Whitening:
     """PCA whitening of the rows of x (N, D) -> Whitening (mean (D,), proj (dim, D)).
 
     ``proj = diag(lambda_i^(-power/2)) U_dim^T`` with lambda, U the eigenvalues/vectors (descending)
     of ``(1 - shrinkage) Cov(x) + shrinkage tr(Cov)/D I``; eigenvalues below ``eps * lambda_max`` are
-    raised to it (rank-deficient learning sets). ``shrinkage="auto"``: ``auto_shrinkage(N, D)``.
+    raised to it (rank-deficient learning sets). ``shrinkage="auto"``: ``auto_shrinkage(N, D)``;
+    ``power="auto"``: :func:`auto_power` (what the data support; the default of ``cbir whiten``).
     ``meta["notes"]`` says what was done when the learning set is small for its dimension.
     """
     x = _check_x(x)
     n, d = x.shape
     dim = _check_dim(dim, d)
-    shrinkage, notes = _resolve_shrinkage(shrinkage, n, d, "vectors")
+    power_notes = []
+    if isinstance(power, str):
+        if power != "auto":
+            raise ValueError(f"whitening power must be a number in [0, {MAX_POWER:g}] or 'auto', got {power!r}")
+        power = auto_power(n, d)
+        if power < AUTO_POWER:
+            power_notes.append(f"power=auto: {power:.3g} ({n} vectors for {d} dimensions support only a partial "
+                               f"whitening: {AUTO_POWER:g} x {n}/{ENOUGH_PER_DIM * d}; full whitening learned on "
+                               f"250 rparis6k-250 vectors and applied to them lowered Medium 86.6 -> 45.5)")
+    if not (np.isfinite(power) and 0.0 <= power <= MAX_POWER):
+        raise ValueError(f"whitening power must be a finite number in [0, {MAX_POWER:g}], got {power}")
+    shrinkage, notes = _resolve_shrinkage(shrinkage, n, d, "vectors", power)
+    notes = power_notes + notes
     mu = x.mean(axis=0)
     xc = x - mu
     c = xc.T @ xc / n

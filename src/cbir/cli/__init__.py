@@ -3,7 +3,9 @@
 Each stage lives in ``cbir/cli/<stage>.py`` and exposes ``register(subparsers)``, which adds its
 parser(s) with ``set_defaults(func=handler)``. A handler parses nothing itself, calls the library,
 prints, and returns an exit code. Heavy imports (torch, faiss) happen inside handlers so that
-``cbir --help`` stays fast.
+``cbir --help`` stays fast, and ``cbir COMMAND ...`` registers only that command's parser:
+building the parser of ``cbir search`` imports neither torch, torchvision nor timm (checked by
+tests/test_search_cli.py).
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import sys
 from typing import Sequence
 
 # Order here is the order in `cbir --help`.
-STAGES = ("extract", "models", "whiten", "tune", "evaluate", "download", "index", "search", "serve", "train")
+STAGES = ("extract", "models", "whiten", "tune", "evaluate", "download", "index", "search", "serve", "train",
+          "cache")
 
 EPILOG = """\
 typical flow:
@@ -51,29 +54,45 @@ def error_line(exc: BaseException) -> str:
     return " ".join(lines) if len(lines) <= 3 else lines[0] + " ..."
 
 
-def build_parser() -> argparse.ArgumentParser:
+class _Version(argparse.Action):
+    """``--version``: the package metadata is read only when asked (the lookup costs ~0.1-0.2 s)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):  # noqa: ANN001
+        from .. import __version__
+
+        print(f"cbir {__version__}")  # standard output, as argparse's own version action
+        parser.exit()
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The ``cbir`` parser; with ``command`` (one of :data:`STAGES`) only that sub-command is
+    registered, so that ``cbir search ...`` imports the search command's module and nothing else."""
     parser = argparse.ArgumentParser(
         prog="cbir",
         description="Deep-learning instance image retrieval: find the other photos of the same place or object.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    from .. import __version__
-
-    parser.add_argument("--version", action="version", version=f"cbir {__version__}")
+    parser.add_argument("--version", action=_Version, nargs=0, help="show the version and exit")
     parser.add_argument("--debug", action="store_true",
                         help="on an error, show the full traceback (may also come after the command)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for stage in STAGES:
+    for stage in (command,) if command in STAGES else STAGES:
         importlib.import_module(f"{__name__}.{stage}").register(sub)
     return parser
+
+
+def _command_of(argv: Sequence[str]) -> str | None:
+    """The sub-command named in ``argv`` (its first word that is not an option), else None."""
+    first = next((a for a in argv if not a.startswith("-")), None)
+    return first if first in STAGES else None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or bool(os.environ.get("CBIR_DEBUG"))
     argv = [a for a in argv if a != "--debug"]
-    parser = build_parser()
+    parser = build_parser(_command_of(argv))
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()

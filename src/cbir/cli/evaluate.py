@@ -2,6 +2,7 @@
 
     cbir evaluate --dataset demo                                  # bundled demo, offline, ~1 min
     cbir evaluate --dataset roxford5k --data-root data/           # after `cbir download roxford5k`
+    cbir evaluate --dataset holidays --data-root holidays/        # INRIA Holidays, its official rule
     cbir evaluate --gnd gnd_rparis6k.pkl --images jpg/ --imsize 512 --scales 1
     cbir evaluate --gnd gnd_roxford5k.pkl --features feats/ --json res.json --plot top10.png
 
@@ -19,6 +20,17 @@ from . import CLIError
 from .options import add_extraction_options, add_model_options, extraction, model_spec
 
 
+#: What --dataset's help says of some names (every name of cbir.datasets.DATASETS is listed).
+_ABOUT = {"demo": "bundled, offline", "holidays": "INRIA Holidays, official rule", "gldv2": "retrieval split"}
+
+
+def dataset_help() -> str:
+    """--dataset's help: every name of :data:`cbir.datasets.DATASETS` (one list for all of cbir)."""
+    from ..datasets import DATASETS
+
+    return "one of " + ", ".join(f"{n} ({_ABOUT[n]})" if n in _ABOUT else n for n in DATASETS)
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "evaluate",
@@ -27,8 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     src = p.add_argument_group("benchmark")
-    src.add_argument("--dataset", metavar="NAME",
-                     help="demo (bundled), roxford5k, rparis6k, oxford5k, paris6k, gldv2")
+    src.add_argument("--dataset", metavar="NAME", help=dataset_help())
     src.add_argument("--data-root", metavar="DIR", help="where the named dataset lives (`cbir download` target)")
     src.add_argument("--gnd", metavar="FILE|DIR",
                      help="revisitop ground-truth .pkl, or a folder of original *_query/good/ok/junk.txt files")
@@ -58,7 +69,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     out.add_argument("--plot", metavar="FILE.png", help="PNG of each query's top-10: positive/negative/junk marked")
     out.add_argument("--plot-queries", type=int, default=20, metavar="N", help="at most N queries in --plot (default 20)")
     out.add_argument("--quiet", action="store_true", help="no progress bars")
-    from ..rerank.options import add_arguments as add_rerank_arguments
+    from .rerank_options import add_arguments as add_rerank_arguments
 
     add_rerank_arguments(p)
     p.set_defaults(func=handler)
@@ -93,18 +104,27 @@ def describe_settings(settings: dict) -> str:
     if "imsize" in settings and settings.get("model"):
         return (f"{settings['model']} {settings.get('pooling', '')}, {settings['imsize']} px, "
                 f"scales {','.join(f'{s:g}' for s in settings['scales'])}"
-                + (" (cached)" if settings.get("cache") == "hit" else ""))
+                + _cache_note(settings))
     what = f"saved in {settings.get('features')}"
     if settings.get("model"):
         what += f" ({settings['model']} {settings.get('pooling', '')})".rstrip()
     return what
 
 
+def _cache_note(settings: dict) -> str:
+    """" (cached: nothing described)", " (N described, M from the cache)" or ""."""
+    if settings.get("cache") == "hit":
+        return " (cached: nothing described)"
+    if settings.get("cache_hits"):
+        return f" ({settings.get('described', 0)} images described, {settings['cache_hits']} read from the cache)"
+    return ""
+
+
 def handler(args: argparse.Namespace) -> int:
     from ..fileio import atomic_write_json
     from ..pipeline import default_cache_dir, describe, lookup, score
     from ..report import format_table, jsonable, plot_top10
-    from ..rerank.options import settings_from_args
+    from .rerank_options import settings_from_args
 
     if args.images and args.features:
         raise CLIError("give either --images or --features, not both")

@@ -29,7 +29,9 @@ ids: the path relative to the given folder, without its extension (photos/a/b.jp
 a file given by name gets its bare name. Unreadable files (corrupt, truncated, empty, not an
 image) are listed with the reason in DIR/meta.json "failed" and the run goes on (--strict: stop).
 Output: DIR/shards/*.npy + *.json (one shard per --chunk inputs, written as it goes) and DIR/meta.json
-(last). Interrupted? Run the same command again (either engine): finished shards are kept and it resumes.
+(last). Interrupted? Run the same command again (either engine): finished shards are kept and it
+resumes ("resuming at N of M images" on stderr). --engine ray: a lost node's work is done again by Ray
+(actor restarts, task retries), else the missing shards are submitted again (docs/extraction.md).
 Odd shapes are fine: every scale's sides are kept >= 32 px (a 1x1 image, a 3000x2 strip, a crop 1 px
 high are described); only a crop with no pixel inside its image is reported as failed.
 Poolings: spoc, mac, gem, rmac, regional, crow, bow (`cbir models` lists them with parameters).
@@ -56,6 +58,8 @@ def register(subparsers) -> None:
                                                             "up to 8 with a GPU)")
     e.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="stored precision (default: float32)")
     e.add_argument("--strict", action="store_true", help="stop at the first unreadable image instead of skipping it")
+    e.add_argument("--no-cache", action="store_true",
+                   help="describe every image again and keep nothing in the extraction cache ($CBIR_CACHE)")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
     e.add_argument("--chunk", type=int, default=64, metavar="N",
                    help="inputs per shard of the store, also the resume step (default: 64)")
@@ -75,7 +79,6 @@ def register(subparsers) -> None:
 
 def handler(args: argparse.Namespace) -> int:
     from ..collection import collect_images, ensure_codebook
-    from ..descriptors import Descriptors
     from ..extract import extract_to_dir
     from ..index.embed import source_of
 
@@ -85,12 +88,6 @@ def handler(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise CLIError(f"--out {out} is a file; give a folder (new, or one written by `cbir extract` to resume)")
     ids, files = collect_images(args.paths, exclude=out)
-    before = None
-    if (out / "meta.json").is_file():
-        try:
-            before = Descriptors.load(out, mmap=True).meta.get("job")
-        except (ValueError, OSError):
-            before = None
     model = spec.build()
     imsize, scales = extraction(args, model=model)  # not given: the model's own default (`cbir models`)
     extra: dict = {"source": source_of(spec, model), "paths": {i: str(f.resolve()) for i, f in zip(ids, files)}}
@@ -101,26 +98,38 @@ def handler(args: argparse.Namespace) -> int:
         if ensure_codebook(model, files, cb_path, imsize=imsize, device=args.device):
             print(f"codebook saved to {cb_path}", file=sys.stderr)
         extra["codebook"] = str(cb_path)
-    if args.engine == "ray":
-        from ..extraction.ray_engine import extract_to_dir_ray
+    if args.engine == "ray" and (args.backend not in ("auto", "torch") or args.decode == "cuda"):
+        raise CLIError("--engine ray uses --backend torch and PIL decoding")
+    if args.engine == "ray" and args.workers:
+        raise CLIError("--workers (decoding processes) is for --engine local; Ray decodes in its own tasks "
+                       "(--ray-workers sets the model actors)")
+    planned: list = []
 
-        if args.backend not in ("auto", "torch") or args.decode == "cuda":
-            raise CLIError("--engine ray uses --backend torch and PIL decoding")
-        desc = extract_to_dir_ray(
-            model, files, out, ids=ids, imsize=imsize, scales=scales, dtype=args.dtype, chunk=args.chunk,
-            extra_meta=extra, address=args.address, workers=args.ray_workers, batch_size=args.batch_size or 8,
-            device=args.device, precision=args.precision, progress=not args.quiet, strict=args.strict,
-        )
-    else:
-        desc = extract_to_dir(
-            model, files, out, ids=ids, imsize=imsize, scales=scales, dtype=args.dtype, chunk=args.chunk,
-            batch_size=args.batch_size, device=args.device, workers=args.workers, strict=args.strict,
-            precision=args.precision, progress=not args.quiet, extra_meta=extra, backend=args.backend,
-            decode=args.decode,
-        )
+    def on_plan(job) -> None:
+        planned.append(job)
+        kept = len(job.paths) - job.inputs_of(job.pending()) if not job.complete else len(job.paths)
+        if not job.complete and kept:
+            print(f"resuming at {kept} of {len(job.paths)} images ({out} holds the finished shards of an "
+                  f"interrupted run)", file=sys.stderr)
+
+    local: dict = {}
+    if args.engine != "ray":
+        local = dict(workers=args.workers, backend=args.backend, decode=args.decode)
+        if not args.no_cache and model.pooling.name != "bow":
+            from ..cache.describe import DescriptorCache
+
+            local["cache"] = DescriptorCache.for_spec(spec, imsize=imsize, scales=scales, device=args.device,
+                                                      precision=args.precision, backend=args.backend,
+                                                      decode=args.decode)
+    desc = extract_to_dir(
+        model, files, out, ids=ids, imsize=imsize, scales=scales, dtype=args.dtype, chunk=args.chunk,
+        batch_size=args.batch_size, device=args.device, strict=args.strict, precision=args.precision,
+        progress=not args.quiet, extra_meta=extra, engine=args.engine, address=args.address,
+        ray_workers=args.ray_workers, on_plan=on_plan, **local,
+    )
     for f in desc.failed:
         print(f"failed: {f['path']}: {f['reason']}", file=sys.stderr)
-    if before is not None and desc.meta.get("job") == before:
+    if planned and planned[0].complete:
         print(f"{out} was already complete: {len(desc)} images ({desc.dim}-D {desc.vectors.dtype}), "
               f"{len(desc.failed)} failed; nothing described")
         return 0

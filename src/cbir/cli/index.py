@@ -69,6 +69,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--recipe", metavar="FILE",
                    help="a `cbir tune` recipe kept with the index (INDEX/recipe.json): `cbir search` and "
                         "`cbir serve` re-rank with it unless told otherwise")
+    b.add_argument("--no-cache", action="store_true",
+                   help="describe every image again and keep nothing in the extraction cache ($CBIR_CACHE)")
     b.set_defaults(func=cmd_build)
 
     a = isub.add_parser("add", help="add images (files or folders) to an index", epilog=ADD_EPILOG,
@@ -81,6 +83,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                                      "index's model and settings) instead of describing images")
     a.add_argument("--update", action="store_true", help="re-describe images already in the index (same path)")
     add_device_option(a)
+    a.add_argument("--no-cache", action="store_true",
+                   help="describe every image again and keep nothing in the extraction cache ($CBIR_CACHE)")
     a.set_defaults(func=cmd_add)
 
     r = isub.add_parser("remove", help="remove images by id", epilog=REMOVE_EPILOG,
@@ -179,6 +183,26 @@ def keep_recipe(args: argparse.Namespace) -> None:
         Recipe.load(args.recipe).save(Path(args.out) / INDEX_RECIPE)
 
 
+def _cache_dir(args: argparse.Namespace):
+    """The extraction cache folder, or None with --no-cache."""
+    from ..cache.digest import default_cache_dir
+
+    return None if getattr(args, "no_cache", False) else default_cache_dir()
+
+
+def _export_query_model(index, args: argparse.Namespace) -> None:
+    """The index's network exported for torch-free `cbir search` (INDEX/query-model.npz), checked on
+    up to 2 indexed photos; one line to stderr."""
+    from ..index.embed import export_for_index
+
+    photos = [r.path for r in index.records(limit=8) if Path(r.path).is_file()][:2]
+    try:
+        what = export_for_index(args.out, index.settings, photos)
+    except Exception as exc:  # an optional speed-up: the index is saved and works without it
+        what = f"not exported ({type(exc).__name__}: {exc})"
+    print(f"query network for fast search: {what}", file=sys.stderr)
+
+
 def cmd_build(args: argparse.Namespace) -> int:
     from ..fileio import FormatError
     from ..index import next_free_id
@@ -202,6 +226,7 @@ def cmd_build(args: argparse.Namespace) -> int:
                                        first_id=args.first_id)
         _finish_and_save(index, args)
         keep_recipe(args)
+        _export_query_model(index, args)
         s = index.settings
         print(f"indexed {len(index)} images from {args.features} ({s.get('model')} + {s.get('pooling')}, "
               f"{index.dim}-d, nothing described) -> {args.out}")
@@ -218,13 +243,20 @@ def cmd_build(args: argparse.Namespace) -> int:
         raise CLIError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {folder}")
     print(f"describing {len(files)} images with {args.model} (imsize {imsize}, "
           f"scales {','.join(f'{s:g}' for s in scales)}), then building the {args.type} index", file=sys.stderr)
+    from ..cache.describe import CacheStats
+
+    stats = CacheStats()
     index, failed = build_index(files, model=spec.model, pooling=spec.pooling, weights=spec.weights,
                                 imsize=imsize, scales=scales, kind=args.type, params=params,
                                 device=args.device, batch_size=args.batch_size, precision=args.precision,
-                                first_id=args.first_id)
+                                first_id=args.first_id, cache_dir=_cache_dir(args), stats=stats)
+    if stats.hits:
+        print(f"descriptors: {stats.described} images described, {stats.hits} read from the extraction cache",
+              file=sys.stderr)
     _report_failed(failed)
     _finish_and_save(index, args)
     keep_recipe(args)
+    _export_query_model(index, args)
     s = index.settings
     print(f"indexed {len(index)} images ({len(failed)} skipped as unreadable; {s['model']} + {s['pooling']}, "
           f"{index.dim}-d) -> {args.out}")
@@ -232,10 +264,9 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_add(args: argparse.Namespace) -> int:
-    from ..extract import extract
     from ..index import Index, open_for_write
     from ..index.build import add_or_update, descriptors_of_paths, list_images, plan_add
-    from ..index.embed import build_model_from_source
+    from ..index.embed import describe_for_index
 
     if bool(args.paths) == bool(args.features):
         raise CLIError("give image files/folders or --features DIR (a `cbir extract` output), one of them")
@@ -257,11 +288,8 @@ def cmd_add(args: argparse.Namespace) -> int:
         print(f"nothing to add ({len(already)} already indexed, {len(duplicates)} duplicates)")
         return 0
     if not args.features:
-        settings = snapshot.settings
-        model = build_model_from_source(dict(settings.get("source") or {}))
-        snapshot.check_compatible(model.describe())
-        res = extract(model, todo, imsize=settings.get("imsize"), scales=tuple(settings.get("scales") or (1.0,)),
-                      device=args.device)
+        res, about = describe_for_index(snapshot.settings, todo, device=args.device, cache_dir=_cache_dir(args))
+        snapshot.check_compatible(about)
         failed = res.failed
         _report_failed(failed)
         todo, vectors = [todo[i] for i in res.ok], res.vectors

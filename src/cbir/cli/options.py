@@ -7,10 +7,10 @@ defaults, and turns them into library objects with :func:`model_spec` / :func:`e
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..model import ModelSpec, parse_pooling
-from ..pipeline import DEFAULT_IMSIZE, DEFAULT_SCALES_TEXT
+if TYPE_CHECKING:  # torch comes with cbir.model: imported where a handler needs it, never to build the parser
+    from ..model import ModelSpec
 
 POOLING_HELP = ("pooling and its parameters, NAME[:key=value,...]: spoc, mac, gem, gem:p=4, gem:per_channel=1, "
                 "rmac:levels=3, regional:base=gem, crow, bow:k=1024 (default: gem)")
@@ -30,7 +30,7 @@ def add_model_options(parser: Any) -> None:
 def add_extraction_options(parser: Any, *, per_benchmark: bool = False) -> None:
     """``--imsize``, ``--scales``, ``--device``, ``--batch-size``, ``--precision`` (``per_benchmark``:
     say that a benchmark of small photos, the demo, has its own defaults)."""
-    from ..pipeline.benchmark import SMALL_PHOTO_SETS
+    from ..pipeline.benchmark import DEFAULT_IMSIZE, DEFAULT_SCALES_TEXT, SMALL_PHOTO_SETS
 
     small_size = "".join(f"; {n}: {v[0]}" for n, v in SMALL_PHOTO_SETS.items()) if per_benchmark else ""
     small_scales = "".join(f"; {n}: {','.join(f'{x:g}' for x in v[1])}" for n, v in SMALL_PHOTO_SETS.items()) \
@@ -76,6 +76,8 @@ def parse_scales(text: str) -> tuple[float, ...]:
 
 def model_spec(args: argparse.Namespace) -> ModelSpec:
     """The ModelSpec of ``--model/--pooling/--weights`` (the pooling text is checked here)."""
+    from ..model import ModelSpec, parse_pooling
+
     spec = ModelSpec(model=args.model, pooling=args.pooling, weights=args.weights)
     if not spec.is_file:
         parse_pooling(spec.pooling)  # a malformed --pooling fails before any work
@@ -87,7 +89,7 @@ def extraction(args: argparse.Namespace, bench: Any = None, model: Any = None) -
     (for ``bench``, and the backbone: the built ``model``'s config, else the configuration ``--model``
     names: a backbone name, or the one a model file carries) where not given."""
     from ..model import is_model_file, model_file_config
-    from ..pipeline import extraction_defaults
+    from ..pipeline.benchmark import extraction_defaults
 
     if model is not None:
         d_imsize, d_scales = extraction_defaults(bench, model.config.get("model", ""), model.config)

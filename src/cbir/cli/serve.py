@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import math
 import socket
 import sys
 
@@ -29,6 +30,9 @@ GET /api/thumb/{id}; docs at /api/docs.
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from ..server.connections import ConnectionLimits
+
+    d = ConnectionLimits()
     p = sub.add_parser("serve", help="serve a search page and HTTP API for an index", epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Serve the search web page at / and the JSON API under /api/.")
@@ -50,7 +54,45 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="re-rank every search with a `cbir tune` recipe (default: INDEX/recipe.json when the "
                         "index was built with --recipe; 'none': plain search)")
     p.add_argument("--no-preload", action="store_true", help="load the model at the first upload, not at start")
+    c = p.add_argument_group("connections (slow or too many clients)")
+    c.add_argument("--header-timeout", type=float, default=d.header_timeout, metavar="S",
+                   help="seconds a client has to send a request's line and headers, else 408 and closed "
+                        f"(default: {d.header_timeout:g})")
+    c.add_argument("--body-timeout", type=float, default=d.body_timeout, metavar="S",
+                   help="seconds a client has to send a request's whole body (an upload), else 408 and closed "
+                        f"(default: {d.body_timeout:g}; a 20 MB upload then needs about 3 Mbit/s)")
+    c.add_argument("--keep-alive", type=float, default=d.keep_alive, metavar="S",
+                   help=f"seconds an idle connection is kept open between requests (default: {d.keep_alive:g})")
+    c.add_argument("--max-connections", type=int, default=d.max_connections, metavar="N",
+                   help="connections served at once; a request arriving while more are open gets 503 "
+                        f"(default: {d.max_connections})")
+    c.add_argument("--max-header-kb", type=float, default=d.max_header_bytes / 1024, metavar="KB",
+                   help="a request line + headers still incomplete past this many KB is refused with 400 "
+                        f"(default: {d.max_header_bytes // 1024})")
+    c.add_argument("--shutdown-timeout", type=float, default=d.shutdown_timeout, metavar="S",
+                   help="on Ctrl+C / SIGTERM, seconds running requests get before they are cancelled "
+                        f"(default: {d.shutdown_timeout:g})")
     p.set_defaults(func=cmd_serve)
+
+
+FLAGS = {"header_timeout": "--header-timeout", "body_timeout": "--body-timeout", "keep_alive": "--keep-alive",
+         "max_connections": "--max-connections", "max_header_bytes": "--max-header-kb",
+         "shutdown_timeout": "--shutdown-timeout"}
+
+
+def connection_limits(args: argparse.Namespace):
+    """The :class:`cbir.server.ConnectionLimits` of the command line; CLIError naming the flag when one is bad."""
+    from ..server.connections import ConnectionLimits, LimitError
+
+    kb = args.max_header_kb
+    try:
+        return ConnectionLimits(header_timeout=args.header_timeout, body_timeout=args.body_timeout,
+                                keep_alive=args.keep_alive, max_connections=args.max_connections,
+                                max_header_bytes=max(1, round(kb * 1024)) if math.isfinite(kb) and kb > 0 else kb,
+                                shutdown_timeout=args.shutdown_timeout)
+    except LimitError as exc:
+        shown = kb if exc.field == "max_header_bytes" else getattr(args, exc.field)
+        raise CLIError(f"{FLAGS[exc.field]} must be a positive number, got {shown:g}") from None
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -78,12 +120,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from ..server import Guard, Limits, create_app
+    from ..server.connections import uvicorn_config
     from ..server.security import check_bind, read_token
 
     token = read_token(args.token_file)
     check_bind(args.host, token, args.read_only)
     if args.max_store_gb <= 0:
         raise CLIError("--max-store-gb must be positive")
+    connections = connection_limits(args)
     sock = bind_socket(args.host, args.port)  # before the slow part: a busy port fails at once
     try:
         limits = Limits(max_request_bytes=int(args.max_upload_mb * 1024 * 1024), max_pixels=args.max_pixels,
@@ -101,7 +145,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         writes = "read-only" if args.read_only else ("writes need the token" if token else "writes open to this machine")
         host = f"[{args.host}]" if ":" in args.host else args.host
         print(f"serving on http://{host}:{args.port}/ ({writes})", file=sys.stderr)
-        server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info"))
+        server = uvicorn.Server(uvicorn_config(app, args.host, args.port, connections, log_level="info"))
         server.run(sockets=[sock])
     finally:
         sock.close()

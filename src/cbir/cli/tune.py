@@ -58,12 +58,17 @@ def describe(args: argparse.Namespace, bench):
     q, db = describe_bench(bench, model_spec(args), imsize=imsize, scales=scales, crop=not args.no_crop,
                            device=args.device, batch_size=args.batch_size, precision=args.precision,
                            progress=True, cache_dir=args.cache or default_cache_dir())
+    described = db.meta.get("described")
+    if described is not None:
+        print(f"descriptors of {bench.name}: " + ("nothing described (all from the extraction cache)" if not described
+              else f"{described} images described, {db.meta.get('cache_hits', 0)} read from the extraction cache"),
+              file=sys.stderr)
     return q.vectors, db.vectors, {k: v for k, v in db.meta.items() if k in ("model", "pooling", "imsize", "scales",
                                                                           "cropped_queries", "weights")}
 
 
 def _figures(ds, q, db, recipe) -> dict:
-    from ..rerank.options import Rerank
+    from ..rerank.compose import Rerank
 
     out = {}
     for label, fn in (("raw", Rerank().apply), ("defaults (--qe --dba --diffusion)",

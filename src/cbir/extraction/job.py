@@ -7,8 +7,12 @@ weights sampled, image list, ids, boxes, imsize, scales, precision, dtype, chunk
 same fingerprint skips finished shards (and returns at once when ``meta.json`` says the folder is
 complete); another fingerprint starts over. ``meta.json`` is written last.
 
-The engines share this module: :func:`plan` and :func:`finish` around either the local loop
-(:func:`extract_to_dir`) or Ray (:mod:`.ray_engine`), so both write the same files.
+One front end, two engines: :func:`extract_to_dir` lists the work (:func:`plan`: fingerprint,
+kept shards), hands the pending chunks to an engine and writes ``meta.json`` (:func:`finish`).
+``engine="local"`` describes them in this process (:func:`cbir.extraction.loop.extract`);
+``engine="ray"`` on a Ray cluster (:mod:`.ray_engine`, imported only then). Both write each chunk's
+shard through :func:`save_chunk`, so either engine resumes the other's work and the outputs are the
+same files.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -31,9 +35,10 @@ from . import loop
 from .images import Box
 from .loop import DEFAULT_SCALES, check_scales
 
-__all__ = ["extract_to_dir", "Job", "plan", "finish", "save_chunk", "LEGACY_PARTIAL", "JOB_NAME"]
+__all__ = ["extract_to_dir", "Job", "plan", "finish", "save_chunk", "LEGACY_PARTIAL", "JOB_NAME", "ENGINES"]
 
 JOB_NAME = "job.json"
+ENGINES = ("local", "ray")
 LEGACY_PARTIAL = ".cbir-partial"  # the temporary chunk folder of cbir <= 0.1 (removed when found)
 
 
@@ -63,6 +68,7 @@ class Job:
     chunk: int
     job: str
     complete: bool = False
+    resubmits: int = 0  # runs of the chunks still missing after an engine lost a node (Ray)
 
     @property
     def shard_dir(self) -> Path:
@@ -78,6 +84,10 @@ class Job:
     def pending(self) -> list[int]:
         """Chunk starts without a complete shard."""
         return [s for s in self.starts if read_shard(self.shard_dir, s) is None]
+
+    def inputs_of(self, starts: Sequence[int]) -> int:
+        """How many inputs the chunks starting at ``starts`` hold."""
+        return sum(self.stop(s) - s for s in starts)
 
 
 def plan(model, images: Sequence[str | os.PathLike[str]], out_dir: str | os.PathLike[str], *,
@@ -102,9 +112,11 @@ def plan(model, images: Sequence[str | os.PathLike[str]], out_dir: str | os.Path
         raise ValueError(f"{len(boxes)} crop boxes for {len(paths)} images")
     scales = check_scales(scales)
     out = Path(out_dir)
+    # an explicit precision needs no device here (a Ray cluster's GPUs may be on other machines);
+    # "auto" is what ``backend`` computes in (ONNX Runtime: fp32)
     from .backends import resolve_backend
 
-    amp = resolve_backend(resolve_device(device), backend, precision)[1]
+    amp = precision if precision in ("fp32", "bf16") else resolve_backend(resolve_device(device), backend, precision)[1]
     key = fingerprint(model, ids, paths, boxes, imsize, (*scales, amp, dtype, chunk))
     job = Job(out, paths, ids, boxes, imsize, scales, amp, dtype, chunk, key)
     shutil.rmtree(out / LEGACY_PARTIAL, ignore_errors=True)
@@ -184,20 +196,61 @@ def extract_to_dir(
     dtype: str = "float32",
     chunk: int = 64,
     extra_meta: dict | None = None,
+    cache: Any = None,
+    engine: str = "local",
+    address: str | None = None,
+    ray_workers: int | None = None,
+    cpus_per_worker: int = 1,
+    retries: int = 2,
+    on_plan: Callable[[Job], None] | None = None,
     **kw: Any,
 ) -> Descriptors:
     """Extract into ``out_dir`` as a sharded descriptor store, resumably (see the module docstring).
 
+    ``cache``: a :class:`cbir.cache.describe.DescriptorCache` opened with these settings: images it
+    holds are read from it, the others described and kept (the extraction cache; local engine only).
     Returns the store (``Descriptors`` with memory-mapped ``vectors``). ``kw`` go to
     :func:`cbir.extraction.loop.extract` (batch_size, device, workers, progress, strict, precision,
-    decode, backend).
+    decode, backend); with ``engine="ray"`` only batch_size, device, progress, strict and precision
+    apply (PIL decoding in Ray tasks, the torch backend).
+    ``engine``: "local" (this process) or "ray" (:mod:`cbir.extraction.ray_engine`): ``address``
+    ("auto", "HOST:6379", "ray://HOST:10001"; None = start a local Ray), ``ray_workers`` model actors
+    (default: the cluster's GPUs, else its CPUs / ``cpus_per_worker``), ``retries``: how many times
+    the chunks still missing after a lost node or actor are submitted again (the kept shards are
+    the resume points, so nothing is described twice).
+    ``on_plan(job)`` is called once the job is planned (``job.complete``, ``job.pending()`` tell
+    whether it is finished or resumes), before any image is described.
     """
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    precision = kw.get("precision", "auto")
+    device = kw.get("device", "auto")
+    if engine == "ray":
+        from . import ray_engine
+
+        if cache is not None:
+            raise ValueError("the extraction cache is read by the local engine only (engine='ray' describes every image)")
+        ray_engine.check_options(kw)
+        device, precision = ray_engine.connect(address, ray_workers, cpus_per_worker, device, precision)
     job = plan(model, images, out_dir, ids=ids, bboxes=bboxes, imsize=imsize, scales=scales, dtype=dtype,
-               chunk=chunk, device=kw.get("device", "auto"), precision=kw.get("precision", "auto"),
-               backend=kw.setdefault("backend", "auto"))
+               chunk=chunk, device=device, precision=precision,
+               backend="torch" if engine == "ray" else kw.setdefault("backend", "auto"))
+    if on_plan is not None:
+        on_plan(job)
     if job.complete:
         return Descriptors.load(job.out)
-    kw["precision"] = job.precision
+    if engine == "ray":
+        ray_engine.run(job, model, save_chunk, address=address, workers=ray_workers, cpus_per_worker=cpus_per_worker,
+                       device=device, retries=retries, batch_size=kw.get("batch_size") or 8,
+                       progress=kw.get("progress", True), strict=kw.get("strict", False))
+    else:
+        _run_local(job, model, dict(kw, precision=job.precision), cache)
+    return finish(job, model, extra_meta)
+
+
+def _run_local(job: Job, model, kw: dict[str, Any], cache: Any = None) -> None:
+    """Describe the pending chunks in this process, one shard written per chunk (through the
+    extraction ``cache`` when given)."""
     todo = job.pending()
     progress = kw.pop("progress", True)
     bar = None
@@ -205,18 +258,24 @@ def extract_to_dir(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(job.paths), unit="img", desc="extract", dynamic_ncols=True,
-                   initial=len(job.paths) - sum(job.stop(s) - s for s in todo))
+                   initial=len(job.paths) - job.inputs_of(todo))
+    run = loop.extract
+    if cache is not None:
+        from functools import partial
+
+        from ..cache.describe import extract_with_cache
+
+        run = partial(extract_with_cache, cache=cache)
     try:
         for start in todo:
             stop = job.stop(start)
             before = bar.n if bar is not None else 0
-            res = loop.extract(model, job.paths[start:stop], bboxes=job.bboxes[start:stop], imsize=job.imsize,
-                               scales=job.scales, progress=False,
-                               on_progress=bar.update if bar is not None else None, **kw)
+            res = run(model, job.paths[start:stop], bboxes=job.bboxes[start:stop], imsize=job.imsize,
+                      scales=job.scales, progress=False,
+                      on_progress=bar.update if bar is not None else None, **kw)
             save_chunk(job, start, res)
             if bar is not None:
                 bar.update(before + (stop - start) - bar.n)  # failed images count as done too
     finally:
         if bar is not None:
             bar.close()
-    return finish(job, model, extra_meta)

@@ -1,9 +1,11 @@
-"""The folder job on Ray Data: list files -> decode in parallel tasks -> describe in an actor pool.
+"""The Ray engine of :func:`cbir.extraction.job.extract_to_dir`: decode in tasks, describe in an actor pool.
 
-Same inputs, fingerprint and files as :func:`cbir.extraction.job.extract_to_dir` (the shards of the
-sharded store, ``meta.json`` last), so a run can be resumed by either engine and the descriptors
-equal the local engine's to float tolerance (the same PIL decoding and resizing, the same
-:func:`cbir.extraction.loop.describe`).
+The front end (:func:`cbir.extraction.job.extract_to_dir` with ``engine="ray"``) lists the inputs,
+plans the job (fingerprint, kept shards) and writes ``meta.json``; this module only describes the
+pending chunks, on Ray Data, and writes each chunk's shard through the writer the front end hands
+it (:func:`cbir.extraction.job.save_chunk`, as for the local engine). A run can therefore be
+resumed by either engine, and the descriptors equal the local engine's to float tolerance (the same
+PIL decoding and resizing, the same :func:`cbir.extraction.loop.describe`).
 
 - decode: ``Dataset.map`` tasks, one row per image: EXIF-rotated, cropped, shrunk to ``imsize``,
   as uint8 pixels (a failure becomes a row with its reason);
@@ -12,6 +14,15 @@ equal the local engine's to float tolerance (the same PIL decoding and resizing,
 - write: the driver collects the results by chunk and writes each chunk's shard as soon as its
   last image is done (one writer; an interrupted run keeps every finished shard).
 
+Fault tolerance, two layers. (1) Ray's own: a decoding task whose node dies is run again (task
+retries; Ray Data's default), a model actor whose node dies is restarted elsewhere and its
+unfinished batches are sent again (Ray Data creates the pool's actors with ``max_restarts=-1``,
+``max_task_retries=-1``), lost blocks are rebuilt from their lineage. (2) Ours: when the run still
+fails with a system error (a node, actor, worker or object lost: :data:`LOST`), the chunks without a
+shard are submitted again as a new run, up to ``retries`` times. Rows are keyed by input index and a
+chunk's shard is written once, when all its rows are in: a row that comes twice is dropped, a
+chunk whose rows were lost is described again by the next run, so nothing is lost or doubled.
+
 ``address``: None starts a local Ray (``workers`` CPUs); "auto" or "ray://host:10001" or
 "host:6379" joins a running cluster (``ray start --head`` on one machine, ``ray start
 --address=HEAD:6379`` on the others). ``import ray`` happens here only.
@@ -19,17 +30,30 @@ equal the local engine's to float tolerance (the same PIL decoding and resizing,
 
 from __future__ import annotations
 
+import logging
 import os
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
-from ..descriptors import Descriptors
-from .images import Box, ImageError, load_image, reason_of, resized_pixels
-from .job import finish, plan, save_chunk
-from .loop import DEFAULT_SCALES, ExtractResult
+from .images import ImageError, load_image, reason_of, resized_pixels
 
-__all__ = ["extract_to_dir_ray"]
+if TYPE_CHECKING:  # torch comes with it: the decoding tasks, which import this module, do without it
+    from .job import Job
+
+__all__ = ["connect", "run", "check_options", "LOST", "RowsLost"]
+
+log = logging.getLogger(__name__)
+
+
+class RowsLost(RuntimeError):
+    """Ray Data finished without returning every row of the run (the chunks are submitted again)."""
+
+
+#: the names of :mod:`ray.exceptions` that mean lost machines or processes, not a bad input: the
+#: front end submits the chunks still missing again after one of these
+LOST = ("NodeDiedError", "RayActorError", "WorkerCrashedError", "ObjectLostError", "RaySystemError",
+        "LocalRayletDiedError", "OutOfMemoryError")
 
 
 def _decode_row(row: dict[str, Any], imsize: int | None) -> dict[str, Any]:
@@ -76,63 +100,99 @@ class _Describer:
             for rows in groups.values():
                 x = torch.stack([pixels_tensor(batch["pixels"][j], self.model.mean, self.model.std) for j in rows])
                 out[rows] = describe(self.model, x.to(self.dev), self.scales, self.p).cpu().numpy()
-        return {"i": np.asarray(batch["i"], np.int64), "vector": out, "reason": np.asarray(batch["reason"], dtype=object)}
+        return {"i": np.asarray(batch["i"], np.int64), "vector": out,
+                "reason": np.asarray(batch["reason"], dtype=object)}
 
 
-def extract_to_dir_ray(
-    model,
-    images: Sequence[str | os.PathLike[str]],
-    out_dir: str | os.PathLike[str],
-    *,
-    ids: Sequence[str] | None = None,
-    bboxes: Sequence[Box | None] | None = None,
-    imsize: int | None = 1024,
-    scales: Sequence[float] = DEFAULT_SCALES,
-    dtype: str = "float32",
-    chunk: int = 64,
-    extra_meta: dict | None = None,
-    address: str | None = None,
-    workers: int | None = None,
-    cpus_per_worker: int = 1,
-    batch_size: int = 8,
-    device: str = "auto",
-    precision: str = "auto",
-    progress: bool = True,
-    strict: bool = False,
-) -> Descriptors:
-    """:func:`cbir.extraction.job.extract_to_dir` on Ray Data (see the module docstring).
+def check_options(kw: dict[str, Any]) -> None:
+    """ValueError for an option of the local engine that Ray does not have."""
+    if kw.get("backend", "torch") not in ("torch", "auto"):
+        raise ValueError(f"backend={kw['backend']!r}: the Ray engine runs the torch backend")
+    if kw.get("decode", "auto") == "cuda":
+        raise ValueError("decode='cuda': the Ray engine decodes with PIL in Ray tasks")
+    if kw.get("workers") not in (None, 0):
+        raise ValueError("workers (decoding processes) is for engine='local'; Ray decodes in its own tasks "
+                         "(ray_workers sets the model actors)")
 
-    ``workers``: actors describing images (default: the cluster's GPUs, else its CPUs / ``cpus_per_worker``).
-    ``device``: "auto" = a GPU per actor when the cluster has GPUs, else the CPU. ``precision`` as in
-    ``extract``, decided on the driver (all actors use the same). ``strict``: ImageError at the end
-    of the first chunk holding an unreadable image.
+
+def connect(address: str | None, workers: int | None, cpus_per_worker: int, device: str,
+            precision: str) -> tuple[str, str]:
+    """Join (``address``) or start a Ray; the (device, precision) every actor will use.
+
+    device "auto": "cuda" when the cluster has GPUs, else "cpu"; precision "auto": bf16 on CUDA,
+    else what this machine's CPU computes natively (:func:`cbir.device.resolve_precision`).
     """
     import ray
 
+    if cpus_per_worker < 1:
+        raise ValueError(f"cpus_per_worker must be >= 1, got {cpus_per_worker}")
+    if workers is not None and workers < 1:
+        raise ValueError(f"ray_workers must be >= 1, got {workers}")
     if address is None and not ray.is_initialized():
         # one logical CPU per model actor thread, plus one for the (light) decoding tasks
-        ray.init(num_cpus=max(1, (workers or os.cpu_count() or 1) * cpus_per_worker) + 1, include_dashboard=False,
-                 log_to_driver=False, configure_logging=False,
+        # address="local": a new Ray of our own, even where `ray start` (or a test's cluster) runs on this machine
+        ray.init(address="local", num_cpus=max(1, (workers or os.cpu_count() or 1) * cpus_per_worker) + 1,
+                 include_dashboard=False, log_to_driver=False, configure_logging=False,
                  _system_config={"worker_niceness": 0})  # Ray's default 15 starves the actors on a busy machine
     elif not ray.is_initialized():
         ray.init(address=address, log_to_driver=False, configure_logging=False)
     gpus = int(ray.cluster_resources().get("GPU", 0))
+    device = str(device)
     if device == "auto":
         device = "cuda" if gpus else "cpu"
-    job = plan(model, images, out_dir, ids=ids, bboxes=bboxes, imsize=imsize, scales=scales, dtype=dtype,
-               chunk=chunk, device="cpu" if device.startswith("cuda") and not gpus else device,
-               precision=precision)
-    if job.complete:
-        return Descriptors.load(job.out)
-    if device.startswith("cuda") and job.precision == "auto":  # pragma: no cover - decided by plan()
-        job.precision = "bf16"
-    todo = job.pending()
-    if todo:
-        _run(ray, job, model, todo, device, gpus, workers, cpus_per_worker, batch_size, progress, strict)
-    return finish(job, model, extra_meta)
+    if device.startswith("cuda"):
+        if not gpus:
+            raise ValueError(f"device={device!r}: the Ray cluster has no GPU (use device='cpu')")
+        return device, "bf16" if precision == "auto" else precision
+    from ..device import resolve_precision
+
+    import torch
+
+    return device, resolve_precision(torch.device(device), precision)
 
 
-def _run(ray, job, model, todo, device, gpus, workers, cpus_per_worker, batch_size, progress, strict):
+def run(job: "Job", model, save: Callable[["Job", int, Any], Any], *, address: str | None = None,
+        workers: int | None = None, cpus_per_worker: int = 1, device: str = "cpu", retries: int = 2,
+        batch_size: int = 8, progress: bool = True, strict: bool = False) -> None:
+    """Describe the chunks of ``job`` without a shard on Ray; ``save(job, start, ExtractResult)``
+    writes each chunk's shard (the front end's :func:`cbir.extraction.job.save_chunk`).
+
+    After a lost node / actor / object (:data:`LOST`) that Ray itself did not recover from, the
+    chunks still without a shard are submitted again, up to ``retries`` times; ``job.resubmits``
+    counts those runs. ``address`` is only used to connect when Ray is not yet initialised.
+    """
+    import ray
+
+    if not ray.is_initialized():
+        connect(address, workers, cpus_per_worker, device, job.precision)
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    for attempt in range(retries + 1):
+        todo = job.pending()
+        if not todo:
+            return
+        try:
+            _run(ray, job, model, todo, save, device, gpus, workers, cpus_per_worker, batch_size, progress, strict)
+            return
+        except Exception as exc:
+            if attempt == retries or not _lost(exc):
+                raise
+            job.resubmits += 1
+            log.warning("Ray lost part of the run (%s); submitting the %d chunks still missing again",
+                        type(exc).__name__, len(job.pending()))
+
+
+def _lost(exc: BaseException) -> bool:
+    """Whether ``exc`` (or the exception it wraps: ``__cause__``, Ray's ``.cause``) is a :data:`LOST` one."""
+    seen = 0
+    while exc is not None and seen < 20:
+        if isinstance(exc, RowsLost) or any(c.__name__ in LOST for c in type(exc).__mro__):
+            return True
+        exc = exc.__cause__ or getattr(exc, "cause", None)
+        seen += 1
+    return False
+
+
+def _run(ray, job, model, todo, save, device, gpus, workers, cpus_per_worker, batch_size, progress, strict):
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
@@ -148,7 +208,8 @@ def _run(ray, job, model, todo, device, gpus, workers, cpus_per_worker, batch_si
     # decoding: tasks of half a logical CPU (so Ray does not fuse them into the model actors)
     ds = ds.map(_decode_row, fn_kwargs={"imsize": imsize}, num_cpus=0.5)
     ds = ds.map_batches(
-        _Describer, fn_constructor_args=(model.cpu(), job.scales, device, job.precision, 0 if on_gpu else cpus_per_worker),
+        _Describer,
+        fn_constructor_args=(model.cpu(), job.scales, device, job.precision, 0 if on_gpu else cpus_per_worker),
         batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=workers),
         num_gpus=1 if on_gpu else 0, num_cpus=0 if on_gpu else cpus_per_worker,
     )
@@ -157,17 +218,21 @@ def _run(ray, job, model, todo, device, gpus, workers, cpus_per_worker, batch_si
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         for i, v, reason in zip(batch["i"], batch["vector"], batch["reason"]):
             start = start_of[int(i)]
+            if start not in done:  # a row that came twice (a retried task): its shard is written
+                continue
             done[start][int(i)] = (None if reason else v, str(reason))
             if len(done[start]) == job.stop(start) - start:
-                _write(job, start, done.pop(start), strict, model.dim)
+                _write(job, start, done.pop(start), strict, model.dim, save)
     if done:  # pragma: no cover - Ray lost rows
-        raise RuntimeError(f"Ray returned no result for {sum(job.stop(s) - s for s in done)} images")
+        raise RowsLost(f"Ray returned no result for {sum(job.stop(s) - s for s in done)} images")
 
 
-def _write(job, start: int, got: dict[int, tuple[np.ndarray | None, str]], strict: bool, dim: int) -> None:
+def _write(job, start: int, got: dict[int, tuple[np.ndarray | None, str]], strict: bool, dim: int, save) -> None:
     ok = sorted(i for i, (v, _) in got.items() if v is not None)
     failed = [{"path": str(job.paths[i]), "reason": r} for i, (v, r) in sorted(got.items()) if v is None]
     if strict and failed:
         raise ImageError(failed[0]["path"], failed[0]["reason"])
+    from .loop import ExtractResult
+
     vectors = np.stack([got[i][0] for i in ok]).astype(np.float32) if ok else np.zeros((0, dim), np.float32)
-    save_chunk(job, start, ExtractResult(vectors=vectors, ok=np.asarray(ok, np.int64) - start, failed=failed))
+    save(job, start, ExtractResult(vectors=vectors, ok=np.asarray(ok, np.int64) - start, failed=failed))

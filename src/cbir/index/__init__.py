@@ -13,7 +13,18 @@ from .exact import exact_topk
 from .index import (COMPAT_KEYS, FORMAT, FORMAT_VERSION, Hit, IncompatibleDescriptorError, Index, StaleIndexError,
                     latest_generation, next_free_id)
 from .store import ImageRecord
-from .writer import IndexLockedError, open_for_write, writer_lock
+
+_WRITER = ("IndexLockedError", "open_for_write", "writer_lock")  # cbir.index.writer, imported on first use
+
+
+def __getattr__(name: str):
+    """The writer's names, imported when first used (filelock costs ~0.1 s that a search does not need)."""
+    if name in _WRITER:
+        from . import writer
+
+        return getattr(writer, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "COMPAT_KEYS", "DEFAULT_PARAMS", "FORMAT", "FORMAT_VERSION", "Hit", "ImageRecord",

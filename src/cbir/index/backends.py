@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from ..fileio import FormatError
-from .exact import database_tensor, exact_topk, resolve_device
+from .exact import database_tensor, exact_topk, numpy_search, resolve_device
 from .store import VectorStore
 
 KINDS = ("exact", "ivfpq", "hnsw", "faiss")
@@ -123,6 +123,13 @@ class Backend:
 
     # --- searching ------------------------------------------------------------------------
     def search(self, store: VectorStore, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        if self._db is None and numpy_search(self.device, len(store), self.dim):  # no torch import
+            from ..topk import chunked_topk
+
+            if len(store) == 0:
+                return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
+            scores, rows = chunked_topk(np.asarray(queries, np.float32), store.vectors, k)
+            return scores, store.ids[rows] if rows.size else rows
         if self._db is None:
             self._db = database_tensor(store.vectors, resolve_device(self.device))
         scores, rows = exact_topk(queries, self._db, k)

@@ -42,14 +42,20 @@ def build_index(
     precision: str = "auto",
     progress: bool = True,
     first_id: int = 0,
+    cache_dir: str | os.PathLike[str] | None = None,
+    stats: Any = None,
 ) -> tuple[Index, list[dict[str, str]]]:
     """Index of ``files`` described by ``model`` (a backbone name + ``pooling``, or a saved model file).
 
     Returns (index, failed [{"path", "reason"}] for unreadable images). The search structure is
     built (faiss training included) before returning, so its errors come here. Ids start at
     ``first_id`` (``cbir.index.persist.next_free_id`` of an index this one will replace).
+    ``cache_dir``: the extraction cache (:mod:`cbir.cache`): images already described with this
+    model and these settings are read from it, the others described and kept; ``stats`` (a
+    :class:`cbir.cache.describe.CacheStats`) says how many were described.
     """
-    from ..extract import extract
+    from ..cache.describe import DescriptorCache, extract_with_cache
+    from ..cache.identity import cacheable_pooling
     from ..model import ModelSpec
 
     files = [Path(f).resolve() for f in files]
@@ -58,10 +64,23 @@ def build_index(
     spec = ModelSpec(model, pooling, weights)
     net = spec.build()
     settings = model_settings(net, source_of(spec, net), imsize, scales)
+    from ..device import resolve_device
+    from ..extraction.backends import resolve_backend
+
+    # queries are described alike ("auto" on the CPU: ONNX Runtime in fp32)
+    settings["precision"] = resolve_backend(resolve_device(device), "auto", precision)[1]
     index = Index(net.dim, kind, params, settings=settings, device=device)
     index.meta.reserve_ids_below(first_id)
-    res = extract(net, files, imsize=imsize, scales=tuple(scales), device=device, batch_size=batch_size,
-                  precision=precision, progress=progress)
+    cache = None
+    if cache_dir is not None and cacheable_pooling(spec.pooling):
+        cache = DescriptorCache.for_spec(spec, imsize=imsize, scales=scales, device=device, precision=precision,
+                                         root=cache_dir)
+    try:
+        res = extract_with_cache(net, files, cache=cache, imsize=imsize, scales=tuple(scales), device=device,
+                                 batch_size=batch_size, precision=precision, progress=progress, stats=stats)
+    finally:
+        if cache is not None:
+            cache.close()
     if len(res.ok) == 0:
         raise ValueError(f"none of the {len(files)} images could be read (first: {res.failed[0]['reason']})")
     index.add(res.vectors, [str(files[i]) for i in res.ok])
@@ -87,6 +106,8 @@ def index_from_descriptors(
     if len(paths) == 0:
         raise ValueError(f"{features} holds no descriptor")
     settings = {k: meta[k] for k in ("model", "weights", "pooling", "pooling_params", "whitening") if k in meta}
+    if meta.get("precision") in ("fp32", "bf16"):
+        settings["precision"] = meta["precision"]
     settings.update(source=dict(meta.get("source") or {}), imsize=meta.get("imsize"),
                     scales=[float(s) for s in meta.get("scales") or (1.0,)], features=str(Path(features).resolve()))
     index = Index(vectors.shape[1], kind, params, settings=settings, device=device)
@@ -141,8 +162,32 @@ def add_or_update(index: Index, paths: Sequence[str | os.PathLike[str]], vectors
     return {"added": len(new_paths), "updated": updated, "present": present}
 
 
+#: How far from 1 the L2 norm of a stored descriptor may be (cbir extract writes unit vectors; float16
+#: storage keeps them within ~1e-3). A row outside is refused rather than re-normalised: a norm of
+#: 1000 or 0 means a damaged file or vectors made elsewhere, and silently fixing it would hide that.
+NORM_TOLERANCE = 0.05
+
+
+def check_rows(ids: Sequence[str], vectors: np.ndarray, where: str) -> None:
+    """ValueError naming the ids of rows that are not finite or whose L2 norm is not ~1
+    (``|norm - 1| > NORM_TOLERANCE``): in an inner-product index such a row outranks, or never
+    reaches, every real match."""
+    finite = np.isfinite(vectors).all(axis=1)
+    norms = np.linalg.norm(np.where(finite[:, None], vectors, 0.0), axis=1)
+    for mask, what in ((~finite, "NaN or infinite values"),
+                       (finite & (np.abs(norms - 1.0) > NORM_TOLERANCE), "an L2 norm far from 1")):
+        bad = np.flatnonzero(mask)
+        if bad.size:
+            shown = ", ".join(f"{ids[i]!r}" + (f" (norm {norms[i]:.3g})" if what.startswith("an") else "")
+                              for i in bad[:5]) + (", ..." if bad.size > 5 else "")
+            raise ValueError(f"{where}: {bad.size} descriptor(s) with {what}: {shown}; `cbir extract` writes "
+                             "finite unit vectors: these are damaged or made elsewhere (extract those images "
+                             "again, or L2-normalise them with cbir.linalg.l2_normalize)")
+
+
 def descriptors_of_paths(features: str | os.PathLike[str]) -> tuple[list[Path], np.ndarray, dict[str, Any]]:
-    """(image paths, vectors, settings) of a ``cbir extract`` folder (see :func:`index_from_descriptors`)."""
+    """(image paths, vectors, settings) of a ``cbir extract`` folder (see :func:`index_from_descriptors`);
+    every row checked by :func:`check_rows` (ValueError naming the bad ids)."""
     from ..descriptors import Descriptors
 
     desc = Descriptors.load(features)
@@ -153,4 +198,6 @@ def descriptors_of_paths(features: str | os.PathLike[str]) -> tuple[list[Path], 
     missing = next((i for i in desc.ids if i not in paths), None)
     if missing is not None:
         raise ValueError(f"{features}: no image path recorded for id {missing!r}")
-    return [Path(paths[i]).resolve() for i in desc.ids], np.asarray(desc.vectors, np.float32), dict(desc.meta)
+    vectors = np.asarray(desc.vectors, np.float32)
+    check_rows(desc.ids, vectors, str(features))
+    return [Path(paths[i]).resolve() for i in desc.ids], vectors, dict(desc.meta)

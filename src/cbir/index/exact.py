@@ -15,14 +15,33 @@ from ..device import resolve_device
 if TYPE_CHECKING:  # torch is imported when a search needs it (index info, add, remove and save do not)
     import torch
 
-__all__ = ["resolve_device", "database_tensor", "exact_topk"]
+__all__ = ["resolve_device", "database_tensor", "exact_topk", "numpy_search", "NUMPY_MAX_FLOATS"]
+
+#: An exact index up to this many stored floats (N x D; 256 MB of float32) is searched with numpy
+#: on ``device="auto"`` when torch is not loaded yet: importing torch (~1.6 s) and starting a GPU
+#: would take longer than the whole product on the CPU.
+NUMPY_MAX_FLOATS = 1 << 26
+
+
+def numpy_search(device: str, n: int, dim: int) -> bool:
+    """True when an exact search on ``device`` runs in numpy (``"cpu"``; ``"auto"`` for a small
+    index while torch is not imported) rather than torch."""
+    import sys
+
+    if str(device) == "cpu":
+        return True
+    return str(device) == "auto" and "torch" not in sys.modules and n * dim <= NUMPY_MAX_FLOATS
 
 
 def database_tensor(vectors: np.ndarray, device: "torch.device") -> "torch.Tensor":
     """The (N, D) database as a tensor: zero-copy float32 on CPU, float16 on the GPU (half the memory, tensor cores)."""
     import torch
 
-    x = torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float32))
+    import warnings
+
+    with warnings.catch_warnings():  # a read-only (memory-mapped) store: the tensor is only ever read
+        warnings.simplefilter("ignore", UserWarning)
+        x = torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float32))
     if device.type != "cuda":
         return x
     out = torch.empty(x.shape, dtype=torch.float16, device=device)

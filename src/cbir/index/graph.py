@@ -163,12 +163,29 @@ class KnnGraph:
         return [GRAPH_IDS, GRAPH_SIMS]
 
     @classmethod
-    def load(cls, folder: Path, n: int, exact: bool = True) -> "KnnGraph":
+    def load(cls, folder: Path, n: int, exact: bool = True, store_ids: np.ndarray | None = None) -> "KnnGraph":
+        """The lists saved in ``folder`` for n stored vectors, checked: shapes and dtypes, every id -1 or
+        one of ``store_ids`` (when given), finite similarities where an id is given (FormatError naming
+        the graph file, so that a damaged graph is never blamed on a query)."""
         try:
             ids = np.load(folder / GRAPH_IDS, allow_pickle=False)
             sims = np.load(folder / GRAPH_SIMS, allow_pickle=False)
-        except ValueError as exc:
+        except (ValueError, EOFError, OSError) as exc:
             raise FormatError(f"{folder}: damaged graph array: {exc}") from exc
         if ids.ndim != 2 or ids.shape != sims.shape or len(ids) != n or ids.dtype != np.int64:
             raise FormatError(f"{folder}: graph lists {ids.shape}/{sims.shape} do not match the {n} vectors")
+        if not np.issubdtype(sims.dtype, np.floating):
+            raise FormatError(f"{folder / GRAPH_SIMS}: similarities must be floats, got {sims.dtype.name}")
+        given = ids >= 0
+        if store_ids is not None:
+            unknown = given & ~np.isin(ids, np.asarray(store_ids, np.int64))
+            if unknown.any() or (ids < -1).any():
+                row = int(np.flatnonzero((unknown | (ids < -1)).any(axis=1))[0])
+                bad = ids[row][unknown[row] | (ids[row] < -1)][0]
+                raise FormatError(f"{folder / GRAPH_IDS}: the neighbour list of row {row} names image id {int(bad)}, "
+                                  "which is not in the index: the stored graph is damaged (rebuild it: "
+                                  "cbir index build --graph K, or Index.build_graph())")
+        if not np.isfinite(sims[given]).all():
+            raise FormatError(f"{folder / GRAPH_SIMS}: NaN or infinite similarities: the stored graph is damaged "
+                              "(rebuild it: cbir index build --graph K, or Index.build_graph())")
         return cls(ids, sims.astype(np.float32), exact=exact)

@@ -28,7 +28,7 @@ from .persist import FORMAT, FORMAT_VERSION, MANIFEST, StaleIndexError, latest_g
 from .store import ImageRecord, MetadataDB, VectorStore
 
 if TYPE_CHECKING:
-    from ..rerank.options import Rerank
+    from ..rerank.compose import Rerank
 
 
 
@@ -217,6 +217,10 @@ class Index:
             from ..rerank.diffusion import DiffusionParams
 
             k = DiffusionParams().k
+        from ..schema import MAX_NEIGHBOURS
+
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= int(k) <= MAX_NEIGHBOURS:
+            raise ValueError(f"graph k must be an integer in [1, {MAX_NEIGHBOURS}], got {k!r}")
         with self.lock.write():
             self.graph = KnnGraph.build(self.store.vectors, self.store.ids, int(k), exact_max=exact_max)
             self._affinity.clear()
@@ -346,7 +350,7 @@ class Index:
     # --- re-ranking on the stored vectors and graph ---------------------------------------
     def search_rerank(self, queries: np.ndarray, k: int, rerank: "Rerank", *,
                       settings: dict[str, Any] | None = None) -> tuple[list[list[Hit]], dict]:
-        """Top-k hits per query after re-ranking with ``rerank`` (:class:`cbir.rerank.options.Rerank`);
+        """Top-k hits per query after re-ranking with ``rerank`` (:class:`cbir.rerank.compose.Rerank`);
         returns (hits per query row, the ``applied`` dict of Rerank.apply).
 
         QE and diffusion run on the stored vectors without copying the matrix: the search structure
@@ -383,8 +387,7 @@ class Index:
 
     def _rerank_stored(self, q: np.ndarray, k: int, rerank: "Rerank") -> tuple[np.ndarray, np.ndarray, dict]:
         """QE + diffusion on stored vectors/graph (read lock held) -> (scores (nq, k'), ids (nq, k'), applied)."""
-        from ..rerank.diffusion import DiffusionParams
-        from ..rerank.options import ALPHA
+        from ..rerank.compose import ALPHA
         from ..rerank.qe import alpha_qe
 
         n = len(self.store)
@@ -399,9 +402,7 @@ class Index:
                          scores=s[i:i + 1, ids[i] >= 0])
                 for i in range(len(q))]).astype(np.float32)
             applied["qe"] = {"k": int(rerank.qe), "alpha": alpha, "kind": "alpha-qe" if alpha else "average"}
-        p = rerank.diffusion
-        if isinstance(p, dict):  # the given parameters; the rest follow the database size
-            p = DiffusionParams.for_database(n, **p)
+        p = rerank.diffusion_for(n)  # the given parameters; the rest follow the database size
         if p is None:
             s, ids = self.backend.search(self.store, q, min(k, n))
             return s, ids, applied
@@ -448,9 +449,12 @@ class Index:
         return root
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str], *, device: str = "auto", verify: bool = True) -> "Index":
-        """Open a saved index; FormatError if it is not one, is of another version, or is damaged."""
-        return persist.load_index(cls, Path(path), device=device, verify=verify)
+    def load(cls, path: str | os.PathLike[str], *, device: str = "auto", verify: bool = True, mmap: bool = False,
+             digest: Any = None) -> "Index":
+        """Open a saved index; FormatError if it is not one, is of another version, or is damaged.
+        ``mmap``: vectors memory-mapped (read-only); ``digest``: the sha256 function used to verify
+        the files (e.g. a :class:`cbir.cache.digest.DigestMemo`'s ``digest``: each file hashed once)."""
+        return persist.load_index(cls, Path(path), device=device, verify=verify, mmap=mmap, digest=digest)
 
     def reload_if_stale(self) -> bool:
         """For readers: if another writer saved a newer generation of ``self.path``, load it in place.

@@ -2,7 +2,7 @@
 
     from cbir.pipeline import load_benchmark, describe, score, evaluate
     from cbir.model import ModelSpec
-    from cbir.rerank.options import Rerank
+    from cbir.rerank import Rerank
 
     bench = load_benchmark("demo")                       # or a .pkl, a gt folder, a labelled folder
     q, db = describe(bench, ModelSpec("efficientnet_lite0", "gem"), cache_dir="~/.cache/cbir")
@@ -18,12 +18,11 @@ Stage objects: ``Benchmark`` (a :class:`cbir.datasets.RetrievalDataset`: image l
 ground truth, protocol) -> two :class:`cbir.descriptors.Descriptors` (queries cropped to their
 box, database) -> a result dict (``mAP``, ``mP``, ``kappas``, ``applied`` re-ranking).
 
-The extraction cache: ``describe(..., cache_dir=DIR)`` keeps the descriptors of a benchmark under
-``DIR/<key>/{queries,database}`` where ``key`` hashes the model (a model or weights file by its
-sha256), the pooling and its parameters, the extraction settings (image size, scales, precision,
-device, crop), the image list (path, size and modification time of every file, crop boxes) and the
-package's source code. Any change gives another key; a hit reads the saved descriptors and runs no network. An in-memory
-``RetrievalNet`` is never cached (its weights may change between calls, e.g. during training).
+The extraction cache: ``describe(..., cache_dir=DIR)`` reads each image's descriptor from the
+per-image store of its (model, weights, settings) key under ``DIR`` and describes only the others,
+once each (a whole-image query that is also a database photo runs once); see
+:mod:`cbir.pipeline.cache` and :mod:`cbir.cache`. An in-memory ``RetrievalNet`` is never cached
+(its weights may change between calls, e.g. during training).
 
 Errors are ordinary exceptions (ValueError, FileNotFoundError, cbir.fileio.FormatError, ...);
 nothing here prints or exits.
@@ -31,16 +30,32 @@ nothing here prints or exits.
 
 from __future__ import annotations
 
-from .benchmark import (
-    DEFAULT_IMSIZE, DEFAULT_SCALES, DEFAULT_SCALES_TEXT, Benchmark, extraction_defaults, load_benchmark, select_queries,
-)
-from .cache import cache_key, code_version, default_cache_dir
-from .describing import describe, describe_poolings, lookup, with_distractors
-from .scoring import evaluate, score
-from .searching import find_image, search_index
+import importlib
+from typing import Any
 
-__all__ = [
-    "Benchmark", "DEFAULT_IMSIZE", "DEFAULT_SCALES", "DEFAULT_SCALES_TEXT", "cache_key", "code_version",
-    "default_cache_dir", "describe", "describe_poolings", "evaluate", "extraction_defaults", "find_image",
-    "load_benchmark", "lookup", "score", "search_index", "select_queries", "with_distractors",
-]
+# Names -> the module that defines them; imported on first use (PEP 562), so that importing
+# ``cbir.pipeline.benchmark`` (the CLI's defaults) does not pull in the re-ranking or the model.
+_WHERE = {
+    "Benchmark": "benchmark", "DEFAULT_IMSIZE": "benchmark", "DEFAULT_SCALES": "benchmark",
+    "DEFAULT_SCALES_TEXT": "benchmark", "extraction_defaults": "benchmark", "load_benchmark": "benchmark",
+    "select_queries": "benchmark",
+    "DescriptorCache": "cache", "default_cache_dir": "cache",
+    "describe": "describing", "describe_poolings": "describing", "lookup": "describing",
+    "with_distractors": "describing",
+    "evaluate": "scoring", "score": "scoring",
+    "find_image": "searching", "search_index": "searching",
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_WHERE))

@@ -1,55 +1,18 @@
-"""The extraction cache: where descriptors are kept and the key that names them."""
+"""Where the pipeline keeps descriptors: the per-image extraction cache of :mod:`cbir.cache`.
+
+:func:`cbir.pipeline.describe` with ``cache_dir=DIR`` reads and writes the store of its (model,
+weights, settings) key under ``DIR`` (:class:`cbir.cache.describe.DescriptorCache`): every image
+is named by its file contents and crop box, so any benchmark, `cbir tune` set, index or
+`cbir extract` run with the same model and settings shares the descriptors, and a second run
+describes nothing. The key (:mod:`cbir.cache.identity`): the model (a model or weights file by its
+SHA-256), the pooling and its parameters, the resolved extraction settings (image size, scales,
+precision, backend, device type, decoder) and ``EXTRACTION_VERSION`` (bumped when the numbers of
+extraction change), never the paths, modification times or the rest of cbir's source code.
+"""
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-from pathlib import Path
-from typing import Any
+from ..cache.describe import DescriptorCache
+from ..cache.digest import default_cache_dir
 
-from .benchmark import Benchmark
-
-CACHE_VERSION = 1
-
-
-def default_cache_dir() -> Path:
-    """``$CBIR_CACHE``, else ``$XDG_CACHE_HOME/cbir/descriptors`` (``~/.cache/cbir/descriptors``)."""
-    if os.environ.get("CBIR_CACHE"):
-        return Path(os.environ["CBIR_CACHE"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base).expanduser() / "cbir" / "descriptors"
-
-
-def _file_stamp(p: Path) -> list:
-    try:
-        st = p.stat()
-        return [str(p.resolve()), st.st_size, st.st_mtime_ns]
-    except OSError:
-        return [str(p), None, None]
-
-
-def code_version() -> str:
-    """Digest of the package's own source files: a cache entry never outlives a code change."""
-    h = hashlib.sha256()
-    root = Path(__file__).resolve().parents[1]  # the cbir package
-    for f in sorted(root.rglob("*.py")):
-        h.update(f.relative_to(root).as_posix().encode())
-        h.update(f.read_bytes())
-    return h.hexdigest()[:16]
-
-
-def cache_key(bench: Benchmark, spec: Any, settings: dict[str, Any]) -> str:
-    """Hex key of (model identity, extraction settings, image list with sizes/mtimes, crop boxes,
-    the code)."""
-    h = hashlib.sha256()
-    h.update(json.dumps({
-        "version": CACHE_VERSION,
-        "code": code_version(),
-        "model": spec.identity(),
-        "settings": settings,
-        "db": [_file_stamp(Path(p)) for p in bench.db_paths],
-        "queries": [_file_stamp(Path(p)) for p in bench.query_paths],
-        "boxes": [list(b) if b is not None else None for b in bench.query_bboxes] if settings["crop"] else None,
-    }, sort_keys=True, default=str).encode())
-    return h.hexdigest()[:32]
+__all__ = ["DescriptorCache", "default_cache_dir"]

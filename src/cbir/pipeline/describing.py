@@ -12,14 +12,6 @@ import numpy as np
 
 from ..descriptors import Descriptors
 from .benchmark import Benchmark, extraction_defaults
-from .cache import cache_key
-
-
-def _run_extract(model: Any, paths: Sequence[Path], **kw: Any):
-    """One extraction call (a seam: tests count the calls to see the cache work)."""
-    from ..extract import extract
-
-    return extract(model, paths, **kw)
 
 
 def describe(
@@ -32,6 +24,7 @@ def describe(
     device: str = "auto",
     batch_size: int | None = None,
     precision: str = "auto",
+    backend: str = "auto",
     progress: bool = False,
     cache_dir: str | os.PathLike[str] | None = None,
 ) -> tuple[Descriptors, Descriptors]:
@@ -40,11 +33,17 @@ def describe(
     ``model``: a :class:`cbir.model.ModelSpec` (hashable settings: cached under ``cache_dir``), a
     backbone name or model file (read as ``ModelSpec(model)``), or an in-memory
     :class:`cbir.model.RetrievalNet` (never cached). Queries are cropped to their box unless
-    ``crop=False``. ``imsize``/``scales`` default to :func:`extraction_defaults`. A BoW pooling
-    without a codebook is fitted on the database images first (seeded). Every image must be
-    readable (ImageError otherwise). ``meta`` of both holds the settings and ``cache`` ("hit",
-    "miss" or None).
+    ``crop=False``. ``imsize``/``scales`` default to :func:`extraction_defaults`. Database photos
+    and queries are described in one pass through :func:`cbir.cache.describe.extract_with_cache`:
+    each (image contents, crop box) runs through the network at most once (a whole-image query
+    that is also a database photo once for both), and not at all when ``cache_dir`` holds it.
+    A BoW pooling without a codebook is fitted on the database images first (seeded; its
+    descriptors are not cached). Every image must be readable (ImageError otherwise). ``meta`` of
+    both holds the settings, ``cache`` ("hit": nothing described, "miss", or None without a cache)
+    and ``described`` / ``cache_hits`` (image counts).
     """
+    from ..cache.describe import CacheStats, DescriptorCache, LazyNet, extract_with_cache
+    from ..cache.identity import cacheable_pooling
     from ..model import ModelSpec
 
     if isinstance(model, (str, os.PathLike)):
@@ -58,55 +57,45 @@ def describe(
     scales = tuple(float(s) for s in (d_scales if scales is None else scales))
     if not scales or any(s <= 0 for s in scales):
         raise ValueError(f"scales must be positive numbers, got {scales}")
-    settings = {"imsize": imsize, "scales": list(scales), "crop": bool(crop), "precision": precision,
-                "device": str(device)}
-    cached = None
-    if cache_dir is not None and isinstance(model, ModelSpec):
-        cached = Path(cache_dir).expanduser() / cache_key(bench, model, settings)
-        hit = _read_cache(cached, bench)
-        if hit is not None:
-            return hit
-    net = model.build() if isinstance(model, ModelSpec) else model
     missing = next((p for p in list(bench.db_paths[:1]) + list(bench.query_paths[:1]) if not Path(p).is_file()), None)
     if missing is not None:
         raise FileNotFoundError(f"image not found: {missing} (give the image folder, or `cbir download {bench.name}`)")
-    if getattr(net.pooling, "name", "") == "bow" and not bool(net.pooling.fitted):
-        from ..extract import fit_bow
+    spec = model if isinstance(model, ModelSpec) else None
+    cache = None
+    if cache_dir is not None and spec is not None and cacheable_pooling(spec.pooling):
+        cache = DescriptorCache.for_spec(spec, imsize=imsize, scales=scales, device=device, precision=precision,
+                                         backend=backend, root=cache_dir)
+    lazy = LazyNet(spec.build) if spec is not None else LazyNet(lambda: model)
+    if spec is None or not cacheable_pooling(spec.pooling):
+        net = lazy()
+        if getattr(net.pooling, "name", "") == "bow" and not bool(net.pooling.fitted):
+            from ..extract import fit_bow
 
-        fit_bow(net, bench.db_paths, imsize=imsize, device=device)
-    common = dict(imsize=imsize, scales=scales, device=device, batch_size=batch_size, progress=progress,
-                  strict=True, precision=precision)
-    boxes = list(bench.query_bboxes) if crop else None
+            fit_bow(net, bench.db_paths, imsize=imsize, device=device)
+    n_db = len(bench.db_paths)
+    boxes = list(bench.query_bboxes) if crop else [None] * len(bench.query_paths)
+    stats = CacheStats()
     t0 = time.perf_counter()
-    db = _run_extract(net, list(bench.db_paths), **common)
-    q = _run_extract(net, list(bench.query_paths), bboxes=boxes, **common)
-    meta = {**net.describe(), "imsize": imsize, "scales": list(scales),
+    try:
+        res = extract_with_cache(lazy, list(bench.db_paths) + list(bench.query_paths), cache=cache,
+                                 bboxes=[None] * n_db + boxes, stats=stats, imsize=imsize, scales=scales,
+                                 device=device, batch_size=batch_size, progress=progress, strict=True,
+                                 precision=precision, backend=backend)
+        about = lazy.net.describe() if lazy.net is not None else (cache.store.about if cache is not None else None)
+    finally:
+        if cache is not None:
+            cache.close()
+    if about is None:  # a store written by hand or emptied of its description: ask the network
+        about = lazy().describe()
+    meta = {**about, "imsize": imsize, "scales": list(scales),
             "cropped_queries": bool(crop) and any(b is not None for b in bench.query_bboxes),
             "precision": precision, "extract_seconds": round(time.perf_counter() - t0, 2),
             "images": len(bench.db_paths) + len(bench.query_paths), "benchmark": bench.name,
-            "cache": "miss" if cached is not None else None}
-    qd = Descriptors(ids=list(bench.query_ids), vectors=q.vectors, meta=dict(meta, part="queries"))
-    dbd = Descriptors(ids=list(bench.db_ids), vectors=db.vectors, meta=dict(meta, part="database"))
-    if cached is not None:
-        dbd.save(cached / "database")
-        qd.save(cached / "queries")  # written last: its presence marks a complete entry
+            "cache": None if cache is None else ("hit" if stats.described == 0 else "miss"),
+            "described": stats.described, "cache_hits": stats.hits}
+    qd = Descriptors(ids=list(bench.query_ids), vectors=res.vectors[n_db:], meta=dict(meta, part="queries"))
+    dbd = Descriptors(ids=list(bench.db_ids), vectors=res.vectors[:n_db], meta=dict(meta, part="database"))
     return qd, dbd
-
-
-def _read_cache(folder: Path, bench: Benchmark) -> tuple[Descriptors, Descriptors] | None:
-    from ..fileio import FormatError
-
-    if not (folder / "queries" / "meta.json").is_file():
-        return None
-    try:
-        q = Descriptors.load(folder / "queries")
-        db = Descriptors.load(folder / "database")
-    except (FormatError, FileNotFoundError, ValueError):
-        return None  # damaged entry: describe again (and overwrite it)
-    if q.ids != list(bench.query_ids) or db.ids != list(bench.db_ids):
-        return None
-    q.meta["cache"] = db.meta["cache"] = "hit"
-    return q, db
 
 
 def describe_poolings(

@@ -9,7 +9,7 @@ import numpy as np
 
 from ..datasets import RetrievalDataset
 from ..descriptors import Descriptors
-from ..rerank.options import Rerank
+from ..rerank.compose import Rerank
 from .benchmark import Benchmark, load_benchmark
 from .describing import describe, lookup, with_distractors
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from ..rerank.options import Rerank
+from ..rerank.compose import Rerank
 from ..rerank.recipe import Recipe
 
 

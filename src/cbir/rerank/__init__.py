@@ -4,22 +4,23 @@
 - :mod:`cbir.rerank.qe`        average / alpha-weighted query expansion, database-side augmentation
 - :mod:`cbir.rerank.diffusion` kNN affinity graph, diffusion by conjugate gradient (Iscen et al.
   CVPR'17), truncated and offline forms (Yang et al. AAAI'19)
-- :mod:`cbir.rerank.compose`   ``Rerank`` (one settings object) and ``rerank()`` composing the steps
+- :mod:`cbir.rerank.compose`   ``Rerank`` (one checked settings object) and ``rerank()`` composing the steps
 - :mod:`cbir.rerank.recipe`    a tuned whitening + Rerank saved as a versioned file; :mod:`cbir.rerank.tune` the search
-- :mod:`cbir.rerank.options`   the ``--whiten/--qe/--alpha-qe/--dba/--diffusion`` options shared by
-  ``cbir evaluate`` and ``cbir search`` and the function composing them
+
+The command-line options that fill a ``Rerank`` live in ``cbir.cli.rerank_options`` (argparse stays in ``cli/``).
 """
 
 from .knn import knn_search, topk
 from .qe import alpha_qe, average_qe, dba
 from .diffusion import (
+    DiffusionOptions,
     DiffusionParams,
     OfflineDiffusion,
     diffusion_scores,
     knn_graph,
     normalize_graph,
 )
-from .options import add_arguments, rerank, rerank_from_args
+from .compose import ALPHA, DBA_K, QE_K, Rerank, rerank
 
 __all__ = [
     "alpha_qe",
@@ -27,12 +28,15 @@ __all__ = [
     "dba",
     "topk",
     "knn_search",
+    "DiffusionOptions",
     "DiffusionParams",
     "OfflineDiffusion",
     "diffusion_scores",
     "knn_graph",
     "normalize_graph",
-    "add_arguments",
+    "ALPHA",
+    "DBA_K",
+    "QE_K",
+    "Rerank",
     "rerank",
-    "rerank_from_args",
 ]

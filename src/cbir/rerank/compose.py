@@ -1,32 +1,31 @@
 """The composition of the re-rankings and its one settings object :class:`Rerank`.
 
 Order (the standard one, Radenovic et al. TPAMI'18 / Iscen et al. CVPR'17):
-``whiten -> DBA -> search -> alpha-QE / average QE -> diffusion``. The command-line options that
-fill a :class:`Rerank` are in :mod:`cbir.rerank.options`; a tuned whitening + Rerank is a
-:class:`cbir.rerank.recipe.Recipe`.
+``whiten -> DBA -> search -> alpha-QE / average QE -> diffusion``. :class:`Rerank` is a checked
+schema (:mod:`cbir.schema`) whose errors name its fields; the command-line options that fill one
+are in ``cbir.cli.rerank_options`` (which names the flags instead); a tuned whitening + Rerank is
+a :class:`cbir.rerank.recipe.Recipe`.
 """
 
 from __future__ import annotations
 
-import argparse
-from dataclasses import asdict, dataclass, fields
-from pathlib import Path
+import math
+from pathlib import Path, PurePath
 from typing import Any
 
 import numpy as np
+from pydantic import ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 
 from ..linalg import l2_normalize
-from .diffusion import DiffusionParams, diffusion_scores, knn_graph
+from ..schema import MAX_EXPONENT, MAX_NEIGHBOURS, Float, Int, Schema, Str, show
+from .diffusion import DiffusionOptions, DiffusionParams, diffusion_scores, knn_graph
 from .qe import alpha_qe, dba
 
 #: ``--qe`` without K: alpha-QE over the top-2 (alpha 3); ``--dba`` without K: DBA over the top-5.
 QE_K = 2
 DBA_K = 5
 ALPHA = 3.0
-
-
-_DIFF_ARGS = {"k": "diffusion_k", "kq": "diffusion_kq", "gamma": "diffusion_gamma", "alpha": "diffusion_alpha",
-              "trunc": "diffusion_trunc", "sim_weight": "diffusion_sim_weight"}
 
 
 def whitening_record(whitening: Any, file: str | None = None) -> dict[str, Any]:
@@ -48,7 +47,7 @@ def rerank(
     dba_alpha: float = 0.0,
     qe_k: int = 0,
     qe_alpha: float = 0.0,
-    diffusion: DiffusionParams | dict | None = None,
+    diffusion: DiffusionParams | DiffusionOptions | dict | None = None,
 ) -> tuple[np.ndarray, dict]:
     """Compose the re-rankings; q (nq, D), db (n, D) -> (scores (nq, n) float32, applied dict).
 
@@ -61,7 +60,10 @@ def rerank(
     if q.ndim != 2 or db.ndim != 2 or q.shape[1] != db.shape[1]:
         raise ValueError(f"queries {q.shape} and database {db.shape} must be 2-D with the same dimension")
     if min(dba_k, qe_k) < 0:
-        raise ValueError("--qe and --dba must be >= 0")
+        raise ValueError(f"qe_k and dba_k must be >= 0, got qe_k={qe_k}, dba_k={dba_k}")
+    for name, value in (("dba_alpha", dba_alpha), ("qe_alpha", qe_alpha)):
+        if not (math.isfinite(value) and 0.0 <= value <= MAX_EXPONENT):
+            raise ValueError(f"{name} must be a finite number in [0, {MAX_EXPONENT:g}], got {value}")
     applied: dict[str, Any] = {}
     if whitening is not None:
         q, db = whitening.apply(q), whitening.apply(db)
@@ -78,79 +80,85 @@ def rerank(
         applied["qe"] = {"k": int(qe_k), "alpha": float(qe_alpha), "kind": "alpha-qe" if qe_alpha else "average"}
     if diffusion is not None:
         if isinstance(diffusion, dict):
-            diffusion = DiffusionParams.for_database(db.shape[0], **diffusion)
+            diffusion = DiffusionOptions(**diffusion)
+        if isinstance(diffusion, DiffusionOptions):
+            diffusion = diffusion.resolve(db.shape[0])
         graph = knn_graph(db, k=diffusion.k, gamma=diffusion.gamma, mutual=diffusion.mutual)
         scores = diffusion_scores(q, db, diffusion, graph=graph, sim=scores)
         applied["diffusion"] = diffusion.to_dict() | {"truncated": 0 < diffusion.trunc < db.shape[0]}
     return np.ascontiguousarray(scores, dtype=np.float32), applied
 
 
-@dataclass(frozen=True)
-class Rerank:
+class Rerank(Schema):
     """One settings object for the post-search stage: whiten -> DBA -> search -> QE -> diffusion.
 
-    ``whiten``: path of a whitening file (``cbir whiten``) or None; ``qe``/``dba``: K (0 = off);
-    ``alpha_qe``/``dba_alpha``: weights s^A (None = 3 / the alpha_qe value, else 3);
-    ``diffusion``: None (off), :class:`DiffusionParams`, or a dict of the given parameters (the
-    others follow the database size, :meth:`DiffusionParams.for_database`).
-    ``apply(q, db)`` -> (scores, applied).
+    ``whiten``: path of a whitening file (``cbir whiten``) or None; ``qe``/``dba``: K in
+    [0, MAX_NEIGHBOURS] (0 = off; DBA needs K >= 2 to change anything); ``alpha_qe``/``dba_alpha``:
+    weights s^A in [0, 100] (None = 3 / the alpha_qe value, else 3; ``alpha_qe`` needs ``qe`` > 0);
+    ``diffusion``: None or False (off), True (every parameter by the database size,
+    :meth:`DiffusionParams.for_database`), a :class:`DiffusionParams` (all fixed), or a dict /
+    :class:`DiffusionOptions` of the given parameters (the others by the database size). Every
+    field is checked when the object is made (:class:`cbir.schema.SchemaError` naming the field:
+    ``Rerank: qe: must be an integer in [0, 10000] (got 2.5)``). ``apply(q, db)`` -> (scores, applied).
     """
 
-    whiten: str | None = None
-    dba: int = 0
-    dba_alpha: float | None = None
-    qe: int = 0
-    alpha_qe: float | None = None
-    diffusion: DiffusionParams | dict | None = None
+    whiten: Str | None = None
+    dba: Int(ge=0, le=MAX_NEIGHBOURS) = 0
+    dba_alpha: Float(ge=0.0, le=MAX_EXPONENT) | None = None
+    qe: Int(ge=0, le=MAX_NEIGHBOURS) = 0
+    alpha_qe: Float(ge=0.0, le=MAX_EXPONENT) | None = None
+    diffusion: DiffusionOptions | None = None
 
+    @field_validator("whiten", mode="before")
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> "Rerank":
-        """The settings given by the options of :func:`add_arguments` (missing ones: off)."""
-        diffusion = None
-        if getattr(args, "diffusion", False):
-            diffusion = {key: getattr(args, name) for key, name in _DIFF_ARGS.items()
-                         if getattr(args, name, None) is not None}
-        return cls(
-            whiten=getattr(args, "whiten", None) or None,
-            dba=int(getattr(args, "dba", 0) or 0),
-            dba_alpha=getattr(args, "dba_alpha", None),
-            qe=int(getattr(args, "qe", 0) or 0),
-            alpha_qe=getattr(args, "alpha_qe", None),
-            diffusion=diffusion,
-        )
+    def _path(cls, v: Any) -> Any:
+        return str(v) if isinstance(v, PurePath) else v
+
+    @field_validator("alpha_qe")
+    @classmethod
+    def _alpha_needs_qe(cls, v: float | None, info: ValidationInfo) -> float | None:
+        if v is not None and info.data.get("qe", 1) == 0:
+            raise PydanticCustomError("cbir", "alpha_qe needs qe > 0 (the number of neighbours to expand with)")
+        return v
+
+    @field_validator("diffusion", mode="before")
+    @classmethod
+    def _diffusion(cls, v: Any) -> Any:
+        if v is True:
+            return DiffusionOptions()
+        if v is False:
+            return None
+        if isinstance(v, DiffusionParams):
+            return DiffusionOptions(**v.model_dump())
+        if v is not None and not isinstance(v, (dict, DiffusionOptions)):
+            raise PydanticCustomError("cbir", "must be true, an object of diffusion parameters, or null (got {got})",
+                                      {"got": show(v)})
+        return v
 
     def is_off(self) -> bool:
         """True when nothing is applied (plain inner products of L2-normalised rows)."""
         return not (self.whiten or self.dba > 1 or self.qe > 0 or self.diffusion is not None)
 
+    def diffusion_for(self, n: int) -> DiffusionParams | None:
+        """The diffusion parameters for a database of n items (None: no diffusion)."""
+        return None if self.diffusion is None else self.diffusion.resolve(n)
+
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form; ``Rerank.from_dict(r.to_dict()) == r``."""
-        return asdict(self)  # DiffusionParams and dicts alike become plain dicts
+        """JSON-ready form (diffusion: only the given parameters); ``Rerank.from_dict(r.to_dict()) == r``."""
+        d = self.model_dump(mode="json", exclude={"diffusion"})
+        d["diffusion"] = None if self.diffusion is None else self.diffusion.given()
+        return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Rerank":
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown re-ranking settings: {sorted(unknown)}")
-        d = dict(d)
-        diff = d.get("diffusion")
-        if diff is not None:
-            unknown = set(diff) - {f.name for f in fields(DiffusionParams)}
-            if unknown:
-                raise ValueError(f"unknown diffusion settings: {sorted(unknown)}")
-            # all parameters given: fixed; some: the rest follow the database size
-            full = set(diff) == {f.name for f in fields(DiffusionParams)}
-            d["diffusion"] = DiffusionParams(**diff) if full else dict(diff)
-        return cls(**d)
+    def from_dict(cls, d: Any, where: str = "re-ranking settings") -> "Rerank":
+        """The settings of a JSON object (SchemaError naming ``where`` and the field)."""
+        return cls.parse(d, where)
 
     def check(self) -> None:
-        """ValueError for settings that cannot be applied (an αQE weight without QE)."""
-        if self.alpha_qe is not None and self.qe == 0:
-            raise ValueError("--alpha-qe needs --qe K (the number of neighbours to expand with)")
+        """Kept for callers: every check now runs when the object is made."""
 
     def apply(self, q: np.ndarray, db: np.ndarray) -> tuple[np.ndarray, dict]:
         """q (nq, D), db (n, D) -> (scores (nq, n) float32, applied JSON-ready dict)."""
-        self.check()
         whitening = None
         if self.whiten:
             from ..whitening import Whitening
@@ -166,7 +174,7 @@ class Rerank:
             dba_alpha=float(dba_alpha),
             qe_k=self.qe,
             qe_alpha=alpha,
-            diffusion=self.diffusion,
+            diffusion=self.diffusion_for(np.shape(db)[0]),
         )
         if whitening is not None:
             applied["whiten"]["file"] = str(Path(self.whiten))

@@ -34,12 +34,15 @@ kq = 3, gamma = 3, alpha = 0.8, beta = 0.5, 20 CG iterations, no truncation up t
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
-import scipy.sparse as sp
 
+if TYPE_CHECKING:  # scipy is imported where a graph is built: `cbir search` without diffusion never loads it
+    import scipy.sparse as sp
+
+from ..schema import MAX_EXPONENT, MAX_NEIGHBOURS, Bool, Float, Int, Schema
 from .knn import knn_search, topk
 
 #: Scores of items the diffusion did not reach are ``similarity - UNREACHED_OFFSET`` (< 0 <= f).
@@ -51,39 +54,33 @@ TRUNC_ABOVE = 100_000
 TRUNC_R = 10_000
 
 
-@dataclass(frozen=True)
-class DiffusionParams:
+#: Largest truncation region and conjugate-gradient iteration count a DiffusionParams accepts.
+MAX_TRUNC = 100_000_000
+MAX_ITER = 10_000
+
+
+class DiffusionParams(Schema):
     """Parameters of diffusion; the defaults are the safe ones (docs/rerank.md), see
     :meth:`for_database` for the database-relative k and truncation.
 
-    k: neighbours per node in the database graph; kq: neighbours of the query in y;
-    gamma: similarity exponent; alpha: diffusion weight in [0, 1); trunc: truncation size R
-    (0 = diffuse on the whole graph; used only when the database is larger than R);
-    maxiter/tol: conjugate gradient stop (iterations, relative residual); mutual: reciprocal kNN;
-    sim_weight: beta of the final score ``f / max f + beta max(s, 0)^gamma`` (0 = pure diffusion).
+    k: neighbours per node in the database graph (1..MAX_NEIGHBOURS); kq: neighbours of the query in
+    y (1..MAX_NEIGHBOURS); gamma: similarity exponent in (0, 100]; alpha: diffusion weight in [0, 1);
+    trunc: truncation size R (0 = diffuse on the whole graph; used only when the database is larger
+    than R); maxiter/tol: conjugate gradient stop (iterations 1..10,000, relative residual in (0, 1));
+    mutual: reciprocal kNN; sim_weight: beta of the final score ``f / max f + beta max(s, 0)^gamma``
+    in [0, 1000] (0 = pure diffusion). Every value is checked (:mod:`cbir.schema`): a NaN, a string
+    or a float where an integer belongs raises :class:`cbir.schema.SchemaError` naming the field.
     """
 
-    k: int = 20
-    kq: int = 3
-    gamma: float = 3.0
-    alpha: float = 0.8
-    trunc: int = 0
-    maxiter: int = 20
-    tol: float = 1e-6
-    mutual: bool = True
-    sim_weight: float = 0.5
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.alpha < 1.0:
-            raise ValueError(f"diffusion alpha must be in [0, 1), got {self.alpha}")
-        if self.k < 1 or self.kq < 1:
-            raise ValueError(f"diffusion k and kq must be >= 1, got k={self.k}, kq={self.kq}")
-        if self.gamma <= 0:
-            raise ValueError(f"diffusion gamma must be > 0, got {self.gamma}")
-        if self.trunc < 0 or self.maxiter < 1:
-            raise ValueError("diffusion trunc must be >= 0 and maxiter >= 1")
-        if self.sim_weight < 0:
-            raise ValueError(f"diffusion sim_weight must be >= 0, got {self.sim_weight}")
+    k: Int(ge=1, le=MAX_NEIGHBOURS) = 20
+    kq: Int(ge=1, le=MAX_NEIGHBOURS) = 3
+    gamma: Float(gt=0.0, le=MAX_EXPONENT) = 3.0
+    alpha: Float(ge=0.0, lt=1.0) = 0.8
+    trunc: Int(ge=0, le=MAX_TRUNC) = 0
+    maxiter: Int(ge=1, le=MAX_ITER) = 20
+    tol: Float(gt=0.0, lt=1.0) = 1e-6
+    mutual: Bool = True
+    sim_weight: Float(ge=0.0, le=1000.0) = 0.5
 
     @classmethod
     def for_database(cls, n: int, **given: object) -> "DiffusionParams":
@@ -94,10 +91,33 @@ class DiffusionParams:
         """
         auto = {"k": min(20, max(2, int(n) // 10)), "trunc": 0 if n <= TRUNC_ABOVE else TRUNC_R}
         auto.update({key: v for key, v in given.items() if v is not None})
-        return cls(**auto)  # type: ignore[arg-type]
+        return cls(**auto)
+
+
+class DiffusionOptions(Schema):
+    """The diffusion parameters a user gave (None: follows the database size, :meth:`DiffusionParams.for_database`);
+    each given one has the range of :class:`DiffusionParams`. ``resolve(n)`` -> DiffusionParams."""
+
+    k: Int(ge=1, le=MAX_NEIGHBOURS) | None = None
+    kq: Int(ge=1, le=MAX_NEIGHBOURS) | None = None
+    gamma: Float(gt=0.0, le=MAX_EXPONENT) | None = None
+    alpha: Float(ge=0.0, lt=1.0) | None = None
+    trunc: Int(ge=0, le=MAX_TRUNC) | None = None
+    maxiter: Int(ge=1, le=MAX_ITER) | None = None
+    tol: Float(gt=0.0, lt=1.0) | None = None
+    mutual: Bool | None = None
+    sim_weight: Float(ge=0.0, le=1000.0) | None = None
+
+    def given(self) -> dict:
+        """The parameters given (JSON-ready)."""
+        return self.model_dump(exclude_none=True)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return self.given()
+
+    def resolve(self, n: int) -> DiffusionParams:
+        """The parameters for a database of n items: the given ones, the rest by the database size."""
+        return DiffusionParams.for_database(n, **self.given())
 
 
 #: The defaults of Iscen et al. CVPR'17 (and their code), for comparison.
@@ -113,6 +133,8 @@ def graph_from_knn(sims: np.ndarray, idx: np.ndarray, gamma: float = 3.0, mutual
     Self-neighbours are dropped; ``w = max(s, 0)^gamma``; mutual: ``W = min(A, A^T)`` (an edge
     only when each is in the other's list), else ``W = max(A, A^T)``.
     """
+    import scipy.sparse as sp
+
     n, k = idx.shape
     rows = np.repeat(np.arange(n), k)
     cols = idx.ravel()
@@ -147,6 +169,8 @@ def knn_graph(
 
 def normalize_graph(w: sp.spmatrix) -> sp.csr_matrix:
     """``S = D^-1/2 W D^-1/2`` with ``D = diag(W 1)``; rows/columns of isolated nodes stay zero."""
+    import scipy.sparse as sp
+
     w = sp.csr_matrix(w)
     deg = np.asarray(w.sum(axis=1)).ravel()
     inv = np.zeros_like(deg)
@@ -206,6 +230,8 @@ def cg(
 
 def diffuse(s: sp.spmatrix, y: np.ndarray, alpha: float = 0.99, maxiter: int = 20, tol: float = 1e-6) -> np.ndarray:
     """``F = (1 - alpha) (I - alpha S)^-1 Y`` by conjugate gradient. S (n, n), Y (n, m) -> (n, m)."""
+    import scipy.sparse as sp
+
     s = sp.csr_matrix(s)
     y = np.asarray(y, dtype=np.float64)
     vec = y.ndim == 1
@@ -274,6 +300,8 @@ def truncated_subgraphs(graph: sp.spmatrix, regions: np.ndarray, max_table: int 
     of regions with at most ``max_table`` entries, at least 16 regions), else through a binary
     search in the sorted (region, node) keys. Returns (nq*R, nq*R) csr.
     """
+    import scipy.sparse as sp
+
     graph = sp.csr_matrix(graph)
     n = graph.shape[0]
     nq, r = regions.shape
@@ -367,6 +395,8 @@ class OfflineDiffusion:
     ) -> "OfflineDiffusion":
         """Solve ``(I - alpha S) l_i = (1 - alpha) e_i`` for every database item (CG, chunks of
         right-hand sides) and keep each solution's top-m entries. Cost: n CG solves."""
+        import scipy.sparse as sp
+
         n = db.shape[0]
         if graph is None:
             graph = knn_graph(db, k=params.k, gamma=params.gamma, mutual=params.mutual)
@@ -395,6 +425,8 @@ class OfflineDiffusion:
 
     def scores(self, q: np.ndarray, db: np.ndarray, sim: np.ndarray | None = None) -> np.ndarray:
         """Online diffusion scores (nq, n) float32 (final scores as in the module docstring)."""
+        import scipy.sparse as sp
+
         n = self.columns.shape[0]
         if sim is None:
             sim = np.ascontiguousarray(q, dtype=np.float32) @ np.ascontiguousarray(db, dtype=np.float32).T

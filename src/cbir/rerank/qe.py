@@ -53,8 +53,8 @@ def alpha_qe(
     q, db = _check_pair(q, db)
     if k <= 0:
         return q.copy()
-    if alpha < 0:
-        raise ValueError(f"alpha-QE exponent must be >= 0, got {alpha}")
+    if not (np.isfinite(alpha) and alpha >= 0):
+        raise ValueError(f"alpha-QE exponent must be a finite number >= 0, got {alpha}")
     if scores is None:
         scores = q @ db.T
     s, idx = topk(scores, k)
@@ -80,6 +80,8 @@ def dba(db: np.ndarray, k: int, alpha: float = 0.0, batch: int = 4096) -> np.nda
     k = 1 returns db unchanged and alpha = 0 is plain averaging over the top-k. (n, D) -> (n, D).
     """
     db = _as_f32(db, "database")
+    if not (np.isfinite(alpha) and alpha >= 0):
+        raise ValueError(f"DBA exponent must be a finite number >= 0, got {alpha}")
     if k <= 1:
         return db.copy()
     s, idx = knn_search(db, db, k, batch=batch)

@@ -15,18 +15,25 @@ database it is applied to, learned at use time from its own vectors, no labels),
 pairs) stored beside the JSON in a :class:`cbir.whitening.Whitening` file whose sha256 the JSON
 records. Diffusion parameters that are left out of ``rerank.diffusion`` follow the database size
 (:meth:`cbir.rerank.diffusion.DiffusionParams.for_database`).
+
+The file's schema is :class:`RecipeFile` (every number finite and in range, exact types, unknown
+keys refused, the whitening ``file`` a plain name beside the recipe); a violation is one line
+naming the file and the field (``recipe x.json: rerank.qe: must be an integer in [0, 10000] (got 2.5)``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import numpy as np
+from pydantic import ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 
-from ..fileio import FormatError, atomic_write_json, check_format, read_json, sha256_file
-from ..whitening import Whitening, learn_pca_whitening
+from ..fileio import FormatError, atomic_write_json, sha256_file
+from ..schema import MAX_DIM, FileName, Float, Int, JsonObject, Schema, Sha256, load_schema, show
+from ..whitening import MAX_POWER, Whitening, learn_pca_whitening
 from .compose import Rerank
 
 #: Recipes shipped with cbir, loadable by name (``--recipe holidays805-lite0``).
@@ -38,25 +45,28 @@ FORMAT_VERSION = 1
 WHITENING_METHODS = ("none", "pca", "lw")
 
 
-@dataclass(frozen=True)
-class WhiteningSpec:
+class WhiteningSpec(Schema):
     """How to whiten: ``method`` none/pca/lw; ``fit`` "database" (PCA learned at use time on the
     database vectors) or "validation" (a projection learned by ``cbir tune``, in ``learned``);
-    ``power``/``shrinkage``/``dim`` as :func:`cbir.whitening.learn_pca_whitening` (dim None = all)."""
+    ``power`` in [0, 2], ``shrinkage`` in [0, 1], ``dim`` in [1, MAX_DIM] as
+    :func:`cbir.whitening.learn_pca_whitening` (dim None = all). Positional arguments follow
+    that order: ``WhiteningSpec("pca", "database", power=0.5)``."""
 
-    method: str = "none"
-    fit: str = "database"
-    power: float = 1.0
-    shrinkage: float = 0.0
-    dim: int | None = None
+    positional_fields: ClassVar[tuple[str, ...]] = ("method", "fit", "power", "shrinkage", "dim")
 
-    def __post_init__(self) -> None:
-        if self.method not in WHITENING_METHODS:
-            raise ValueError(f"unknown whitening method {self.method!r} (known: {', '.join(WHITENING_METHODS)})")
-        if self.fit not in ("database", "validation"):
-            raise ValueError(f"whitening fit must be 'database' or 'validation', got {self.fit!r}")
-        if self.method == "lw" and self.fit != "validation":
-            raise ValueError("Lw needs matching pairs: it can only be learned on the validation sets")
+    method: Literal["none", "pca", "lw"] = "none"
+    fit: Literal["database", "validation"] = "database"
+    power: Float(ge=0.0, le=MAX_POWER) = 1.0
+    shrinkage: Float(ge=0.0, le=1.0) = 0.0
+    dim: Int(ge=1, le=MAX_DIM) | None = None
+
+    @field_validator("fit")
+    @classmethod
+    def _lw_needs_pairs(cls, v: str, info: ValidationInfo) -> str:
+        if info.data.get("method") == "lw" and v != "validation":
+            raise PydanticCustomError("cbir", "Lw needs matching pairs: it can only be learned on the validation "
+                                      "sets (fit 'validation', got {got})", {"got": show(v)})
+        return v
 
     def label(self) -> str:
         if self.method == "none":
@@ -72,9 +82,41 @@ class WhiteningSpec:
                 "dim": self.dim}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "WhiteningSpec":
-        keys = {"method", "fit", "power", "shrinkage", "dim"}
-        return cls(**{k: v for k, v in d.items() if k in keys})
+    def from_dict(cls, d: Any, where: str = "whitening spec") -> "WhiteningSpec":
+        return cls.parse(d, where)
+
+
+class RecipeWhitening(WhiteningSpec):
+    """The ``whitening`` object of a recipe file: a :class:`WhiteningSpec`, and for a projection
+    learned on the validation sets the ``file`` beside the recipe (a plain name) and its ``sha256``."""
+
+    file: FileName | None = None
+    sha256: Sha256 | None = None
+
+    def spec(self) -> WhiteningSpec:
+        return WhiteningSpec(**self.model_dump(exclude={"file", "sha256"}))
+
+
+class RecipeFile(Schema):
+    """``recipe.json``, format ``recipe`` v1 (module doc). ``whitening`` / ``rerank`` null or left
+    out: none / no re-ranking; ``tuned_on``, ``objective``, ``descriptors``: what ``cbir tune``
+    records (informational, plain JSON). Unknown keys are refused."""
+
+    format: Literal["recipe"]
+    format_version: Literal[1]
+    whitening: RecipeWhitening | None = None
+    rerank: Rerank | None = None
+    tuned_on: list[JsonObject] | None = None
+    objective: JsonObject | None = None
+    descriptors: JsonObject | None = None
+
+    @field_validator("rerank")
+    @classmethod
+    def _no_whiten_path(cls, v: Rerank | None) -> Rerank | None:
+        if v is not None and v.whiten:
+            raise PydanticCustomError("cbir", "whiten must be null: a recipe carries its own whitening "
+                                      "(the \"whitening\" object)")
+        return v
 
 
 def fit_database_whitening(spec: WhiteningSpec, db: np.ndarray) -> Whitening:
@@ -118,47 +160,50 @@ class Recipe:
         return scores, {"recipe": {"whitening": self.spec.to_dict(), "source": self.meta.get("file")}, **applied}
 
     def save(self, path: str | Path) -> None:
-        """Write ``path`` (JSON) and, for a learned whitening, ``<stem>.whiten.npz`` beside it."""
+        """Write ``path`` (JSON) and, for a learned whitening, ``<stem>.whiten.npz`` beside it.
+
+        The document is checked against :class:`RecipeFile` first (nothing is written when it
+        would not load back: an unknown meta key, a NaN objective)."""
         path = Path(path)
         whitening: dict[str, Any] = self.spec.to_dict()
+        side = None
         if self.learned is not None and self.spec.method != "none" and self.spec.fit == "validation":
             side = path.with_name(path.stem + ".whiten.npz")
-            self.learned.save(side)
-            whitening.update(file=side.name, sha256=sha256_file(side))
         doc = {"format": FORMAT, "format_version": FORMAT_VERSION, "whitening": whitening,
                "rerank": self.rerank.to_dict(), **{k: v for k, v in self.meta.items() if k != "file"}}
+        RecipeFile.parse({**doc, "whitening": {**whitening, **({"file": side.name} if side else {})}},
+                         f"recipe {path}")
+        if side is not None:
+            self.learned.save(side)
+            whitening.update(file=side.name, sha256=sha256_file(side))
         atomic_write_json(path, doc)
 
     @classmethod
     def load(cls, path: str | Path) -> "Recipe":
-        """A recipe file, or the name of one shipped with cbir (``bundled_recipes()``)."""
+        """A recipe file, or the name of one shipped with cbir (``bundled_recipes()``); every field is
+        checked (:class:`RecipeFile`; :class:`cbir.schema.SchemaError` naming the file and the field)."""
         path = Path(path)
         if not path.is_file() and path.name == str(path) and (BUNDLED / f"{path.name}.recipe.json").is_file():
             path = BUNDLED / f"{path.name}.recipe.json"
         if not path.is_file():
             known = ", ".join(bundled_recipes()) or "none"
             raise FileNotFoundError(f"recipe not found: {path} (recipes shipped with cbir: {known})")
-        doc = read_json(path, what="recipe")
-        check_format(doc, FORMAT, (FORMAT_VERSION,), path)
-        try:
-            spec = WhiteningSpec.from_dict(doc.get("whitening") or {"method": "none"})
-            rerank = Rerank.from_dict(doc.get("rerank") or {})
-        except (TypeError, ValueError) as exc:
-            raise FormatError(f"{path}: bad recipe: {exc}") from exc
+        doc = load_schema(path, RecipeFile, "recipe", FORMAT, (FORMAT_VERSION,))
+        wdoc = doc.whitening or RecipeWhitening()
+        spec = wdoc.spec()
         learned = None
-        wdoc = doc.get("whitening") or {}
         if spec.method != "none" and spec.fit == "validation":
-            if "file" not in wdoc:
-                raise FormatError(f"{path}: the learned whitening file is not named")
-            side = path.parent / Path(str(wdoc["file"])).name
+            if wdoc.file is None:
+                raise FormatError(f"recipe {path}: whitening.file: is missing (the learned whitening file)")
+            side = path.parent / wdoc.file
             if not side.is_file():
                 raise FileNotFoundError(f"whitening file of recipe {path} not found: {side}")
-            if wdoc.get("sha256") and sha256_file(side) != wdoc["sha256"]:
+            if wdoc.sha256 and sha256_file(side) != wdoc.sha256:
                 raise FormatError(f"{side} does not match the sha256 recorded in {path}")
             learned = Whitening.load(side)
-        meta = {k: v for k, v in doc.items() if k not in ("format", "format_version", "whitening", "rerank")}
+        meta = doc.model_dump(include={"tuned_on", "objective", "descriptors"}, exclude_none=True)
         meta["file"] = str(path)
-        return cls(spec=spec, rerank=rerank, learned=learned, meta=meta)
+        return cls(spec=spec, rerank=doc.rerank or Rerank(), learned=learned, meta=meta)
 
 
 def recipe_for_index(index_path: str | Path, given: str | None = None) -> "Recipe | None":

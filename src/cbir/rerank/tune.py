@@ -207,7 +207,7 @@ def _views(spec: WhiteningSpec, sets: Sequence[LabelledSet], grid: Grid, memo: d
     """The views scoring ``spec`` (cross-validated over queries when it is learned from labels).
 
     ``memo`` keeps the all-dimension whitenings, keyed by everything but the dimension."""
-    full = replace(spec, dim=None)
+    full = spec.model_copy(update={"dim": None})
 
     def learned(key, fn):
         if key not in memo:

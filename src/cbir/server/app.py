@@ -14,7 +14,8 @@ Safety: request bodies over ``Limits.max_request_bytes`` are refused (413) from 
 Content-Length header or while streaming; the Host header must be an allowed name (400,
 ``security.HostCheck``); writes are guarded (``routes.write_access``). Images are served by id
 only, from the paths recorded in the index's database: no request names a file, so none can
-reach outside the index.
+reach outside the index. Slow clients (header and body timeouts) and the number of connections
+are the server's business: ``cbir.server.connections``.
 """
 
 from __future__ import annotations
@@ -98,7 +99,7 @@ def create_app(index: Index | str | os.PathLike[str], *, index_path: str | os.Pa
                encoder: Any = None, guard: Guard | None = None, rerank: Any = None) -> FastAPI:
     """The app for an index (an open ``Index`` + where to save it, or the index folder).
 
-    ``rerank``: a :class:`cbir.rerank.options.Rerank` or :class:`cbir.rerank.recipe.Recipe` applied
+    ``rerank``: a :class:`cbir.rerank.Rerank` or :class:`cbir.rerank.recipe.Recipe` applied
     to every search (exact, over all stored vectors); None: the index's own search.
 
     ``guard``: allowed Host names and write token (default: loopback names, no token).

@@ -7,6 +7,8 @@ import threading
 import time
 from typing import Any
 
+from .connections import ConnectionLimits, uvicorn_config
+
 
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port that was free a moment ago on ``host``."""
@@ -16,14 +18,17 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 class BackgroundServer:
-    """``with BackgroundServer(app) as url:`` serves ``app`` on 127.0.0.1 from a thread until the block ends."""
+    """``with BackgroundServer(app) as url:`` serves ``app`` on 127.0.0.1 from a thread until the block ends.
 
-    def __init__(self, app: Any, host: str = "127.0.0.1", port: int | None = None, timeout: float = 30.0) -> None:
+    ``limits``: the connection limits (default: those of :class:`ConnectionLimits`, 1000 connections)."""
+
+    def __init__(self, app: Any, host: str = "127.0.0.1", port: int | None = None, timeout: float = 30.0,
+                 limits: ConnectionLimits | None = None) -> None:
         import uvicorn
 
         self.host, self.port = host, port or free_port(host)
-        config = uvicorn.Config(app, host=self.host, port=self.port, log_level="warning", access_log=False,
-                                limit_concurrency=1000, backlog=2048)
+        limits = limits or ConnectionLimits(max_connections=1000)
+        config = uvicorn_config(app, self.host, self.port, limits, log_level="warning", access_log=False, backlog=2048)
         self.server = uvicorn.Server(config)
         self.timeout = timeout
         self.thread = threading.Thread(target=self.server.run, daemon=True)

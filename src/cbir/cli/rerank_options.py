@@ -1,12 +1,16 @@
-"""The re-ranking options shared by ``cbir evaluate`` and ``cbir search`` (``--recipe``, ``--whiten``,
+"""The re-ranking options shared by ``cbir evaluate``, ``cbir search`` (``--recipe``, ``--whiten``,
 ``--qe``, ``--dba``, ``--diffusion*``) and what they ask for: a :class:`cbir.rerank.compose.Rerank`
-(re-exported here) or a :class:`cbir.rerank.recipe.Recipe`.
+or a :class:`cbir.rerank.recipe.Recipe`.
+
+The library's errors name :class:`~cbir.rerank.compose.Rerank`'s fields (``qe``, ``alpha_qe``,
+``diffusion.alpha``); :func:`settings_from_args` says them with this command line's flags
+(``--qe``, ``--alpha-qe``, ``--diffusion-alpha``).
 
 Callers::
 
-    from cbir.rerank.options import add_arguments, rerank_from_args
-    add_arguments(parser)                       # in register()
-    scores, applied = rerank_from_args(args, q, db)   # in the handler; applied -> JSON
+    from .rerank_options import add_arguments, settings_from_args
+    add_arguments(parser)                                   # in register()
+    scores, applied = settings_from_args(args).apply(q, db)  # in the handler; applied -> JSON
 """
 
 from __future__ import annotations
@@ -16,13 +20,23 @@ from pathlib import Path
 
 import numpy as np
 
-from .compose import ALPHA, DBA_K, QE_K, Rerank, rerank  # noqa: F401  (re-exported: callers import them from here)
-from .diffusion import DiffusionParams
-from .recipe import Recipe, recipe_for_index
+from ..rerank.compose import ALPHA, DBA_K, QE_K, Rerank
+from ..rerank.diffusion import DiffusionParams
+from ..rerank.recipe import Recipe, recipe_for_index
+from ..schema import SchemaError
+from . import CLIError
 
-__all__ = ["ALPHA", "DBA_K", "QE_K", "Rerank", "add_arguments", "rerank", "rerank_from_args", "settings_from_args"]
+__all__ = ["FLAGS", "add_arguments", "rerank_from_args", "settings_from_args"]
 
 _DEF = DiffusionParams()
+
+#: Rerank field -> the option that sets it.
+FLAGS = {"whiten": "--whiten", "dba": "--dba", "dba_alpha": "--dba-alpha", "qe": "--qe", "alpha_qe": "--alpha-qe",
+         "diffusion": "--diffusion", "diffusion.k": "--diffusion-k", "diffusion.kq": "--diffusion-kq",
+         "diffusion.gamma": "--diffusion-gamma", "diffusion.alpha": "--diffusion-alpha",
+         "diffusion.trunc": "--diffusion-trunc", "diffusion.sim_weight": "--diffusion-sim-weight"}
+_DIFF_ARGS = {"k": "diffusion_k", "kq": "diffusion_kq", "gamma": "diffusion_gamma", "alpha": "diffusion_alpha",
+              "trunc": "diffusion_trunc", "sim_weight": "diffusion_sim_weight"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -63,19 +77,57 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help=f"final score f/max(f) + B s^gamma (0 = pure diffusion ranking; default {_DEF.sim_weight:g})")
 
 
+def flag_error(exc: SchemaError) -> CLIError:
+    """A Rerank SchemaError said with the flags: ``--qe: must be an integer in [0, 10000] (got -1)``."""
+    import re
+
+    names = re.compile(r"(?<![\w.-])(" + "|".join(sorted(map(re.escape, FLAGS), key=len, reverse=True)) + r")(?![\w-])")
+    parts = []
+    for field, problem in exc.errors:
+        flag = FLAGS.get(field, field)
+        problem = names.sub(lambda m: FLAGS[m.group(1)], problem)  # field names inside the text
+        parts.append(problem if problem.startswith(flag + " ") else f"{flag}: {problem}")
+    return CLIError("; ".join(parts) or str(exc))
+
+
+def rerank_of_args(args: argparse.Namespace) -> Rerank:
+    """The :class:`Rerank` of the options of :func:`add_arguments` (missing ones: off); CLIError
+    naming the flag for a bad value (``--alpha-qe nan``, ``--qe -1``, ``--diffusion-alpha 1``)."""
+    diffusion = None
+    if getattr(args, "diffusion", False):
+        diffusion = {key: getattr(args, name) for key, name in _DIFF_ARGS.items()
+                     if getattr(args, name, None) is not None}
+    else:
+        given = [FLAGS[f"diffusion.{key}"] for key, name in _DIFF_ARGS.items() if getattr(args, name, None) is not None]
+        if given:
+            raise CLIError(f"{given[0]} needs --diffusion")
+    try:
+        return Rerank(whiten=getattr(args, "whiten", None) or None, dba=int(getattr(args, "dba", 0) or 0),
+                      dba_alpha=getattr(args, "dba_alpha", None), qe=int(getattr(args, "qe", 0) or 0),
+                      alpha_qe=getattr(args, "alpha_qe", None), diffusion=diffusion)
+    except SchemaError as exc:
+        raise flag_error(exc) from None
+
+
+def _rerank_given(args: argparse.Namespace) -> bool:
+    return bool(getattr(args, "whiten", None) or getattr(args, "qe", 0) or getattr(args, "dba", 0)
+                or getattr(args, "diffusion", False) or getattr(args, "alpha_qe", None) is not None
+                or getattr(args, "dba_alpha", None) is not None)
+
+
 def settings_from_args(args: argparse.Namespace, index: str | Path | None = None) -> Rerank | Recipe:
     """What the options of :func:`add_arguments` ask for: a :class:`Rerank`, or the
     :class:`cbir.rerank.recipe.Recipe` of ``--recipe FILE`` (which excludes the other options).
     Both have ``apply(q, db) -> (scores, applied)``. ``index``: an index folder whose kept recipe
     (``cbir index build --recipe``) applies when no option is given (``--recipe none``: none)."""
-    settings = Rerank.from_args(args)
     recipe = getattr(args, "recipe", None)
+    if recipe and recipe.lower() != "none" and _rerank_given(args):
+        raise CLIError("--recipe replaces --whiten/--dba/--qe/--diffusion: give one or the other")
+    settings = rerank_of_args(args)
     if recipe and recipe.lower() == "none":
         return settings
     if not recipe and (index is None or not settings.is_off()):
         return settings
-    if recipe and (not settings.is_off() or getattr(args, "alpha_qe", None) is not None):
-        raise ValueError("--recipe replaces --whiten/--dba/--qe/--diffusion: give one or the other")
     found = recipe_for_index(index or ".", recipe)
     return settings if found is None else found
 

@@ -10,7 +10,9 @@ import pytest
 
 from cbir.descriptors import l2_normalize
 from cbir.rerank.diffusion import DiffusionParams, diffusion_scores
-from cbir.rerank.options import add_arguments, rerank, rerank_from_args
+from cbir.cli import CLIError
+from cbir.cli.rerank_options import add_arguments, rerank_from_args
+from cbir.rerank import rerank
 from cbir.rerank.qe import alpha_qe, dba
 from cbir.whitening import learn_pca_whitening
 
@@ -85,9 +87,9 @@ def test_bad_inputs_are_named(data, tmp_path):
     q, db = data
     with pytest.raises(ValueError, match="dimension"):
         rerank(q[:, :8], db)
-    with pytest.raises(ValueError, match="--alpha-qe needs --qe"):
+    with pytest.raises(CLIError, match="^--alpha-qe needs --qe"):
         rerank_from_args(_parser().parse_args(["--alpha-qe", "3"]), q, db)
     with pytest.raises(FileNotFoundError, match="whitening file not found"):
         rerank_from_args(_parser().parse_args(["--whiten", str(tmp_path / "nope.npz")]), q, db)
-    with pytest.raises(ValueError, match="alpha"):
+    with pytest.raises(CLIError, match=r"^--diffusion-alpha: must be a finite number in \[0, 1\) \(got 1.0\)"):
         rerank_from_args(_parser().parse_args(["--diffusion", "--diffusion-alpha", "1.0"]), q, db)
