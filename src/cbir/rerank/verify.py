@@ -49,7 +49,7 @@ class VerifyParams(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     k: int = Field(100, ge=1)
-    min_inliers: int = Field(15, ge=1)
+    min_inliers: int = Field(20, ge=1)
     order: Literal["none", "first", "inliers", "add"] = "first"
     weight: float = Field(0.1, ge=0.0)
     saturation: float = Field(50.0, gt=0.0)
