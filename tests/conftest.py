@@ -259,3 +259,28 @@ def verify_benchmark(tmp_path: Path) -> Path:
     gpath = tmp_path / "gnd_verify.pkl"
     gpath.write_bytes(pickle.dumps({"imlist": imlist, "qimlist": list(VERIFY_QUERIES), "gnd": gnd}))
     return gpath
+
+
+@pytest.fixture()
+def verify_index(tmp_path, lite0_gem, demo, demo_gnd, demo_lite0):
+    """(Index, its folder, QueryEncoder, id of the warped copy): 10 demo database photos + a warped copy
+    of the demo query paris_eiffel_000266, Lite0-GeM 512 px, with local features (INDEX/local) and
+    the verification setting top 20 (INDEX/verify.json), as `cbir index build --verify 20` leaves it."""
+    from cbir.index import Index
+    from cbir.index.embed import QueryEncoder, model_settings
+    from cbir.index.local import save_verify, sync_local
+    from cbir.rerank.verify import VerifyParams
+
+    settings = model_settings(lite0_gem, LITE0_SOURCE, 512, (1.0,))
+    encoder = QueryEncoder(settings, model=lite0_gem, device="cpu")
+    idx = Index(lite0_gem.dim, "exact", settings=settings, device="cpu")
+    idx.add(demo_lite0["db"][:10], [str(demo / "jpg" / f"{n}.jpg") for n in demo_gnd["imlist"][:10]])
+    warped = tmp_path / "photos" / "w_paris_eiffel_000266.jpg"
+    warped.parent.mkdir()
+    warped_copy(demo / "jpg" / "paris_eiffel_000266.jpg", warped)
+    wid = int(idx.add(encoder.encode(warped, None)[None], [str(warped)])[0])
+    path = tmp_path / "verify.index"
+    idx.save(path)
+    sync_local(path, idx)
+    save_verify(path, VerifyParams(k=20))
+    return idx, path, encoder, wid
