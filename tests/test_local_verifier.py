@@ -76,4 +76,4 @@ def test_a_query_without_features_verifies_nothing(photos):
     v = FeatureVerifier(lambda i: None, {0: f["warped"]}.get, device="cpu")
     assert v(0, [0]).tolist() == [0] and v.pairs == 0 and v.missing == 1
     stats = v.stats()
-    assert set(stats) == {"pairs", "missing", "seconds", "feature_seconds"}
+    assert set(stats) == {"pairs", "missing", "seconds", "query_seconds", "feature_seconds"}

@@ -44,6 +44,15 @@ def test_evaluate_verify_extracts_once_and_reports(tmp_path, capsys):
     rc, out, _ = _evaluate(capsys, *common, "--verify", "5", "--min-inliers", "100000", "--json", tmp_path / "n.json")
     assert rc == 0 and json.loads((tmp_path / "n.json").read_text())["rerank"]["verify"]["verified"] == 0
 
+    # `cbir cache info` lists the local features, `cbir cache clear` deletes them too
+    assert main(["cache", "info"]) == 0
+    out = capsys.readouterr().out
+    assert any(line.split()[:2] == ["10", "images"] and "local features sift-" in line for line in out.splitlines())
+    assert main(["cache", "clear"]) == 0
+    assert "and the local features of 10 images" in capsys.readouterr().out
+    rc, out, err = _evaluate(capsys, *common, "--verify", "5")
+    assert rc == 0 and "10 extracted, 0 from the cache" in out
+
 
 @pytest.mark.parametrize("opts, flag", [
     (["--verify", "-3"], "--verify"),

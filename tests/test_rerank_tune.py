@@ -276,3 +276,21 @@ def test_tune_picks_verification_where_it_helps_and_not_where_it_does_not():
     assert recipe2.verify is None and any(t["step"] == "verify" for t in trials2)
     recipe3, trials3 = tune([_synthetic(0)], SMALL)
     assert recipe3.verify is None and not any(t["step"] == "verify" for t in trials3)
+
+
+@pytest.mark.slow
+def test_cli_tune_verify_tries_verification_with_the_sets_local_features(tmp_path, capsys):
+    import json
+
+    from conftest import verify_benchmark
+
+    gnd = verify_benchmark(tmp_path)
+    out, report = tmp_path / "r.json", tmp_path / "report.json"
+    rc = main(["tune", "--val", str(gnd), "--verify", "--fast", "--imsize", "96", "--scales", "1", "--out", str(out),
+               "--report", str(report)])
+    _, err = capsys.readouterr()
+    assert rc == 0, err
+    assert "10 images extracted, 0 from the cache" in err
+    trials = json.loads(report.read_text())["trials"]
+    assert [t["verify"]["k"] for t in trials if t["step"] == "verify"] == [50]
+    Recipe.load(out)  # v1 or v2, whichever was chosen, loads back

@@ -17,7 +17,8 @@ Writers take the lock and open the store again under it (another process may hav
 meanwhile), then extract what is missing (:func:`cbir.local.store.extract_to_store`: resumable,
 atomic shards); a run that finds every key already stored reads without locking. Readers of a
 store that a writer changes later keep their (immutable) shards; they open the store again to see
-the new ones.
+the new ones. ``cbir cache info`` lists these stores and ``cbir cache clear`` deletes them
+(:func:`local_cache_info`, :func:`clear_local_cache`); ``prune`` bounds the descriptor stores only.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ from typing import Any, Iterator, Sequence
 from .features import LocalFeatureSettings
 from .store import MANIFEST, LocalFeatureStore, extract_to_store
 
-__all__ = ["CACHE_VERSION", "cache_folder", "store_path", "writing", "item_key", "CachedFeatures", "extract_cached"]
+__all__ = ["CACHE_VERSION", "cache_folder", "store_path", "writing", "item_key", "CachedFeatures", "extract_cached",
+           "local_cache_info", "clear_local_cache"]
 
 CACHE_VERSION = 1
 
@@ -146,3 +148,36 @@ def extract_cached(
     failed = {k: store.failed[k] for k in todo if k in store.failed}
     return CachedFeatures(store, keys, int(res["extracted"]), int(res["skipped"]), failed,
                           time.perf_counter() - t0)
+
+
+def local_cache_info(root: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """One dict per local-feature store of cache ``root``: path, settings key, images, bytes on disk."""
+    out = []
+    folder = cache_folder(root)
+    if not folder.is_dir():
+        return out
+    for path in sorted(p for p in folder.iterdir() if p.is_dir()):
+        rec: dict[str, Any] = {"path": str(path), "key": path.name,
+                               "bytes": sum(f.stat().st_size for f in path.rglob("*") if f.is_file())}
+        try:
+            rec["images"] = len(LocalFeatureStore(path))
+        except (OSError, ValueError):  # damaged or half-made: counted as unreadable
+            rec["images"] = None
+        out.append(rec)
+    return out
+
+
+def clear_local_cache(root: str | os.PathLike[str]) -> int:
+    """Delete every local-feature store of cache ``root`` (each under its writer lock); returns the
+    number of images whose features were removed."""
+    import shutil
+
+    from filelock import FileLock
+
+    removed = 0
+    for rec in local_cache_info(root):
+        path = Path(rec["path"])
+        with FileLock(str(path.with_name(path.name + ".lock"))):
+            removed += rec["images"] or 0
+            shutil.rmtree(path, ignore_errors=True)
+    return removed

@@ -61,7 +61,8 @@ class FeatureVerifier:
     features it used (for :meth:`matches`: drawing why a result matched).
 
     ``pairs`` verified, ``missing`` (pairs where either image had no features), ``seconds`` spent
-    matching and in RANSAC, ``feature_seconds`` spent getting features, are counted as it runs.
+    matching and in RANSAC, ``query_seconds`` getting the queries' features (extracting them, for a
+    new photo), ``feature_seconds`` reading the candidates', are counted as it runs.
     """
 
     def __init__(self, query_features: Lookup, db_features: Lookup, settings: VerifySettings | None = None, *,
@@ -78,13 +79,14 @@ class FeatureVerifier:
         self.missing = 0
         self.seconds = 0.0
         self.feature_seconds = 0.0
+        self.query_seconds = 0.0
 
     def query_of(self, i: int) -> LocalFeatures | None:
         """The features of query ``i`` (looked up once in a row of calls for the same query)."""
         if self._query is None or self._query[0] != i:
             t0 = time.perf_counter()
             self._query = (i, self.query_features(i))
-            self.feature_seconds += time.perf_counter() - t0
+            self.query_seconds += time.perf_counter() - t0
         return self._query[1]
 
     def __call__(self, i: int, rows: Sequence[int] | np.ndarray) -> np.ndarray:
@@ -154,6 +156,6 @@ class FeatureVerifier:
         return tuple(kept[1].size), tuple(kept[2].size)
 
     def stats(self) -> dict[str, float | int]:
-        """Counters: pairs verified, missing, seconds (matching + RANSAC), feature_seconds."""
+        """Counters: pairs verified, missing, seconds (matching + RANSAC), query_seconds, feature_seconds."""
         return {"pairs": self.pairs, "missing": self.missing, "seconds": round(self.seconds, 4),
-                "feature_seconds": round(self.feature_seconds, 4)}
+                "query_seconds": round(self.query_seconds, 4), "feature_seconds": round(self.feature_seconds, 4)}
