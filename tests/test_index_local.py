@@ -125,8 +125,25 @@ def test_verify_on_an_index_without_local_features(tmp_path, capsys):
     rc, out, err = run(capsys, "search", ix, "--id", "1", "--top", "4", "--json", "-")
     hits = json.loads(out)
     assert rc == 0 and hits[0]["id"] == 1 and hits[0]["inliers"] == -1  # itself, by its stored features
+    # `cbir serve`: the index's setting by default, --verify 0 / K, with a recipe
+    from cbir.cli import build_parser
+    from cbir.cli.serve import serve_settings
+    from cbir.rerank.recipe import Recipe
+
+    def serve(*extra):
+        return serve_settings(build_parser("serve").parse_args(["serve", str(ix), *extra]))
+
+    assert serve().verify.k == 5
+    assert getattr(serve("--verify", "0"), "verify", None) is None
+    both = serve("--recipe", "holidays805-lite0", "--verify", "3")
+    assert isinstance(both, Recipe) and both.verify.k == 3 and both.spec.method == "pca"
     rc, out, err = run(capsys, "index", "add", ix, "--verify", "0")
     assert rc == 0 and not has_local(ix) and load_verify(ix) is None
+    from cbir.cli import CLIError
+
+    with pytest.raises(CLIError, match="has no local features for --verify"):
+        serve("--verify", "5")
+    assert serve() is None  # nothing kept: plain searches
 
 
 def test_local_features_reader_sees_other_writers(tmp_path):

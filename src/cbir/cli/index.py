@@ -313,10 +313,9 @@ def _keep_local(index, args: argparse.Namespace, needs_local: bool, verify) -> N
     else none (those of an index this build replaced are dropped with its verification setting)."""
     from ..index.local import drop_local
 
+    drop_local(args.out)  # a replaced index's features name ids this build does not have
     if needs_local:
         _sync_local(args.out, index, args, verify=verify)
-    else:
-        drop_local(args.out)
 
 
 def cmd_add(args: argparse.Namespace) -> int:

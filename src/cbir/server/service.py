@@ -125,11 +125,13 @@ class Service:
         return index_verifier(self.local, extract, device=device, keep=True)
 
     def after_add(self, new_id: int, path: str) -> str | None:
-        """Describe an added image's local features (when the index has them); a problem is returned
-        as a note (the image is added either way; ``cbir index add INDEX`` extracts it later)."""
-        if self.local is None:
+        """Describe an added image's local features (when the index has them, whether or not this
+        service verifies); a problem is returned as a note (the image is added either way; the next
+        ``cbir index add/remove`` extracts it)."""
+        from ..index.local import add_local, has_local
+
+        if not has_local(self.index_path):
             return None
-        from ..index.local import add_local
 
         try:
             res = self._encode_thread.submit(add_local, self.index_path, [(new_id, path)]).result()
@@ -139,9 +141,10 @@ class Service:
 
     def after_remove(self, image_id: int) -> None:
         """Drop a removed image's local features (a failure leaves them for the next sync: ids are never reused)."""
-        if self.local is None:
+        from ..index.local import has_local, remove_local
+
+        if not has_local(self.index_path):
             return
-        from ..index.local import remove_local
 
         try:
             remove_local(self.index_path, [image_id])
