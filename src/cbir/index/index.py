@@ -375,6 +375,9 @@ class Index:
         if k < 1:
             raise ValueError(f"k must be at least 1, got {k}")
         rerank.check()
+        if getattr(rerank, "verify", None) is not None:
+            raise ValueError("spatial verification needs local features and a verifier: search with "
+                             "cbir.pipeline.search_index(index, q, k, rerank, verifier=...)")
         with self.lock.read():
             n = len(self.store)
             if n == 0:
