@@ -57,8 +57,8 @@ def correspondences(query: LocalFeatures, candidate: LocalFeatures, v: Verificat
 
 class FeatureVerifier:
     """``verifier(i, rows) -> inlier counts`` over ``query_features(i)`` and ``db_features(row)``
-    (module doc). ``keep``: also keep each pair's :class:`cbir.local.verify.Verification` and the
-    features it used (for :meth:`matches`: drawing why a result matched).
+    (module doc). ``keep``: also keep each pair's inlier correspondences (for :meth:`matches`:
+    drawing why a result matched; 16 bytes an inlier).
 
     ``pairs`` verified, ``missing`` (pairs where either image had no features), ``seconds`` spent
     matching and in RANSAC, ``query_seconds`` getting the queries' features (extracting them, for a
@@ -73,7 +73,7 @@ class FeatureVerifier:
         self.device = device
         self.keep = keep
         self._counts: dict[tuple[int, int], int] = {}
-        self._kept: dict[tuple[int, int], tuple[Verification, LocalFeatures, LocalFeatures]] = {}
+        self._kept: dict[tuple[int, int], tuple[np.ndarray, tuple[int, int], tuple[int, int]]] = {}
         self._query: tuple[int, LocalFeatures | None] | None = None
         self.pairs = 0
         self.missing = 0
@@ -125,8 +125,8 @@ class FeatureVerifier:
         self.pairs += len(real)
         for r, n, v, f in zip(real, counts, details, cand):
             self._counts[(i, r)] = int(n)
-            if self.keep:
-                self._kept[(i, r)] = (v, q, f)
+            if self.keep:  # the correspondences only (M x 16 bytes), not the features
+                self._kept[(i, r)] = (correspondences(q, f, v), tuple(q.size), tuple(f.size))
 
     def count(self, i: int, row: int) -> int | None:
         """The inlier count of a pair already verified (None if it was not)."""
@@ -143,17 +143,12 @@ class FeatureVerifier:
             xy = q.keypoints[:, :2] if q is not None else np.zeros((0, 2), np.float32)
             return np.concatenate([xy, xy], axis=1).astype(np.float32)
         kept = self._kept.get((int(i), int(row)))
-        if kept is None:
-            return np.zeros((0, 4), dtype=np.float32)
-        v, q, f = kept
-        return correspondences(q, f, v)
+        return np.zeros((0, 4), dtype=np.float32) if kept is None else kept[0]
 
     def size_of(self, i: int, row: int) -> tuple[tuple[int, int], tuple[int, int]] | None:
         """((w, h) of the query, (w, h) of the candidate) of a kept pair: the frames of :meth:`matches`."""
         kept = self._kept.get((int(i), int(row)))
-        if kept is None:
-            return None
-        return tuple(kept[1].size), tuple(kept[2].size)
+        return None if kept is None else (kept[1], kept[2])
 
     def stats(self) -> dict[str, float | int]:
         """Counters: pairs verified, missing, seconds (matching + RANSAC), query_seconds, feature_seconds."""
