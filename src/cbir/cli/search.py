@@ -26,7 +26,7 @@ examples:
   cbir search big.index --image query.jpg --nprobe 64    # ivfpq: visit more lists
   cbir search photos.index --image query.jpg --verify 100  # verify the top 100 geometrically (SIFT + RANSAC)
 
---json FILE writes a list of {"id", "path", "score"}, best first ("-" = standard output); with
+--json FILE writes a list of {"id", "path", "score"[, "inliers"]}, best first ("-" = standard output); with
 several queries, a list of {"query", "results"}.
 The query is described by the index's network exported for ONNX Runtime (made by `cbir index
 build`, or on the first search of an older index) unless --encoder torch or --device cuda.
