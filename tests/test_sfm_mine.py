@@ -252,3 +252,26 @@ def test_kill_9_at_several_points_then_resume_gives_the_same_result(mined, photo
         s.pop("seconds"), s.pop("out")
     assert a == b
     assert pickle.loads((out / "tuples.pkl").read_bytes())["train"]["cids"]
+
+
+def test_changed_photos_are_refused_and_restart_starts_over(tmp_path, monkeypatch):
+    """The verified-pair stage is stamped with the photos: one changed photo -> one-line refusal;
+    restart=True empties the folder and redoes the work."""
+    from cbir.sfm.verified import verified_pairs
+
+    monkeypatch.setenv("CBIR_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "p"
+    folder.mkdir()
+    for i, name in enumerate(PHOTOS[:2]):
+        Image.open(DEMO / f"{name}.jpg").convert("RGB").save(folder / f"{i}.jpg")
+        _warp(Image.open(DEMO / f"{name}.jpg").convert("RGB"), WARPS[0]).save(folder / f"{i}w.jpg")
+    paths = sorted(folder.glob("*.jpg"))
+    ps = settings().pairs
+    vp = verified_pairs(paths, ps, tmp_path / "w", keys=[p.name for p in paths], device="cpu")
+    assert sorted(vp.pairs[vp.verified].tolist()) == [[0, 1], [2, 3]]  # each photo with its copy
+    Image.open(DEMO / f"{PHOTOS[3]}.jpg").convert("RGB").save(folder / "1w.jpg")  # a different photo now
+    with pytest.raises(SettingsChanged, match="other photos") as err:
+        verified_pairs(paths, ps, tmp_path / "w", keys=[p.name for p in paths], device="cpu")
+    assert "\n" not in str(err.value)
+    vp2 = verified_pairs(paths, ps, tmp_path / "w", keys=[p.name for p in paths], device="cpu", restart=True)
+    assert sorted(vp2.pairs[vp2.verified].tolist()) == [[0, 1]]

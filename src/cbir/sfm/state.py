@@ -52,7 +52,8 @@ class WorkDir:
                 raise FormatError(f"{state}: no settings")
             diff = changed_fields(old["settings"], settings)
             if diff or old.get("inputs") != stamp["inputs"]:
-                said = f"settings {', '.join(diff[:6])}{' ...' if len(diff) > 6 else ''}" if diff else "the photos"
+                said = (f"settings {', '.join(diff[:6])}{' ...' if len(diff) > 6 else ''}" if diff
+                        else "photos (names, sizes or dates)")
                 raise SettingsChanged(f"{self.path} holds a run with other {said}: use the same options to continue "
                                       f"it, another folder, or --restart to start over")
         elif self.path.exists() and any(self.path.iterdir()) and not state.is_file() and not restart:

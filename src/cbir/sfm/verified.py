@@ -130,7 +130,8 @@ def _read_chunk(work_dir: Path, c: int) -> dict[str, np.ndarray]:
     arrays, meta = load_stamped_npz(path, _CHUNK, (_VERSION,), "mined verification chunk")
     if meta.get("first") != c * VERIFY_CHUNK or not isinstance(meta.get("stop"), int) \
             or meta["stop"] - meta["first"] != len(arrays.get("inliers", ())):
-        raise FormatError(f"{path}: chunk {c} does not hold pairs from {c * VERIFY_CHUNK} (written with another chunk size?)")
+        raise FormatError(f"{path}: chunk {c} does not hold pairs from {c * VERIFY_CHUNK} "
+                          "(written with another chunk size?)")
     inl, off, m = arrays.get("inliers"), arrays.get("offsets"), arrays.get("matches")
     if (inl is None or off is None or m is None or inl.ndim != 1 or off.shape != (len(inl) + 1,)
             or m.ndim != 2 or m.shape[1] != 2 or int(off[-1]) != len(m) or (np.diff(off) < 0).any()):
@@ -139,14 +140,15 @@ def _read_chunk(work_dir: Path, c: int) -> dict[str, np.ndarray]:
 
 
 def _inputs_doc(keys: Sequence[str], paths: Sequence[Path]) -> list[Any]:
-    """What identifies the photos: key, path, size and modification time of each."""
+    """What identifies the photos: the key, size and modification time of each (not the path: the
+    same folder named another way, e.g. relative then absolute, is the same input)."""
     out: list[Any] = []
     for k, p in zip(keys, paths):
         try:
             st = os.stat(p)
-            out.append([k, str(p), st.st_size, st.st_mtime_ns])
+            out.append([k, st.st_size, st.st_mtime_ns])
         except OSError:
-            out.append([k, str(p), None, None])
+            out.append([k, None, None])
     return out
 
 

@@ -62,15 +62,17 @@ class CleanConfig(_Section):
 class VerifyCleanConfig(_Section):
     """``method: verify``: keep an image when it verifies (SIFT + RANSAC, >= ``min_inliers``
     inliers) with at least ``min_verified`` of its ``candidates`` nearest class-mates
-    (:mod:`cbir.sfm.clean`); a class where none verifies is kept whole (``on_empty: keep``) or
-    dropped whole (``drop``), and said either way. Local features are kept in ``features``
-    (default OUT/clean-features; reused by a rerun)."""
+    (:mod:`cbir.sfm.clean`); a class where fewer than ``min_class_fraction`` of the images verify
+    (none included) is kept whole (``on_unverified: keep``) or dropped whole (``drop``), said
+    either way. Local features are kept in ``features`` (default OUT/clean-features; reused by a
+    rerun)."""
 
     method: Literal["verify"]
     min_inliers: int = Field(15, ge=1)
     min_verified: int = Field(1, ge=1)
     candidates: int = Field(5, ge=1)
-    on_empty: Literal["keep", "drop"] = "keep"
+    min_class_fraction: float = Field(0.5, ge=0.0, le=1.0)
+    on_unverified: Literal["keep", "drop"] = "keep"
     max_size: int = Field(640, ge=16, le=16384)
     max_features: int = Field(1024, ge=1, le=65536)
     features: str | None = None
@@ -82,7 +84,8 @@ class VerifyCleanConfig(_Section):
         from ..sfm.clean import VerifyCleanSettings
 
         return VerifyCleanSettings(min_inliers=self.min_inliers, min_verified=self.min_verified,
-                                   candidates=self.candidates, on_empty=self.on_empty,
+                                   candidates=self.candidates, min_class_fraction=self.min_class_fraction,
+                                   on_unverified=self.on_unverified,
                                    local=LocalFeatureSettings(max_size=self.max_size, max_features=self.max_features))
 
 

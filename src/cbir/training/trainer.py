@@ -384,7 +384,7 @@ def _select_images(run: _Run, ck: dict | None) -> None:
             run.data, keep, report = clean_by_verification(
                 full, vecs, cl.features or run.out / "clean-features", cl.settings(), workers=cl.workers,
                 device="cuda" if run.device.type == "cuda" else "cpu")
-            run.setup["cleaning_unverified_classes"] = list(report.unverified_classes)
+            run.setup["cleaning_unverified_classes"] = sorted(report.unverified_classes)
             for line in report.lines():
                 run.say(line)
         else:
