@@ -71,10 +71,12 @@ def test_val_split_and_its_ground_truth(tmp_path):
     write_pickle(tmp_path / "gnd.pkl", gnd)
     g = load_gnd(tmp_path / "gnd.pkl")
     assert g["imlist"] == va["cids"] == g["qimlist"]
-    # the middle photo of a cluster has both others as positives; an end photo one, the other end junk
+    # the middle photo of a chain a-b-c has both others as easy positives; an end photo the middle
+    # one, and the other end (same cluster, not its partner) as a hard positive; itself junk
     first = [i for i, c in enumerate(va["cluster"]) if c == va["cluster"][0]]
-    assert g["gnd"][first[1]]["easy"] == [first[0], first[2]]
-    assert g["gnd"][first[0]]["easy"] == [first[1]] and g["gnd"][first[0]]["junk"] == [first[0], first[2]]
+    assert g["gnd"][first[1]]["easy"] == [first[0], first[2]] and g["gnd"][first[1]]["hard"] == []
+    assert g["gnd"][first[0]]["easy"] == [first[1]] and g["gnd"][first[0]]["hard"] == [first[2]]
+    assert g["gnd"][first[0]]["junk"] == [first[0]]
 
 
 def test_crafted_tuple_file_runs_no_code_and_is_refused_in_one_line(tmp_path):

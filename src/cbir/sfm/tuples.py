@@ -22,8 +22,8 @@ negatives must not be such photos. The ``val`` split holds whole clusters (``val
 at least 2 and leaving 2 for training; none with fewer than 4 clusters).
 
 :func:`validation_gnd` writes the ``val`` split as a revisitop ground truth (every val photo a
-query; positives its listed partners; junk itself and the other photos of its cluster), for
-``validation: {gnd: DIR/val_gnd.pkl, images: FOLDER, ext: ""}``.
+query; easy: its listed partners, hard: the rest of its cluster, junk: itself; Medium = same
+cluster), for ``validation: {gnd: DIR/val_gnd.pkl, images: FOLDER, ext: ""}``.
 """
 
 from __future__ import annotations
@@ -116,7 +116,9 @@ def build_tuples(keys: Sequence[str], clusters: np.ndarray, positives: dict[tupl
 
 
 def validation_gnd(split: dict[str, list]) -> dict[str, Any]:
-    """A revisitop ground truth of a split (every photo a query against the split's photos)."""
+    """A revisitop ground truth of a split (every photo a query against the split's photos): ``easy``
+    its listed partners (verified, or sharing 3D points), ``hard`` the other photos of its cluster
+    (joined to it only through others), ``junk`` itself. Medium (easy + hard) is "same cluster"."""
     cids, clusters = list(split["cids"]), np.asarray(split["cluster"], dtype=np.int64)
     pos: dict[int, set[int]] = {}
     for q, p in zip(split["qidxs"], split["pidxs"]):
@@ -124,9 +126,8 @@ def validation_gnd(split: dict[str, list]) -> dict[str, Any]:
     gnd = []
     for i in range(len(cids)):
         easy = sorted(pos.get(i, set()))
-        same = set(np.flatnonzero(clusters == clusters[i]).tolist())
-        junk = sorted((same - set(easy)) | {i})
-        gnd.append({"easy": easy, "hard": [], "junk": junk, "bbx": None})
+        hard = sorted(set(np.flatnonzero(clusters == clusters[i]).tolist()) - set(easy) - {i})
+        gnd.append({"easy": easy, "hard": hard, "junk": [i], "bbx": None})
     return {"imlist": cids, "qimlist": list(cids), "gnd": gnd}
 
 
