@@ -182,9 +182,11 @@ def verified_pairs(
     keys = [str(p) for p in paths] if keys is None else [str(k) for k in keys]
     if len(keys) != len(paths):
         raise ValueError(f"{len(keys)} keys for {len(paths)} photos")
-    if len(set(keys)) != len(keys):
-        dup = next(k for i, k in enumerate(keys) if k in keys[:i])
-        raise ValueError(f"photo name {dup!r} is given twice")
+    seen: set[str] = set()
+    for k in keys:
+        if k in seen:
+            raise ValueError(f"photo name {k!r} is given twice")
+        seen.add(k)
     if not keys:
         raise ValueError("no photos to mine")
     wd = WorkDir(work_dir, "verified pairs", settings.to_dict(), _inputs_doc(keys, paths), restart=restart)

@@ -381,9 +381,11 @@ def _select_images(run: _Run, ck: dict | None) -> None:
         if cl.method == "verify":  # spatial verification against the nearest class-mates (cbir.sfm.clean)
             from .data import clean_by_verification
 
-            run.data, keep, report = clean_by_verification(
-                full, vecs, cl.features or run.out / "clean-features", cl.settings(), workers=cl.workers,
-                device="cuda" if run.device.type == "cuda" else "cpu")
+            store = Path(cl.features or run.out / "clean-features")
+            if run.world > 1:  # one writer per feature store: each process its own (same features, same result)
+                store = store / f"rank{run.rank}"
+            run.data, keep, report = clean_by_verification(full, vecs, store, cl.settings(), workers=cl.workers,
+                                                           device="cuda" if run.device.type == "cuda" else "cpu")
             run.setup["cleaning_unverified_classes"] = sorted(report.unverified_classes)
             for line in report.lines():
                 run.say(line)
