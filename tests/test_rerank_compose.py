@@ -50,7 +50,7 @@ def test_verified_first_without_expansion_keeps_their_order():
 
 def test_order_by_inliers_and_min_inliers():
     fake = Fake({3: 40, 1: 15})
-    scores, _ = Rerank(verify=VerifyParams(k=4, expand=False, order="inliers")).apply(Q, DB, fake)
+    scores, _ = Rerank(verify=VerifyParams(k=4, expand=False, order="inliers", min_inliers=15)).apply(Q, DB, fake)
     assert order(scores) == [3, 1, 0, 2, 4, 5]
     scores, _ = Rerank(verify=VerifyParams(k=4, expand=False, min_inliers=16)).apply(Q, DB, fake)
     assert order(scores) == [3, 0, 1, 2, 4, 5]  # 15 inliers: no longer verified
