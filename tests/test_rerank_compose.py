@@ -40,7 +40,7 @@ def order(scores: np.ndarray) -> list[int]:
 
 def test_verified_first_without_expansion_keeps_their_order():
     fake = Fake({3: 40, 1: 15, 4: 200})  # row 4 is outside the top 4: never asked, never moved
-    scores, applied = Rerank(verify=VerifyParams(k=4, expand=False)).apply(Q, DB, fake)
+    scores, applied = Rerank(verify=VerifyParams(k=4, expand=False, min_inliers=15)).apply(Q, DB, fake)
     assert fake.asked == [(0, [0, 1, 2, 3])]
     assert order(scores) == [1, 3, 0, 2, 4, 5]  # verified 1 (15) and 3 (40) first, in base order
     b = 0.9 - 0.1 + 1.0  # the row's span + 1
