@@ -30,8 +30,14 @@ from types import ModuleType
 from typing import Any, Iterator
 
 ROLE = re.compile(r"(?::py)?:(?:mod|func|data|const|class|meth|attr|exc|obj):`([^`]+)`")
-# a backticked dotted name starting with cbir. (single or double backticks), not followed by "(" or "`x`"
-DOTTED = re.compile(r"(?<![`\w])``?(cbir(?:\.[A-Za-z_]\w*)+)``?(?!\w)")
+
+
+def dotted(package: str) -> re.Pattern[str]:
+    """A backticked dotted name starting with ``package.`` (single or double backticks), nothing
+    else inside the backticks (``cbir.extract(net, paths)`` is code, not a reference)."""
+    return re.compile(r"(?<![`\w])``?(" + re.escape(package) + r"(?:\.[A-Za-z_]\w*)+)``?(?![\w(])")
+
+
 BARE = re.compile(r"(?<![`:\w])`([A-Za-z_]\w*)`(?![`\w])")
 
 
@@ -105,6 +111,7 @@ def check(package: str = "cbir", pages: set[str] | None = None) -> list[str]:
     import pdoc.doc
 
     pkg = importlib.import_module(package)
+    DOTTED = dotted(package)
     problems: list[str] = []
     page = pdoc.doc.Module(pkg)
     on_page = set(page.members)

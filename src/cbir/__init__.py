@@ -26,14 +26,15 @@ A collection described, indexed, searched with a shipped recipe, and the demo be
 ```python
 import cbir
 
-spec = cbir.ModelSpec("efficientnet_lite0", "gem")                # backbone + pooling (offline weights)
-photos = cbir.describe(cbir.demo_root() / "jpg", spec, scales=[1])   # Descriptors of every photo
-index = cbir.build_index(photos)                                   # exact search; index.save("photos.index")
-recipe = cbir.Recipe.load("holidays805-lite0")                     # shipped: whitening + re-ranking
+spec = cbir.ModelSpec("efficientnet_lite0", "gem")            # backbone + pooling (weights ship with cbir)
+cache = cbir.default_cache_dir()                               # each photo described once, then read back
+photos = cbir.describe(cbir.demo_root() / "jpg", spec, scales=[1], cache_dir=cache)  # a folder -> Descriptors
+index = cbir.build_index(photos)                               # exact search; index.save("demo.index") keeps it
+recipe = cbir.Recipe.load("holidays805-lite0")                 # shipped: whitening + re-ranking tuned on Holidays
 hits, applied = cbir.search_index(index, photos.vectors[0], k=5, rerank=recipe)
-print([h.path.rsplit("/", 1)[-1] for h in hits])                   # the first photo, then its matches
-result = cbir.evaluate("demo", spec, rerank=recipe)                # 5 queries, revisitop protocol
-print(result["mAP"])                                               # {"easy": .., "medium": .., "hard": ..}
+print([h.path.split("/")[-1] for h in hits])                   # the photo itself first, then its matches
+result = cbir.evaluate("demo", spec, rerank=recipe, cache_dir=cache)   # 5 queries, revisitop E / M / H
+print(result["mAP"])                                           # about easy 100, medium 97.6, hard 87.6
 ```
 
 docs/architecture.md maps the stages to their modules; docs/api.md is this page's guide.
