@@ -105,7 +105,8 @@ def describe(source: Images, model: "ModelSpec | RetrievalNet | str | None" = No
              **kw: Any) -> "Descriptors": ...
 
 
-def describe(source: Any, model: Any = None, **kw: Any) -> Any:
+def describe(source: "RetrievalDataset | Images", model: "ModelSpec | RetrievalNet | str | None" = None,
+             **kw: Any) -> "Descriptors | tuple[Descriptors, Descriptors]":
     """Descriptors of a benchmark or of a collection of photos, with ``model`` (default ``ModelSpec()``).
 
     - a benchmark (:func:`cbir.pipeline.load_benchmark`): ``(queries, database)``, queries cropped
