@@ -86,7 +86,15 @@ def resolve(target: str, owner_module: ModuleType | None, owner_class: type | No
 
 
 def _documented(obj: Any) -> Iterator[tuple[str, Any, type | None]]:
-    """(qualified label, object, class it belongs to) for an API object and its public members."""
+    """(qualified label, object, class it belongs to) for an API object and its public members (a
+    module: the names of its ``__all__``, as its own reference page shows them)."""
+    if isinstance(obj, ModuleType):
+        yield obj.__name__, obj, None
+        for name in getattr(obj, "__all__", []):
+            member = getattr(obj, name, None)
+            if inspect.isclass(member) or inspect.isfunction(member):
+                yield from _documented(member)
+        return
     yield getattr(obj, "__qualname__", getattr(obj, "__name__", repr(obj))), obj, obj if inspect.isclass(obj) else None
     if inspect.isclass(obj):
         for name, member in vars(obj).items():
