@@ -105,14 +105,15 @@ def small_folder(tmp_path_factory):
 
 def test_describe_a_folder_equals_extracting_its_photos(small_folder, lite0_gem):
     root, originals = small_folder
-    d = cbir.describe(root, lite0_gem, imsize=160, scales=[1, 0.5])
+    d = cbir.describe(root, lite0_gem, imsize=160, scales=[1, 0.5], precision="fp32")
     assert isinstance(d, cbir.Descriptors)
     assert d.ids == ["a", "b", "sub/c"]  # ids as `cbir extract` gives them; hidden file skipped
     assert [Path(f["path"]).name for f in d.failed] == ["notes.txt"]
     assert d.meta["paths"]["sub/c"] == str((root / "sub" / "c.jpg").resolve())
     assert d.meta["imsize"] == 160 and d.meta["scales"] == [1.0, 0.5] and d.meta["pooling"] == "gem"
+    assert d.meta["precision"] == "fp32"
     # the same numbers as the extraction loop on the original files
-    ref = cbir.extract(lite0_gem, originals, imsize=160, scales=(1.0, 0.5))
+    ref = cbir.extract(lite0_gem, originals, imsize=160, scales=(1.0, 0.5), precision="fp32")
     np.testing.assert_allclose(d.vectors, ref.vectors, atol=1e-5)
     np.testing.assert_allclose(np.linalg.norm(d.vectors, axis=1), 1.0, atol=1e-5)
 
