@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint bench clean browser-deps
+.PHONY: setup demo test lint docs bench clean browser-deps
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -31,6 +31,12 @@ test: setup browser-deps
 # Architecture checks: no import cycle inside cbir, no library module importing the CLI.
 lint: setup
 	$(BIN)/python -m pytest -q -n 0 tests/test_architecture.py
+
+# The API reference of `import cbir` from the docstrings (pdoc) into build/api/ (git-ignored); fails on a
+# name of cbir.__all__ that does not import or is undocumented, or a cross-reference that does not resolve.
+# `make test` runs the same build and checks in tests/test_api_docs.py.
+docs: setup
+	$(BIN)/python docs/api/build_reference.py --out build/api
 
 # Speed benchmarks at sizes that finish in minutes on 2 cores; each prints a ratio against a
 # baseline measured in the same run. The README gives the larger runs and their commands.

@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from .device import cpu_has_native_bf16, resolve_device, resolve_precision
 from .extraction.bow import fit_bow, load_codebook, save_codebook
 from .extraction.images import (IMAGE_EXTENSIONS, MIN_SIDE, Box, ImageError, clip_box, image_size, image_tensor,
@@ -22,3 +24,15 @@ __all__ = [
     "DEFAULT_SCALES", "IMAGE_EXTENSIONS", "MIN_SIDE", "Box", "clip_box", "is_image_file", "parse_bbox",
     "resolve_device", "resolve_precision", "cpu_has_native_bf16",
 ]
+
+
+class _CallableModule(type(sys.modules[__name__])):  # type: ignore[misc]
+    """``cbir.extract`` is this module and, called, :func:`cbir.extraction.loop.extract`: the top-level
+    name ``cbir.extract`` stays callable whichever of ``import cbir.extract`` / ``cbir.extract(...)``
+    comes first (importing a submodule rebinds the package's attribute to the module)."""
+
+    def __call__(self, *args, **kwargs) -> ExtractResult:
+        return extract(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -23,7 +23,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 
@@ -34,6 +34,9 @@ from ..fileio import FormatError, atomic_write_json, read_json
 from . import loop
 from .images import Box
 from .loop import DEFAULT_SCALES, check_scales
+
+if TYPE_CHECKING:
+    from ..model import RetrievalNet
 
 __all__ = ["extract_to_dir", "Job", "plan", "finish", "save_chunk", "LEGACY_PARTIAL", "JOB_NAME", "ENGINES"]
 
@@ -185,7 +188,7 @@ def finish(job: Job, model, extra_meta: dict | None = None) -> Descriptors:
 
 
 def extract_to_dir(
-    model,
+    model: "RetrievalNet",
     images: Sequence[str | os.PathLike[str]],
     out_dir: str | os.PathLike[str],
     *,

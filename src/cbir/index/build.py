@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
 from .embed import model_settings, source_of
 from .index import Index
+
+if TYPE_CHECKING:
+    from ..descriptors import Descriptors
 
 from ..extraction.images import IMAGE_EXTENSIONS as IMAGE_SUFFIXES  # one list for all of cbir
 
@@ -89,14 +92,15 @@ def build_index(
 
 
 def index_from_descriptors(
-    features: str | os.PathLike[str],
+    features: "str | os.PathLike[str] | Descriptors",
     *,
     kind: str = "exact",
     params: dict[str, Any] | None = None,
     device: str = "auto",
     first_id: int = 0,
 ) -> Index:
-    """Index of the descriptors of a ``cbir extract`` folder, without describing anything again.
+    """Index of the descriptors of a ``cbir extract`` folder (or of a
+    :class:`cbir.descriptors.Descriptors` whose meta records the same), without describing anything again.
 
     The folder's ``meta.json`` gives each id's image path (``paths``), how to rebuild the model for
     query images (``source``) and the extraction settings (``imsize``, ``scales``). ValueError when it
@@ -104,12 +108,15 @@ def index_from_descriptors(
     """
     paths, vectors, meta = descriptors_of_paths(features)
     if len(paths) == 0:
-        raise ValueError(f"{features} holds no descriptor")
+        where = features if isinstance(features, (str, os.PathLike)) else "the descriptors"
+        raise ValueError(f"{where} holds no descriptor")
     settings = {k: meta[k] for k in ("model", "weights", "pooling", "pooling_params", "whitening") if k in meta}
     if meta.get("precision") in ("fp32", "bf16"):
         settings["precision"] = meta["precision"]
     settings.update(source=dict(meta.get("source") or {}), imsize=meta.get("imsize"),
-                    scales=[float(s) for s in meta.get("scales") or (1.0,)], features=str(Path(features).resolve()))
+                    scales=[float(s) for s in meta.get("scales") or (1.0,)])
+    if isinstance(features, (str, os.PathLike)):
+        settings["features"] = str(Path(features).resolve())
     index = Index(vectors.shape[1], kind, params, settings=settings, device=device)
     index.meta.reserve_ids_below(first_id)
     index.add(vectors, [str(p) for p in paths])
@@ -185,12 +192,15 @@ def check_rows(ids: Sequence[str], vectors: np.ndarray, where: str) -> None:
                              "again, or L2-normalise them with cbir.linalg.l2_normalize)")
 
 
-def descriptors_of_paths(features: str | os.PathLike[str]) -> tuple[list[Path], np.ndarray, dict[str, Any]]:
-    """(image paths, vectors, settings) of a ``cbir extract`` folder (see :func:`index_from_descriptors`);
-    every row checked by :func:`check_rows` (ValueError naming the bad ids)."""
+def descriptors_of_paths(features: "str | os.PathLike[str] | Descriptors"
+                         ) -> tuple[list[Path], np.ndarray, dict[str, Any]]:
+    """(image paths, vectors, settings) of a ``cbir extract`` folder or of Descriptors in memory (see
+    :func:`index_from_descriptors`); every row checked by :func:`check_rows` (ValueError naming the bad ids)."""
     from ..descriptors import Descriptors
 
-    desc = Descriptors.load(features)
+    desc = features if isinstance(features, Descriptors) else Descriptors.load(features)
+    if isinstance(features, Descriptors):
+        features = "the descriptors"
     paths = desc.meta.get("paths")
     if not isinstance(paths, dict):
         raise ValueError(f"{features} does not record the image paths of its descriptors (an older `cbir extract`); "
