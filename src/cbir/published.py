@@ -357,9 +357,11 @@ def _name_of(path: Path) -> str:
 
 
 def models_dir() -> Path:
-    """Where downloaded networks are kept: ``$CBIR_MODELS``, else ``~/.cache/cbir/models``."""
-    env = os.environ.get("CBIR_MODELS")
-    return Path(env) if env else Path.home() / ".cache" / "cbir" / "models"
+    """Where downloaded networks are kept: :func:`cbir.paths.cache_dir` ``("models")`` (``$CBIR_MODELS``,
+    else ``$XDG_CACHE_HOME/cbir/models``)."""
+    from .paths import cache_dir
+
+    return cache_dir("models")
 
 
 def fetch_published(name: str, folder: str | os.PathLike[str] | None = None, *, timeout: float = 30.0,

@@ -206,7 +206,8 @@ def _export_query_model(index, args: argparse.Namespace) -> None:
 def cmd_build(args: argparse.Namespace) -> int:
     from ..fileio import FormatError
     from ..index import next_free_id
-    from ..index.build import IMAGE_SUFFIXES, build_index, index_from_descriptors, list_images
+    from ..collection import list_photos
+    from ..index.build import IMAGE_SUFFIXES, build_index, index_from_descriptors
 
     if (args.folder is None) == (args.features is None):
         raise CLIError("give a FOLDER of images or --features DIR (a `cbir extract` output), one of them")
@@ -238,7 +239,10 @@ def cmd_build(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"image folder not found: {folder}")
     spec = model_spec(args)
     imsize, scales = extraction(args)
-    files = list_images([folder])
+    found = list_photos([folder], exclude=args.out)  # the photo rule of cbir.collection, as `cbir extract`
+    if found.not_images:
+        print(found.skipped_line(), file=sys.stderr)
+    files = [f.resolve() for f in found.files]
     if not files:
         raise CLIError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {folder}")
     print(f"describing {len(files)} images with {args.model} (imsize {imsize}, "

@@ -14,17 +14,12 @@ from .index import Index
 from ..extraction.images import IMAGE_EXTENSIONS as IMAGE_SUFFIXES  # one list for all of cbir
 
 
-def list_images(paths: Sequence[str | os.PathLike[str]]) -> list[Path]:
-    """Image files named, or found recursively under named folders (sorted, absolute); FileNotFoundError for a missing one."""
-    out: list[Path] = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            out.extend(sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES))
-        elif p.is_file():
-            out.append(p)
-        else:
-            raise FileNotFoundError(f"no such file or folder: {p}")
-    return [f.resolve() for f in out]
+def list_images(paths: Sequence[str | os.PathLike[str]], exclude: str | os.PathLike[str] | None = None) -> list[Path]:
+    """The photos of ``paths`` by the rule of :mod:`cbir.collection` (:func:`~cbir.collection.list_photos`),
+    absolute; FileNotFoundError for a missing one."""
+    from ..collection import list_photos
+
+    return [f.resolve() for f in list_photos(paths, exclude).files]
 
 
 def build_index(

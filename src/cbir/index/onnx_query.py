@@ -267,7 +267,7 @@ def optimized_file(key: str, ort_version: str) -> Path:
     import hashlib
     import platform
 
-    from ..cache.digest import default_cache_dir
+    from ..paths import cache_dir
 
     cpu = platform.machine()
     try:
@@ -276,7 +276,7 @@ def optimized_file(key: str, ort_version: str) -> Path:
     except OSError:
         cpu += platform.processor()
     tag = hashlib.sha256(f"{ort_version}|{cpu}".encode()).hexdigest()[:12]
-    return default_cache_dir() / "query-models" / f"{key}-ort-{tag}.onnx"
+    return cache_dir("query-models") / f"{key}-ort-{tag}.onnx"
 
 
 def _session(ort: Any, model: QueryModel) -> Any:
@@ -315,9 +315,9 @@ def _session(ort: Any, model: QueryModel) -> Any:
 
 # --- where the file lives ---------------------------------------------------------------------------
 def _fallback_file(key: str) -> Path:
-    from ..cache.digest import default_cache_dir
+    from ..paths import cache_dir
 
-    return default_cache_dir() / "query-models" / f"{key}.npz"
+    return cache_dir("query-models") / f"{key}.npz"
 
 
 def _memo_digest() -> Callable[[Any], str | None]:
