@@ -224,3 +224,77 @@ def holidays805_gnd(holidays805: Path) -> dict:
 def holidays805_lite0(tmp_path_factory, holidays805, holidays805_gnd) -> dict:
     """{"db": (805, 1280), "q": (295, 1280)} Lite0-GeM at 512 px, single scale; queries = their rows."""
     return cached_descriptors(tmp_path_factory, "holidays805", holidays805 / "jpg", holidays805_gnd, crop=False)
+
+
+# ----------------------------------------------------------------------------- spatial verification
+
+#: Demo photos of three landmarks: the queries of the verification tests get warped copies.
+VERIFY_QUERIES = ("paris_invalides_000072", "paris_louvre_000081", "paris_moulinrouge_000220")
+VERIFY_OTHERS = ("paris_eiffel_000041", "paris_defense_000037", "paris_eiffel_000156", "paris_defense_000101")
+
+
+def warped_copy(src: Path, dst: Path, angle: float = 8.0, scale: float = 0.8, shift=(30.0, -10.0)) -> np.ndarray:
+    """Write ``dst``: ``src`` rotated by ``angle`` degrees, scaled by ``scale`` and shifted (a
+    similarity, JPEG quality 95, same size). Returns M (2, 3) with ``p_src = M @ [x, y, 1]`` for a
+    pixel position (x, y) of ``dst`` (PIL's AFFINE convention, pixel corners at integers)."""
+    from PIL import Image
+
+    im = Image.open(src).convert("RGB")
+    w, h = im.size
+    a = np.deg2rad(angle)
+    c, s = np.cos(a) / scale, np.sin(a) / scale
+    cx, cy = w / 2, h / 2  # about the centre: p_src = R/scale (p_dst - centre - shift) + centre
+    m = np.array([[c, -s, 0.0], [s, c, 0.0]])
+    m[:, 2] = np.array([cx, cy]) - m[:, :2] @ (np.array([cx, cy]) + np.asarray(shift))
+    im.transform((w, h), Image.AFFINE, tuple(m.ravel()), resample=Image.BICUBIC, fillcolor=(128, 128, 128)) \
+        .save(dst, quality=95)
+    return m
+
+
+def verify_benchmark(tmp_path: Path) -> Path:
+    """A revisitop benchmark for spatial verification under tmp_path (returns its gnd .pkl; images in
+    jpg/): database = a warped copy ``w_<name>`` of each of 3 demo photos (VERIFY_QUERIES), the 4
+    photos of VERIFY_OTHERS and the first query photo itself; queries = the 3 photos (the first one
+    uncropped: it is also a database photo, as a Holidays query; its own photo is junk), each with
+    its warped copy as the one positive."""
+    import shutil
+
+    jpg = tmp_path / "jpg"
+    jpg.mkdir(parents=True, exist_ok=True)
+    for name in VERIFY_QUERIES:
+        shutil.copy(DEMO / "jpg" / f"{name}.jpg", jpg / f"{name}.jpg")
+        warped_copy(jpg / f"{name}.jpg", jpg / f"w_{name}.jpg")
+    for name in VERIFY_OTHERS:
+        shutil.copy(DEMO / "jpg" / f"{name}.jpg", jpg / f"{name}.jpg")
+    imlist = [f"w_{n}" for n in VERIFY_QUERIES] + list(VERIFY_OTHERS) + [VERIFY_QUERIES[0]]
+    gnd = [{"bbx": None, "easy": [0], "hard": [], "junk": [len(imlist) - 1]},
+           {"bbx": [40, 30, 480, 360], "easy": [1], "hard": [], "junk": []},
+           {"bbx": None, "easy": [2], "hard": [], "junk": []}]
+    gpath = tmp_path / "gnd_verify.pkl"
+    gpath.write_bytes(pickle.dumps({"imlist": imlist, "qimlist": list(VERIFY_QUERIES), "gnd": gnd}))
+    return gpath
+
+
+@pytest.fixture()
+def verify_index(tmp_path, lite0_gem, demo, demo_gnd, demo_lite0):
+    """(Index, its folder, QueryEncoder, id of the warped copy): 10 demo database photos + a warped copy
+    of the demo query paris_eiffel_000266, Lite0-GeM 512 px, with local features (INDEX/local) and
+    the verification setting top 20 (INDEX/verify.json), as `cbir index build --verify 20` leaves it."""
+    from cbir.index import Index
+    from cbir.index.embed import QueryEncoder, model_settings
+    from cbir.index.local import save_verify, sync_local
+    from cbir.rerank.verify import VerifyParams
+
+    settings = model_settings(lite0_gem, LITE0_SOURCE, 512, (1.0,))
+    encoder = QueryEncoder(settings, model=lite0_gem, device="cpu")
+    idx = Index(lite0_gem.dim, "exact", settings=settings, device="cpu")
+    idx.add(demo_lite0["db"][:10], [str(demo / "jpg" / f"{n}.jpg") for n in demo_gnd["imlist"][:10]])
+    warped = tmp_path / "photos" / "w_paris_eiffel_000266.jpg"
+    warped.parent.mkdir()
+    warped_copy(demo / "jpg" / "paris_eiffel_000266.jpg", warped)
+    wid = int(idx.add(encoder.encode(warped, None)[None], [str(warped)])[0])
+    path = tmp_path / "verify.index"
+    idx.save(path)
+    sync_local(path, idx)
+    save_verify(path, VerifyParams(k=20))
+    return idx, path, encoder, wid

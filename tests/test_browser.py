@@ -227,3 +227,59 @@ def test_page_asks_for_the_write_token(driver, tmp_path, demo_index, demo):
             alert.accept()
             wait.until(EC.text_to_be_present_in_element((By.ID, "status"), expect))
         assert (path / "uploads" / f"{QUERY}.jpg").is_file()
+
+
+def test_page_draws_why_a_result_matched(driver, tmp_path, verify_index):
+    """An index that verifies its searches: a verified result shows its inlier count; clicking it draws
+    the inlier correspondences as lines between the query photo and the result (SVG), checked by
+    the number of lines and by the lines' colour in a screenshot."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as EC
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from cbir.index.local import load_verify
+    from cbir.rerank.compose import Rerank
+    from cbir.server import BackgroundServer, create_app
+
+    idx, path, encoder, wid = verify_index
+    app = create_app(idx, index_path=path, encoder=encoder, device="cpu", rerank=Rerank(verify=load_verify(path)))
+    query = Path(__file__).resolve().parents[1] / "src" / "cbir" / "data" / "demo" / "jpg" / f"{QUERY}.jpg"
+    with BackgroundServer(app) as url:
+        driver.get(url + "/")
+        wait = WebDriverWait(driver, 180)
+        wait.until(EC.text_to_be_present_in_element((By.ID, "info"), "11 images"))
+        driver.find_element(By.ID, "file").send_keys(str(query))
+        wait.until(EC.text_to_be_present_in_element((By.ID, "status"), "results in"))
+        first = driver.find_elements(By.CSS_SELECTOR, "#results .result")[0]
+        assert int(first.get_attribute("data-id")) == wid  # the warped copy verifies: first
+        badge = first.find_element(By.CSS_SELECTOR, ".inliers")
+        inliers = int(badge.text.split()[1])
+        assert badge.text.startswith("✓") and inliers >= 100, badge.text
+        assert not driver.find_element(By.ID, "match").is_displayed()
+        badge.click()
+        wait.until(EC.visibility_of_element_located((By.ID, "match")))
+        assert not driver.find_element(By.ID, "query-by-id").is_displayed()  # the badge did not search by id
+        lines = driver.find_elements(By.CSS_SELECTOR, "#match-svg line.corr")
+        assert len(lines) == min(inliers, 500)
+        assert f"{inliers} inliers" in driver.find_element(By.ID, "match-title").text
+        # every line goes from the query (left) to the result (right of the query and the gap)
+        left_w = float(driver.execute_script("return document.querySelector('#match-svg image').getAttribute('width')"))
+        xs = driver.execute_script("return [...document.querySelectorAll('#match-svg line.corr')]"
+                                   ".map(l => [+l.getAttribute('x1'), +l.getAttribute('x2')])")
+        assert all(x1 <= left_w + 1 and x2 >= left_w for x1, x2 in xs)
+        wait.until(lambda d: d.execute_script(
+            "return [...document.querySelectorAll('#match-svg image')].length === 2"))
+        import time
+
+        time.sleep(1.0)  # the two photos under the lines
+        im = shot(driver, "6-why-it-matched", tmp_path)
+        px = region(im, rect(driver, "match-svg"))
+        yellow = int(np.sum((px[..., 0] > 200) & (px[..., 1] > 160) & (px[..., 2] < 90)))
+        assert yellow > 500, yellow  # the lines are drawn (#ffcc00)
+        driver.find_element(By.ID, "match-close").click()
+        assert not driver.find_element(By.ID, "match").is_displayed()
+        # clicking the card (not the badge) still searches by that image: it is its own first result
+        first.click()
+        wait.until(EC.visibility_of_element_located((By.ID, "query-by-id")))
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#results .result .inliers")
+                   and d.find_elements(By.CSS_SELECTOR, "#results .result .inliers")[0].text == "same photo")

@@ -159,5 +159,6 @@ def test_cuda_without_a_cuda_build_is_one_clear_error():
 
     if pycolmap.has_cuda:
         pytest.skip("this pycolmap has CUDA")
-    with pytest.raises(ValueError, match="no CUDA"):
+    with pytest.raises(ValueError, match="no CUDA") as err:
         extract_local(PHOTO, SMALL, device="cuda")
+    assert not isinstance(err.value, ImageError)  # the device, not the image, is at fault

@@ -128,7 +128,8 @@ def test_threshold_follows_the_extraction_scale(pair):
     noise = np.random.default_rng(0).normal(0, 5.0, size=b.keypoints[:, :2].shape).astype(np.float32)
     moved = LocalFeatures(np.c_[b.keypoints[:, :2] * 3 + noise, b.keypoints[:, 2:]], b.descriptors, b.size, 1.0)
     big = LocalFeatures(np.c_[a.keypoints[:, :2] * 3, a.keypoints[:, 2:]], a.descriptors, a.size, 1.0)
-    strict = verify(big, moved, device="cpu").inliers
+    h = VerifySettings(model="homography")
+    strict = verify(big, moved, h, device="cpu").inliers
     scaled = verify(LocalFeatures(big.keypoints, big.descriptors, big.size, 3.0),
-                    LocalFeatures(moved.keypoints, moved.descriptors, moved.size, 3.0), device="cpu").inliers
+                    LocalFeatures(moved.keypoints, moved.descriptors, moved.size, 3.0), h, device="cpu").inliers
     assert scaled > 1.5 * strict

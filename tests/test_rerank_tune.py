@@ -228,3 +228,69 @@ def test_cli_evaluate_with_a_recipe_records_it(tmp_path):
     res = json.loads(out.read_text())
     assert res["rerank"]["recipe"]["whitening"] == {"method": "none"} and res["rerank"]["qe"]["k"] == 1
     assert main(["evaluate", "--gnd", str(gpath), "--features", str(feats), "--recipe", str(tmp_path / "nope.json")]) == 2
+
+
+def _with_verifier(s: LabelledSet, informative: bool = True) -> LabelledSet:
+    """The set with a fake verifier: 30 inliers for a query's true positives (None: nothing verifies);
+    it checks that it is asked with the set's own query rows (not a fold's)."""
+    asked = []
+
+    def verifier(i: int, rows) -> np.ndarray:
+        assert 0 <= i < len(s.q)
+        asked.append(i)
+        ok = set(s.dataset.gnd[i]["ok"])
+        return np.array([30 if informative and int(r) in ok else 0 for r in rows])
+
+    out = LabelledSet(s.name, s.q, s.db, s.dataset, verifier)
+    out.asked = asked
+    return out
+
+
+def _hard(seed: int) -> LabelledSet:
+    """_synthetic with much more noise: the global descriptors alone rank the positives poorly."""
+    s = _synthetic(seed)
+    rng = np.random.default_rng(100 + seed)
+    db = l2_normalize(s.db + 0.12 * rng.normal(size=s.db.shape)).astype(np.float32)
+    rows = [s.dataset.db_ids.index(i) for i in s.dataset.query_ids]
+    return LabelledSet(s.name, db[rows], db, s.dataset)
+
+
+def test_tune_picks_verification_where_it_helps_and_not_where_it_does_not():
+    from cbir.rerank.verify import VerifyParams
+
+    sets = [_with_verifier(_hard(0)), _with_verifier(_hard(1))]
+    recipe, trials = tune(sets, SMALL)
+    steps = [t for t in trials if t["step"] == "verify"]
+    assert len(steps) == len(Grid().verify) == 6  # K in {50, 100} x (first, expansion, both)
+    assert {(t["verify"]["k"], t["verify"]["order"], t["verify"]["expand"]) for t in steps} == {
+        (k, o, e) for k in (50, 100) for o, e in (("first", False), ("none", True), ("first", True))}
+    assert recipe.verify is not None and isinstance(recipe.verify, VerifyParams)
+    before = max(t["objective"] for t in trials if t["step"] != "verify")
+    assert recipe.meta["objective"]["value"] > before + 5  # the true positives verify: a large gain
+    assert all(s.asked for s in sets)
+    # the recipe applies with a verifier and carries verify to its file (v2)
+    scores, applied = recipe.apply(sets[0].q, sets[0].db, sets[0].verifier)
+    assert "verify" in applied
+    # an uninformative verifier (nothing verifies) is never chosen; no verifier: the step is skipped
+    recipe2, trials2 = tune([_with_verifier(_hard(0), informative=False)], SMALL)
+    assert recipe2.verify is None and any(t["step"] == "verify" for t in trials2)
+    recipe3, trials3 = tune([_synthetic(0)], SMALL)
+    assert recipe3.verify is None and not any(t["step"] == "verify" for t in trials3)
+
+
+@pytest.mark.slow
+def test_cli_tune_verify_tries_verification_with_the_sets_local_features(tmp_path, capsys):
+    import json
+
+    from conftest import verify_benchmark
+
+    gnd = verify_benchmark(tmp_path)
+    out, report = tmp_path / "r.json", tmp_path / "report.json"
+    rc = main(["tune", "--val", str(gnd), "--verify", "--fast", "--imsize", "96", "--scales", "1", "--out", str(out),
+               "--report", str(report)])
+    _, err = capsys.readouterr()
+    assert rc == 0, err
+    assert "10 images extracted, 0 from the cache" in err
+    trials = json.loads(report.read_text())["trials"]
+    assert [t["verify"]["k"] for t in trials if t["step"] == "verify"] == [50]
+    Recipe.load(out)  # v1 or v2, whichever was chosen, loads back

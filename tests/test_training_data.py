@@ -168,3 +168,95 @@ def test_tuple_dataset_and_square_tensor(tmp_path):
     assert torch.equal(a1, a2)  # augmentation is seeded: an epoch can be replayed on resume
     im = Image.new("RGB", (7, 3), (0, 0, 0))
     assert square_tensor(im, 5, mean, std).shape == (3, 5, 5)
+
+
+def _mined_db(tmp_path: Path, evidence: bool = True) -> Path:
+    # query 0 has positives 1 (20 inliers), 2 (50), 3 (35, listed twice: the larger values kept),
+    # 4 (0 inliers, 40 shared 3D points: a positive from the 3D model only); query 5 has 6
+    split = {"cids": [f"p{i}.jpg" for i in range(8)], "cluster": [1, 1, 1, 1, 1, 2, 2, 3],
+             "qidxs": [0, 0, 0, 0, 0, 5], "pidxs": [1, 2, 3, 3, 4, 6]}
+    if evidence:
+        split.update(pinliers=[20, 50, 30, 35, 0, 17], p3d=[0, 12, 60, 9, 40, 0])
+    p = tmp_path / ("mined.pkl" if evidence else "old.pkl")
+    p.write_bytes(pickle.dumps({"format": "cbir-mined-tuples", "format_version": 1, "train": split}))
+    return p
+
+
+def test_load_sfm_reads_the_evidence_of_mined_tuples(tmp_path):
+    d = load_sfm(_mined_db(tmp_path), tmp_path, layout="flat")
+    assert d.paths[2] == tmp_path / "p2.jpg"
+    assert d.queries.tolist() == [0, 5]
+    assert [p.tolist() for p in d.positives] == [[1, 2, 3, 4], [6]]
+    # rows follow the sorted positives; 3 listed twice keeps the larger inliers and 3D points
+    assert d.evidence[0].tolist() == [[20, 0], [50, 12], [35, 60], [0, 40]]
+    assert d.evidence[1].tolist() == [[17, 0]]
+    # a subset keeps each kept positive's evidence
+    sub = d.subset([0, 3, 4, 5, 6])
+    assert [p.tolist() for p in sub.positives] == [[1, 2], [4]]
+    assert sub.evidence[0].tolist() == [[35, 60], [0, 40]]
+    # files without the evidence (retrieval-SfM-120k itself) still load, with none
+    old = load_sfm(_mined_db(tmp_path, evidence=False), tmp_path, layout="flat")
+    assert old.evidence is None and [p.tolist() for p in old.positives] == [[1, 2, 3, 4], [6]]
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"pinliers": [1, 2]}, "without p3d"),
+    ({"pinliers": [1, 2], "p3d": [0, 0]}, "one per qidxs"),
+    ({"pinliers": [-1], "p3d": [0]}, "non-negative"),
+    ({"pinliers": ["x"], "p3d": [0]}, "integer"),
+    ({"qidxs": [0], "pidxs": [7]}, "outside the 2 images"),
+])
+def test_load_sfm_refuses_bad_evidence_in_one_line(tmp_path, bad, match):
+    split = {"cids": ["a", "b"], "cluster": [0, 0], "qidxs": [0], "pidxs": [1], **bad}
+    if "pinliers" in bad and "p3d" not in bad:
+        split.pop("p3d", None)
+    p = tmp_path / "bad.pkl"
+    p.write_bytes(pickle.dumps({"train": split}))
+    with pytest.raises(FormatError, match=match) as err:
+        load_sfm(p, tmp_path)
+    assert "\n" not in str(err.value)
+
+
+def _positives_chosen(d, rule: str, k: int = 2, draws: int = 60) -> dict[int, set[int]]:
+    vecs = np.eye(8, dtype=np.float32)
+    out: dict[int, set[int]] = {0: set(), 5: set()}
+    rng = np.random.default_rng(0)
+    for _ in range(draws):
+        t = build_epoch_tuples(d, lambda idx: vecs[idx], n_queries=2, pool_size=8, n_negatives=1, positive=rule,
+                               positive_k=k, rng=rng)
+        for q, p, *_ in t:
+            out[int(q)].add(int(p))
+    return out
+
+
+def test_positive_rules_by_inliers_hand_checked(tmp_path):
+    d = load_sfm(_mined_db(tmp_path), tmp_path, layout="flat")
+    # by inliers: 2 (50) > 3 (35) > 1 (20) > 4 (0, 40 shared points)
+    assert _positives_chosen(d, "inliers_top1") == {0: {2}, 5: {6}}
+    assert _positives_chosen(d, "inliers_topk", k=2) == {0: {2, 3}, 5: {6}}
+    assert _positives_chosen(d, "inliers_topk", k=3) == {0: {1, 2, 3}, 5: {6}}
+    assert _positives_chosen(d, "random") == {0: {1, 2, 3, 4}, 5: {6}}
+    old = load_sfm(_mined_db(tmp_path, evidence=False), tmp_path, layout="flat")
+    with pytest.raises(ValueError, match="needs inlier counts"):
+        _positives_chosen(old, "inliers_top1", draws=1)
+    with pytest.raises(ValueError, match="choose the positive two ways"):
+        build_epoch_tuples(d, lambda idx: np.eye(8, dtype=np.float32)[idx], n_queries=1, pool_size=8,
+                           n_negatives=1, positive="inliers_top1", hard_positives=True, rng=np.random.default_rng(0))
+
+
+def test_negatives_of_mined_tuples_one_per_other_cluster(tmp_path):
+    # many photos of 4 clusters: the k negatives of a query come from k distinct other clusters
+    n = 40
+    clusters = np.repeat(np.arange(4), n // 4)
+    split = {"cids": [f"p{i}.jpg" for i in range(n)], "cluster": clusters.tolist(),
+             "qidxs": [i for i in range(n) if i % 10 == 0], "pidxs": [i + 1 for i in range(n) if i % 10 == 0],
+             "pinliers": [30] * 4, "p3d": [0] * 4}
+    p = tmp_path / "m.pkl"
+    p.write_bytes(pickle.dumps({"train": split}))
+    d = load_sfm(p, tmp_path, layout="flat")
+    rng = np.random.default_rng(1)
+    vecs = rng.normal(size=(n, 5)).astype(np.float32)
+    t = build_epoch_tuples(d, lambda idx: vecs[idx], n_queries=4, pool_size=40, n_negatives=3,
+                           positive="inliers_top1", rng=rng)
+    for q, pos, *negs in t:
+        assert clusters[pos] == clusters[q] and sorted(clusters[negs].tolist()) == sorted(set(range(4)) - {clusters[q]})

@@ -17,8 +17,8 @@ import sys
 from typing import Sequence
 
 # Order here is the order in `cbir --help`.
-STAGES = ("extract", "models", "whiten", "tune", "evaluate", "download", "index", "search", "serve", "train",
-          "cache")
+STAGES = ("extract", "models", "whiten", "tune", "evaluate", "download", "index", "search", "serve", "mine",
+          "train", "cache")
 
 EPILOG = """\
 typical flow:

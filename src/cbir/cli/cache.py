@@ -11,7 +11,9 @@ The cache keeps one descriptor per (image contents, crop box) for each model, we
 settings, so that `cbir extract`, `evaluate`, `tune`, `index build` and `index add` never describe an
 image twice. Where: $CBIR_CACHE (default ~/.cache/cbir/descriptors). Size: bounded by
 $CBIR_CACHE_MAX_GB (default 20; least recently used descriptors go first). Deleting the folder is
-always safe: descriptors are computed again when needed.
+always safe: descriptors are computed again when needed. The local features (SIFT) of spatial
+verification (`--verify`) live beside them, in local-v1/ (one store per SIFT settings): listed by
+`info`, deleted by `clear` (without --older-than), not bounded by `prune`.
 
 examples:
   cbir cache info                 # one line per model + settings: images, size, last use
@@ -37,12 +39,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 def cmd_cache(args: argparse.Namespace) -> int:
     from ..cache.digest import default_cache_dir
     from ..cache.vectors import cache_info, clear_cache, prune
+    from ..local.cache import clear_local_cache, local_cache_info
 
     root = default_cache_dir() if args.dir is None else args.dir
     if args.action == "info":
         stores = cache_info(root)
+        local = local_cache_info(root)
         if args.json:
-            print(json.dumps({"dir": str(root), "stores": stores}, indent=2, default=str))
+            print(json.dumps({"dir": str(root), "stores": stores, "local_features": local}, indent=2, default=str))
             return 0
         total = sum(s["bytes"] for s in stores)
         print(f"{root}: {len(stores)} model/settings stores, {total / 2**20:.1f} MiB")
@@ -55,11 +59,15 @@ def cmd_cache(args: argparse.Namespace) -> int:
                     f"{','.join(f'{x:g}' for x in st.get('scales', []))} {st.get('precision')} {st.get('backend')}")
             print(f"  {s['rows'] if s.get('rows') is not None else 'damaged':>8} images  "
                   f"{s['bytes'] / 2**20:8.1f} MiB  last used {used}  {what}")
+        for s in local:
+            print(f"  {s['images'] if s.get('images') is not None else 'damaged':>8} images  "
+                  f"{s['bytes'] / 2**20:8.1f} MiB  local features {s['key']}")
         return 0
     if args.action == "prune":
         n = prune(root, None if args.max_gb is None else int(args.max_gb * (1 << 30)))
         print(f"removed {n} descriptors from {root}")
         return 0
     n = clear_cache(root, args.older_than)
-    print(f"removed {n} descriptors from {root}")
+    local = clear_local_cache(root) if args.older_than is None else 0
+    print(f"removed {n} descriptors from {root}" + (f" and the local features of {local} images" if local else ""))
     return 0

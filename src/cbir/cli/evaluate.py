@@ -141,8 +141,19 @@ def handler(args: argparse.Namespace) -> int:
         q, db = describe(bench, spec, imsize=imsize, scales=scales, crop=not args.no_crop, device=args.device,
                          batch_size=args.batch_size, precision=args.precision, progress=not args.quiet,
                          cache_dir=cache)
+    local_cache = None
+    if rerank.verify is not None:  # the local features live in the same cache (a temporary one with --no-cache)
+        import tempfile
+
+        local_cache = (tempfile.mkdtemp(prefix="cbir-local-") if args.no_cache
+                       else (args.cache_dir or default_cache_dir()))
     res = score(bench, q, db, rerank, top_k=args.top_k, distractors=args.distractors, keep_scores=bool(args.plot),
-                device=args.device if str(args.device).startswith("cuda") else "cpu")
+                device=args.device if str(args.device).startswith("cuda") else "cpu", cache_dir=local_cache,
+                progress=not args.quiet)
+    if args.no_cache and local_cache is not None:
+        import shutil
+
+        shutil.rmtree(local_cache, ignore_errors=True)
     settings = {k: v for k, v in db.meta.items() if k != "part"}
     if args.features:
         settings = {"features": str(args.features), "query_features": str(args.query_features or args.features),
@@ -158,10 +169,12 @@ def handler(args: argparse.Namespace) -> int:
     if args.features:
         shown.pop("imsize", None)
     print(f"descriptors: {describe_settings(shown)}" + (f"; re-ranking: {', '.join(applied)}" if applied else ""))
+    if "verification" in res:
+        print(verification_line(res["verification"], applied.get("verify", {})))
     print(format_table(res))
 
     if args.json:
-        figures = {k: v for k, v in res.items() if k not in ("scores", "applied", "n_distractors")}
+        figures = {k: v for k, v in res.items() if k not in ("scores", "applied", "n_distractors", "verifier")}
         record = jsonable({**figures, "dataset": bench.name, "protocol": bench.protocol, "n_db": len(bench.db_ids),
                            "n_queries": len(bench.query_ids), "settings": settings, "rerank": applied,
                            "ground_truth": bench.info})
@@ -169,6 +182,23 @@ def handler(args: argparse.Namespace) -> int:
         atomic_write_json(args.json, record)
         print(f"wrote {args.json}", file=sys.stderr)
     if args.plot:
-        n = plot_top10(args.plot, bench, res["scores"], args.plot_queries)
-        print(f"wrote {args.plot} ({n} queries)", file=sys.stderr)
+        n = plot_top10(args.plot, bench, res["scores"], args.plot_queries, verifier=res.get("verifier"),
+                       min_inliers=rerank.verify.min_inliers if rerank.verify is not None else None)
+        extra = " and the verified matches of each beside it (-matches.png)" if res.get("verifier") is not None else ""
+        print(f"wrote {args.plot} ({n} queries){extra}", file=sys.stderr)
     return 0
+
+
+def verification_line(rec: dict, applied: dict) -> str:
+    """One line on spatial verification: what was verified, how many were, what it cost."""
+    local = rec.get("local_features") or {}
+    parts = [f"verification: top {applied.get('k')} per query, >= {applied.get('min_inliers')} inliers, "
+             f"{applied.get('verified', 0):.1f} verified per query ({applied.get('queries_verified', 0)} queries with one)"]
+    if applied.get("same_image"):
+        parts.append(f"{applied['same_image']} queries' own photos (never their expansion)")
+    parts.append(f"{rec.get('pairs', 0)} pairs, {1000 * rec.get('verify_seconds_per_query', 0.0):.0f} ms/query "
+                 f"matching + RANSAC")
+    if local:
+        parts.append(f"local features {local.get('settings')}: {local.get('extracted', 0)} extracted, "
+                     f"{local.get('from_cache', 0)} from the cache")
+    return "; ".join(parts)

@@ -19,6 +19,7 @@ examples:
   cbir index build photos/ --out big.index --type hnsw --M 32 --ef-construction 200 --ef-search 128
   cbir index build photos/ --out big.index --type faiss --factory "IVF4096_HNSW32,PQ64x4fs,RFlat" --recall-target 0.95
   cbir index build --features feats/ --out photos.index   # descriptors of `cbir extract photos/ --out feats/`
+  cbir index build photos/ --out photos.index --verify 100  # + local features: searches verify their top 100
 
 index types: exact (default; matrix product, GPU fp16 when available; best up to ~1M images),
 ivfpq (faiss IVF-PQ: compressed, needs >= max(nlist, 2^nbits) images to train), hnsw (faiss graph),
@@ -32,6 +33,10 @@ examples:
   cbir index add photos.index more_photos/            # every image under the folder
   cbir index add photos.index edited.jpg --update     # re-describe an image that is already indexed
   cbir index add photos.index --features new_feats/   # descriptors from `cbir extract` (same model)
+  cbir index add photos.index --verify 100            # give an index local features (spatial verification)
+
+An index with local features (built or given them with --verify K) keeps them current: added
+images are described by SIFT too, re-described ones (--update) again, removed ones removed.
 """
 
 REMOVE_EPILOG = """\
@@ -71,6 +76,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "`cbir serve` re-rank with it unless told otherwise")
     b.add_argument("--no-cache", action="store_true",
                    help="describe every image again and keep nothing in the extraction cache ($CBIR_CACHE)")
+    _add_local_args(b)
     b.set_defaults(func=cmd_build)
 
     a = isub.add_parser("add", help="add images (files or folders) to an index", epilog=ADD_EPILOG,
@@ -85,6 +91,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_device_option(a)
     a.add_argument("--no-cache", action="store_true",
                    help="describe every image again and keep nothing in the extraction cache ($CBIR_CACHE)")
+    _add_local_args(a)
     a.set_defaults(func=cmd_add)
 
     r = isub.add_parser("remove", help="remove images by id", epilog=REMOVE_EPILOG,
@@ -99,6 +106,40 @@ def register(sub: argparse._SubParsersAction) -> None:
     i.add_argument("--json", action="store_true", help="print JSON")
     i.add_argument("--list", type=int, default=0, metavar="N", help="also list the first N images (id, path)")
     i.set_defaults(func=cmd_info)
+
+
+def _add_local_args(p: argparse.ArgumentParser) -> None:
+    """--verify K and its rules (kept with the index in INDEX/verify.json), --local-workers."""
+    from .rerank_options import add_verify_arguments
+
+    add_verify_arguments(p)
+    p.add_argument("--local-workers", type=int, default=1, metavar="N",
+                   help="processes extracting the local features (SIFT) of the images (default 1)")
+
+
+def _local_setting(args: argparse.Namespace):
+    """(given, VerifyParams or None) of --verify*; --local-workers checked."""
+    from .rerank_options import verify_of_args
+
+    if args.local_workers < 1:
+        raise CLIError("--local-workers must be at least 1")
+    return verify_of_args(args)
+
+
+def _sync_local(path, index, args: argparse.Namespace, *, refresh=(), verify=None) -> None:
+    """Bring INDEX/local in step with the index (extract new / re-described images, drop removed ones)
+    and keep ``verify`` (when given) as the index's verification; one line to stderr."""
+    from ..index.local import save_verify, sync_local
+
+    res = sync_local(path, index, refresh=refresh, progress=True, workers=getattr(args, "local_workers", 1),
+                     device=getattr(args, "device", "auto") if getattr(args, "device", "auto") in ("cpu", "cuda") else "auto")
+    if verify is not None:
+        save_verify(path, verify)
+    bad = res["unreadable"]
+    print(f"local features ({res['settings']}): {res['extracted']} images described, {res['removed']} removed, "
+          f"{res['images']} stored" + (f", {len(bad)} unreadable" if bad else "")
+          + (f"; searches verify the top {verify.k} by default (--verify 0: off)" if verify is not None else ""),
+          file=sys.stderr)
 
 
 def _add_type_args(b: argparse.ArgumentParser) -> None:
@@ -218,15 +259,18 @@ def cmd_build(args: argparse.Namespace) -> int:
     except FormatError as exc:
         raise CLIError(f"--out {args.out} is a damaged index ({exc}); its ids are unknown, so a rebuild could "
                        f"reuse them: delete it or give a new path") from exc
+    _, verify = _local_setting(args)
+    needs_local = verify is not None
     if args.recipe:
         from ..rerank.recipe import Recipe
 
-        Recipe.load(args.recipe)  # a bad recipe fails before any work
+        needs_local |= Recipe.load(args.recipe).verify is not None  # a bad recipe fails before any work
     if args.features:
         index = index_from_descriptors(args.features, kind=args.type, params=params, device=args.device,
                                        first_id=args.first_id)
         _finish_and_save(index, args)
         keep_recipe(args)
+        _keep_local(index, args, needs_local, verify)
         _export_query_model(index, args)
         s = index.settings
         print(f"indexed {len(index)} images from {args.features} ({s.get('model')} + {s.get('pooling')}, "
@@ -260,6 +304,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     _report_failed(failed)
     _finish_and_save(index, args)
     keep_recipe(args)
+    _keep_local(index, args, needs_local, verify)
     _export_query_model(index, args)
     s = index.settings
     print(f"indexed {len(index)} images ({len(failed)} skipped as unreadable; {s['model']} + {s['pooling']}, "
@@ -267,13 +312,37 @@ def cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _keep_local(index, args: argparse.Namespace, needs_local: bool, verify) -> None:
+    """After a build: the local features of every image (with --verify K or a recipe that verifies),
+    else none (those of an index this build replaced are dropped with its verification setting)."""
+    from ..index.local import drop_local
+
+    drop_local(args.out)  # a replaced index's features name ids this build does not have
+    if needs_local:
+        _sync_local(args.out, index, args, verify=verify)
+
+
 def cmd_add(args: argparse.Namespace) -> int:
     from ..index import Index, open_for_write
     from ..index.build import add_or_update, descriptors_of_paths, list_images, plan_add
     from ..index.embed import describe_for_index
+    from ..index.local import drop_local, has_local
 
-    if bool(args.paths) == bool(args.features):
+    given, verify = _local_setting(args)
+    if args.paths and args.features:
         raise CLIError("give image files/folders or --features DIR (a `cbir extract` output), one of them")
+    if not args.paths and not args.features:
+        if not given:
+            raise CLIError("give image files/folders or --features DIR (a `cbir extract` output), one of them "
+                           "(or --verify K alone: give the index local features)")
+        if not (Path(args.index) / "manifest.json").is_file():
+            raise FileNotFoundError(f"index not found: {args.index}")
+        if verify is None:
+            drop_local(args.index)
+            print(f"{args.index}: local features and the verification setting removed")
+            return 0
+        _sync_local(args.index, Index.load(args.index, device="cpu", mmap=True), args, verify=verify)
+        return 0
     snapshot = Index.load(args.index, device=args.device)  # to plan and describe (outside the writer lock)
     failed: list[dict] = []
     if args.features:
@@ -301,20 +370,29 @@ def cmd_add(args: argparse.Namespace) -> int:
     del snapshot
     with open_for_write(args.index, device=args.device) as index:  # the newest generation, locked
         index.check_compatible(settings)
+        updated = [i for i in (index.id_of_path(str(p)) for p in todo) if i is not None] if args.update else []
         counts = add_or_update(index, todo, vectors, update=args.update)  # re-checks paths added meanwhile
         n = len(index)
     raced = f", {counts['present']} added meanwhile by another writer" if counts["present"] else ""
     print(f"added {counts['added']}, updated {counts['updated']}, skipped {len(failed)} unreadable, "
           f"{len(already)} already indexed, {len(duplicates)} duplicates{raced}; index has {n} images")
+    if given and verify is None:
+        drop_local(args.index)
+    elif verify is not None or has_local(args.index):
+        _sync_local(args.index, index, args, refresh=updated, verify=verify)
     return 0
 
 
 def cmd_remove(args: argparse.Namespace) -> int:
     from ..index import open_for_write
 
+    from ..index.local import has_local
+
     with open_for_write(args.index, device="cpu") as index:
         index.remove(args.ids)
     print(f"removed {len(set(args.ids))}; index has {len(index)} images")
+    if has_local(args.index):
+        _sync_local(args.index, index, args)
     return 0
 
 
@@ -324,6 +402,15 @@ def cmd_info(args: argparse.Namespace) -> int:
     index = Index.load(args.index, device="cpu")
     info = index.info()
     info["path"] = str(Path(args.index).resolve())
+    from ..index.local import has_local, load_verify
+
+    if has_local(args.index):
+        from ..index.local import LocalFeatures
+
+        store = LocalFeatures(args.index).store()
+        verify = load_verify(args.index)
+        info["local"] = {"images": len(store), "settings": store.settings.key(),
+                         "verify": None if verify is None else verify.to_dict()}
     if args.list:
         info["images"] = [r.as_dict() for r in index.records(limit=args.list)]
     if args.json:
@@ -335,6 +422,10 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"type      {info['type']} {json.dumps(info['params']) if info['params'] else ''}")
     print(f"model     {s.get('model')} + {s.get('pooling')}  whitening={s.get('whitening')}  dim={info['dim']}")
     print(f"extract   imsize={s.get('imsize')} scales={s.get('scales')}")
+    if info.get("local"):
+        loc = info["local"]
+        verify = f"verify top {loc['verify']['k']} by default" if loc.get("verify") else "no default verification"
+        print(f"local     {loc['images']} images, {loc['settings']}; {verify}")
     for r in info.get("images", []):
         print(f"{r['id']:>8}  {r['path']}")
     return 0

@@ -1,6 +1,9 @@
 """The re-ranking options shared by ``cbir evaluate``, ``cbir search`` (``--recipe``, ``--whiten``,
-``--qe``, ``--dba``, ``--diffusion*``) and what they ask for: a :class:`cbir.rerank.compose.Rerank`
-or a :class:`cbir.rerank.recipe.Recipe`.
+``--qe``, ``--dba``, ``--diffusion*``, ``--verify*``) and what they ask for: a
+:class:`cbir.rerank.compose.Rerank` or a :class:`cbir.rerank.recipe.Recipe`.
+
+``--verify K`` (spatial verification of each query's top K) also goes with ``--recipe``: it
+replaces the recipe's own verification (``--verify 0``: none, not even the recipe's or the index's).
 
 The library's errors name :class:`~cbir.rerank.compose.Rerank`'s fields (``qe``, ``alpha_qe``,
 ``diffusion.alpha``); :func:`settings_from_args` says them with this command line's flags
@@ -23,18 +26,26 @@ import numpy as np
 from ..rerank.compose import ALPHA, DBA_K, QE_K, Rerank
 from ..rerank.diffusion import DiffusionParams
 from ..rerank.recipe import Recipe, recipe_for_index
+from ..rerank.verify import VerifyParams
 from ..schema import SchemaError
 from . import CLIError
 
 __all__ = ["FLAGS", "add_arguments", "rerank_from_args", "settings_from_args"]
 
 _DEF = DiffusionParams()
+_VER = VerifyParams()
 
 #: Rerank field -> the option that sets it.
 FLAGS = {"whiten": "--whiten", "dba": "--dba", "dba_alpha": "--dba-alpha", "qe": "--qe", "alpha_qe": "--alpha-qe",
          "diffusion": "--diffusion", "diffusion.k": "--diffusion-k", "diffusion.kq": "--diffusion-kq",
          "diffusion.gamma": "--diffusion-gamma", "diffusion.alpha": "--diffusion-alpha",
-         "diffusion.trunc": "--diffusion-trunc", "diffusion.sim_weight": "--diffusion-sim-weight"}
+         "diffusion.trunc": "--diffusion-trunc", "diffusion.sim_weight": "--diffusion-sim-weight",
+         "verify": "--verify", "verify.k": "--verify", "verify.min_inliers": "--min-inliers",
+         "verify.order": "--verify-order", "verify.expand": "--no-verified-expansion",
+         "verify.expand_max": "--expand-max", "verify.weight": "--verify-weight"}
+#: VerifyParams field -> argparse dest of its option (besides k = --verify).
+_VERIFY_ARGS = {"min_inliers": "min_inliers", "order": "verify_order", "expand_max": "expand_max",
+                "weight": "verify_weight"}
 _DIFF_ARGS = {"k": "diffusion_k", "kq": "diffusion_kq", "gamma": "diffusion_gamma", "alpha": "diffusion_alpha",
               "trunc": "diffusion_trunc", "sim_weight": "diffusion_sim_weight"}
 
@@ -75,6 +86,49 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="diffuse on each query's top-R region (0 = whole graph; default 0 up to 100,000 images, 10,000 above)")
     g.add_argument("--diffusion-sim-weight", metavar="B", type=float, default=None,
                    help=f"final score f/max(f) + B s^gamma (0 = pure diffusion ranking; default {_DEF.sim_weight:g})")
+    add_verify_arguments(parser)
+
+
+def add_verify_arguments(parser: argparse.ArgumentParser) -> None:
+    """The spatial-verification options (group "spatial verification"): ``--verify [K]`` and its rules."""
+    v = parser.add_argument_group(
+        "spatial verification",
+        "SIFT features (pycolmap) of each query and of its top K are matched and checked by RANSAC; "
+        "images with enough inliers expand the query before QE/diffusion and are ranked first")
+    v.add_argument("--verify", metavar="K", type=int, nargs="?", const=_VER.k, default=None,
+                   help=f"verify each query's top K geometrically (K defaults to {_VER.k}; 0 = off, even when "
+                        "a recipe or the index says otherwise)")
+    v.add_argument("--min-inliers", metavar="N", type=int, default=None,
+                   help=f"inliers that make an image verified (default {_VER.min_inliers})")
+    v.add_argument("--verify-order", metavar="RULE", default=None,
+                   help=f"how verified images move up: first (before all others), inliers (first, by inlier "
+                        f"count), add (a bounded bonus), none (default {_VER.order})")
+    v.add_argument("--verify-weight", metavar="W", type=float, default=None,
+                   help=f"the largest bonus of --verify-order add (default {_VER.weight:g})")
+    v.add_argument("--no-verified-expansion", action="store_true",
+                   help="do not add the verified images to the query before QE/diffusion")
+    v.add_argument("--expand-max", metavar="N", type=int, default=None,
+                   help="expand with at most N verified images, the most inliers first (default 0 = all)")
+
+
+def verify_of_args(args: argparse.Namespace) -> tuple[bool, VerifyParams | None]:
+    """(given, params) of the verification options: ``given`` False when ``--verify`` is absent
+    (the recipe's or the index's setting applies), params None for ``--verify 0``. CLIError naming
+    the flag for a bad value, or for a rule option without ``--verify``."""
+    k = getattr(args, "verify", None)
+    rules = {f: getattr(args, dest) for f, dest in _VERIFY_ARGS.items() if getattr(args, dest, None) is not None}
+    if getattr(args, "no_verified_expansion", False):
+        rules["expand"] = False
+    if k is None:
+        if rules:
+            raise CLIError(f"{FLAGS['verify.' + next(iter(rules))]} needs --verify K")
+        return False, None
+    if k == 0:
+        return True, None
+    try:
+        return True, VerifyParams(k=k, **rules)
+    except SchemaError as exc:
+        raise flag_error(SchemaError(exc.where, [(f"verify.{f}", m) for f, m in exc.errors])) from None
 
 
 def flag_error(exc: SchemaError) -> CLIError:
@@ -101,10 +155,11 @@ def rerank_of_args(args: argparse.Namespace) -> Rerank:
         given = [FLAGS[f"diffusion.{key}"] for key, name in _DIFF_ARGS.items() if getattr(args, name, None) is not None]
         if given:
             raise CLIError(f"{given[0]} needs --diffusion")
+    _, verify = verify_of_args(args)
     try:
         return Rerank(whiten=getattr(args, "whiten", None) or None, dba=int(getattr(args, "dba", 0) or 0),
                       dba_alpha=getattr(args, "dba_alpha", None), qe=int(getattr(args, "qe", 0) or 0),
-                      alpha_qe=getattr(args, "alpha_qe", None), diffusion=diffusion)
+                      alpha_qe=getattr(args, "alpha_qe", None), diffusion=diffusion, verify=verify)
     except SchemaError as exc:
         raise flag_error(exc) from None
 
@@ -117,19 +172,32 @@ def _rerank_given(args: argparse.Namespace) -> bool:
 
 def settings_from_args(args: argparse.Namespace, index: str | Path | None = None) -> Rerank | Recipe:
     """What the options of :func:`add_arguments` ask for: a :class:`Rerank`, or the
-    :class:`cbir.rerank.recipe.Recipe` of ``--recipe FILE`` (which excludes the other options).
-    Both have ``apply(q, db) -> (scores, applied)``. ``index``: an index folder whose kept recipe
-    (``cbir index build --recipe``) applies when no option is given (``--recipe none``: none)."""
+    :class:`cbir.rerank.recipe.Recipe` of ``--recipe FILE`` (which excludes the other options but
+    ``--verify*``, which replace the recipe's verification). Both have ``apply(q, db[, verifier])
+    -> (scores, applied)``. ``index``: an index folder whose kept recipe (``cbir index build
+    --recipe``) applies when no option is given (``--recipe none``: none), and whose verification
+    setting (``cbir index build --verify K``: INDEX/verify.json) applies unless ``--verify`` is
+    given or the recipe has its own."""
     recipe = getattr(args, "recipe", None)
     if recipe and recipe.lower() != "none" and _rerank_given(args):
         raise CLIError("--recipe replaces --whiten/--dba/--qe/--diffusion: give one or the other")
+    given, verify = verify_of_args(args)
     settings = rerank_of_args(args)
+    found = None
     if recipe and recipe.lower() == "none":
-        return settings
-    if not recipe and (index is None or not settings.is_off()):
-        return settings
-    found = recipe_for_index(index or ".", recipe)
-    return settings if found is None else found
+        found = None
+    elif recipe or (index is not None and settings.with_verify(None).is_off()):
+        found = recipe_for_index(index or ".", recipe)
+    out: Rerank | Recipe = settings if found is None else found
+    if given:
+        return out.with_verify(verify)
+    if index is not None and out.verify is None:
+        from ..index.local import load_verify
+
+        kept = load_verify(index)
+        if kept is not None:
+            return out.with_verify(kept)
+    return out
 
 
 def rerank_from_args(args: argparse.Namespace, q: np.ndarray, db: np.ndarray) -> tuple[np.ndarray, dict]:

@@ -24,14 +24,19 @@ examples:
   cbir search photos.index --id paris_eiffel_000123     # ... or its name, as `cbir extract` names it
   cbir search photos.index --image query.jpg --qe 5 --alpha-qe 3 --diffusion
   cbir search big.index --image query.jpg --nprobe 64    # ivfpq: visit more lists
+  cbir search photos.index --image query.jpg --verify 100  # verify the top 100 geometrically (SIFT + RANSAC)
 
---json FILE writes a list of {"id", "path", "score"}, best first ("-" = standard output); with
+--json FILE writes a list of {"id", "path", "score"[, "inliers"]}, best first ("-" = standard output); with
 several queries, a list of {"query", "results"}.
 The query is described by the index's network exported for ONNX Runtime (made by `cbir index
 build`, or on the first search of an older index) unless --encoder torch or --device cuda.
 Re-ranking runs on the index's stored descriptors: QE on the query's neighbours, --diffusion on
 the kNN graph stored with the index (`cbir index build --graph K`; built for this call if absent),
 truncated to the query's top --diffusion-trunc; --whiten and --dba transform every descriptor.
+Spatial verification: an index built with --verify K (or given local features by `cbir index add
+INDEX --verify K`) verifies each query's top K against its stored SIFT features by default; the
+verified results come first and carry their inlier count ("inliers" in --json; -1: the query's
+own photo); --verify 0 turns it off, --verify K changes K.
 """
 
 
@@ -136,16 +141,51 @@ def cmd_search(args: argparse.Namespace) -> int:
         queries = [(args.id, index.vector(find_image(index, args.id)))]
     else:
         queries = list(_describe(index, images, bbox, args))
+    local = _local_features(args.index, rerank)
     results, failed = [], 0
     for name, q in queries:
         if isinstance(q, Exception):
             print(f"cbir search: {name}: {q}", file=sys.stderr)
             failed += 1
             continue
-        hits, applied = search_index(index, q, args.top, rerank)
+        verifier = None
+        if local is not None:
+            verifier = _query_verifier(local, name, args, bbox, index)
+        hits, applied = search_index(index, q, args.top, rerank, verifier=verifier)
         results.append((name, hits, applied))
     _show(results, args, several=args.image is not None and len(images) > 1)
     return 2 if failed else 0
+
+
+def _local_features(index_path: str, rerank):
+    """The index's local features when the search verifies (None otherwise); CLIError in one line
+    when verification is asked for and the index has none."""
+    verify = getattr(rerank, "verify", None)
+    if verify is None:
+        return None
+    from ..index.local import NO_LOCAL, LocalFeatures, has_local
+
+    if not has_local(index_path):
+        raise CLIError(NO_LOCAL(index_path, verify.k))
+    return LocalFeatures(index_path)
+
+
+def _query_verifier(local, name: str, args: argparse.Namespace, bbox, index):
+    """The verifier of one query: an image (its SIFT extracted on first use, cropped to --bbox) or an
+    indexed image (--id: its stored features)."""
+    from ..index.local import index_verifier
+
+    if args.image is None:
+        from ..pipeline.searching import find_image
+
+        return index_verifier(local, find_image(index, args.id), device=args.device)
+
+    def extract():
+        from ..local.features import extract_local
+
+        return extract_local(name, local.settings, bbox, device="cpu" if args.device == "cpu" else "auto")
+
+    return index_verifier(local, extract, device=args.device)
 
 
 def _describe(index, images: list[Path], bbox, args: argparse.Namespace):
@@ -178,9 +218,15 @@ def _show(results: list, args: argparse.Namespace, several: bool) -> None:
             from ..fileio import atomic_write_json
 
             atomic_write_json(args.json, record)
-        for name, hits, _ in results:
+        for name, hits, applied in results:
             if several:
                 print(f"query: {name}")
+            if "verify" in applied:  # the inlier count of each verified-top-K result ("-": not among them)
+                print(f"{'rank':>4}  {'score':>7}  {'inliers':>7}  {'id':>8}  path")
+                for rank, h in enumerate(hits, 1):
+                    n = "-" if h.inliers is None else ("itself" if h.inliers < 0 else str(h.inliers))
+                    print(f"{rank:>4}  {h.score:7.4f}  {n:>7}  {h.id:>8}  {h.path}")
+                continue
             print(f"{'rank':>4}  {'score':>7}  {'id':>8}  path")
             for rank, h in enumerate(hits, 1):
                 print(f"{rank:>4}  {h.score:7.4f}  {h.id:>8}  {h.path}")

@@ -23,7 +23,11 @@ who may do what:
   Writes from a page of another site (a foreign Origin) are refused. Requests must name this
   server by an allowed host: loopback names, the bound address, or --allowed-host NAME.
 
-API: GET /api/health, POST /api/search (multipart file [+ bbox, top]), GET /api/search/{id},
+spatial verification: an index built with --verify K (INDEX/verify.json) verifies every search's
+  top K by default (--verify 0: off); results show their inlier count and, when clicked, the inlier
+  correspondences drawn between the two photos.
+
+API: GET /api/health, POST /api/search (multipart file [+ bbox, top, matches]), GET /api/search/{id},
 POST /api/images (multipart file), DELETE /api/images/{id}, GET /api/images/{id},
 GET /api/thumb/{id}; docs at /api/docs.
 """
@@ -54,6 +58,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="re-rank every search with a `cbir tune` recipe (default: INDEX/recipe.json when the "
                         "index was built with --recipe; 'none': plain search)")
     p.add_argument("--no-preload", action="store_true", help="load the model at the first upload, not at start")
+    from .rerank_options import add_verify_arguments
+
+    add_verify_arguments(p)  # default: the recipe's verification, else the index's (cbir index build --verify K)
     c = p.add_argument_group("connections (slow or too many clients)")
     c.add_argument("--header-timeout", type=float, default=d.header_timeout, metavar="S",
                    help="seconds a client has to send a request's line and headers, else 408 and closed "
@@ -116,6 +123,26 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def serve_settings(args: argparse.Namespace):
+    """The re-ranking of every search: --recipe (default: the index's kept recipe), with --verify K,
+    else the recipe's own verification, else the index's (INDEX/verify.json); None: plain search.
+    CLIError in one line when verification is asked for and the index has no local features."""
+    from ..index.local import NO_LOCAL, has_local, load_verify
+    from ..rerank.compose import Rerank
+    from ..rerank.recipe import recipe_for_index
+    from .rerank_options import verify_of_args
+
+    settings = recipe_for_index(args.index, args.recipe)
+    given, verify = verify_of_args(args)
+    if not given and getattr(settings, "verify", None) is None:
+        verify, given = load_verify(args.index), True
+    if given and (verify is not None or settings is not None):
+        settings = (settings or Rerank()).with_verify(verify)
+    if getattr(settings, "verify", None) is not None and not has_local(args.index):
+        raise CLIError(NO_LOCAL(args.index, settings.verify.k))
+    return settings
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -133,15 +160,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
         limits = Limits(max_request_bytes=int(args.max_upload_mb * 1024 * 1024), max_pixels=args.max_pixels,
                         max_store_bytes=int(args.max_store_gb * 1e9))
         guard = Guard.for_bind(args.host, token=token, allowed_hosts=args.allowed_host)
-        from ..rerank.recipe import recipe_for_index
-
         app = create_app(args.index, limits=limits, read_only=args.read_only, device=args.device, guard=guard,
-                         rerank=recipe_for_index(args.index, args.recipe))
+                         rerank=serve_settings(args))
         svc = app.state.service
         print(f"index {args.index}: {len(svc.index)} images ({svc.index.kind})", file=sys.stderr)
         if not args.no_preload and svc.index.settings.get("source"):
             print("loading the model ...", file=sys.stderr)
             svc.get_encoder()
+        verify = getattr(svc.rerank, "verify", None)
+        if verify is not None:
+            print(f"searches verify their top {verify.k} (local features of {len(svc.local.store())} images)",
+                  file=sys.stderr)
         writes = "read-only" if args.read_only else ("writes need the token" if token else "writes open to this machine")
         host = f"[{args.host}]" if ":" in args.host else args.host
         print(f"serving on http://{host}:{args.port}/ ({writes})", file=sys.stderr)

@@ -8,8 +8,9 @@
 --val takes a revisitop ground truth .pkl (images: jpg/ beside it, or the folder given after it)
 or a folder with one sub-folder per class (every image with a class-mate is a query). The search
 (whitening: none / PCA on the database / PCA or Lw learned on the validation sets, dimension;
-then alpha-QE and DBA k; then diffusion k, kq, alpha, weight) only ever scores the --val sets;
---test sets are read after the recipe is written, to report raw / defaults / recipe side by side.
+then alpha-QE and DBA k; then diffusion k, kq, alpha, weight; with --verify, spatial verification
+of the top 50 or 100) only ever scores the --val sets; --test sets are read after the recipe is
+written, to report raw / defaults / recipe side by side.
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, metavar="RECIPE.json", help="where to write the recipe")
     p.add_argument("--report", metavar="FILE.json", help="also write every trial and the figures here")
     p.add_argument("--fast", action="store_true", help="a small search (a few candidates per step)")
+    p.add_argument("--verify", action="store_true",
+                   help="also try spatial verification (top 50/100, verified first and/or verified query expansion); "
+                        "extracts the local features (SIFT) of every set once, into the cache")
     m = p.add_argument_group("descriptors (as cbir evaluate)")
     add_model_options(m)
     add_extraction_options(m)
@@ -67,13 +71,25 @@ def describe(args: argparse.Namespace, bench):
                                                                           "cropped_queries", "weights")}
 
 
-def _figures(ds, q, db, recipe) -> dict:
+def verifier_of(args: argparse.Namespace, bench):
+    """The verifier of a set (its local features through the cache; queries cropped as described)."""
+    from ..pipeline import default_cache_dir
+    from ..pipeline.verifying import benchmark_verifier
+
+    v = benchmark_verifier(bench, cache_dir=args.cache or default_cache_dir(), crop=not args.no_crop, progress=True,
+                           device=args.device if str(args.device).startswith("cuda") else "cpu")
+    print(f"{bench.name}: {v.extraction.line()}", file=sys.stderr)
+    return v
+
+
+def _figures(ds, q, db, recipe, verifier=None) -> dict:
     from ..rerank.compose import Rerank
 
     out = {}
     for label, fn in (("raw", Rerank().apply), ("defaults (--qe --dba --diffusion)",
                                                   Rerank(qe=2, dba=5, diffusion={}).apply),
-                      ("recipe", recipe.apply)):
+                      ("recipe", (lambda a, b: recipe.apply(a, b, verifier)) if recipe.verify is not None
+                       else recipe.apply)):
         out[label] = {k: round(float(v), 2) for k, v in ds.evaluate(fn(q, db)[0])["mAP"].items()}
     return out
 
@@ -86,11 +102,14 @@ def cmd_tune(args: argparse.Namespace) -> int:
     for spec in args.val:
         ds = load_set(spec)
         q, db, settings = describe(args, ds)
-        sets.append(LabelledSet(ds.name, q, db, ds))
+        sets.append(LabelledSet(ds.name, q, db, ds, verifier_of(args, ds) if args.verify else None))
     grid = Grid()
     if args.fast:
+        from ..rerank.verify import VerifyParams
+
         grid = Grid(pca_power=(0.5,), shrinkage=(0.5,), dims=(256,), qe=(0, 2), dba=(0, 3), diffusion_k=(None,),
-                    diffusion_kq=(3,), diffusion_alpha=(0.8,), diffusion_sim_weight=(0.5,))
+                    diffusion_kq=(3,), diffusion_alpha=(0.8,), diffusion_sim_weight=(0.5,),
+                    verify=(VerifyParams(k=50, order="first", expand=True),))
     few = [f"{s.name} ({len(s.q)})" for s in sets if len(s.q) < 50]
     if few:
         print(f"note: few validation queries in {', '.join(few)}: the recipe may fit them and not transfer "
@@ -103,11 +122,12 @@ def cmd_tune(args: argparse.Namespace) -> int:
     recipe = Recipe.load(args.out)  # what a user gets back
     report: dict = {"recipe": args.out, "trials": trials, "validation": {}, "test": {}}
     for s in sets:
-        report["validation"][s.name] = _figures(s.dataset, s.q, s.db, recipe)
+        report["validation"][s.name] = _figures(s.dataset, s.q, s.db, recipe, s.verifier)
     for spec in args.test:  # read only now, after the recipe is written
         ds = load_set(spec)
         q, db, _ = describe(args, ds)
-        report["test"][ds.name] = _figures(ds, q, db, recipe)
+        report["test"][ds.name] = _figures(ds, q, db, recipe,
+                                           verifier_of(args, ds) if recipe.verify is not None else None)
     for part in ("validation", "test"):
         for name, figs in report[part].items():
             for label, m in figs.items():

@@ -38,14 +38,20 @@ class IncompatibleDescriptorError(ValueError):
 
 @dataclass(frozen=True)
 class Hit:
-    """One search result: the image id, its path, and the inner-product score (cosine for unit vectors)."""
+    """One search result: the image id, its path, and the inner-product score (cosine for unit
+    vectors; the re-ranking's score when re-ranked). ``inliers``: with spatial verification, the
+    inlier count of a result among the query's verified top K (None otherwise)."""
 
     id: int
     path: str
     score: float
+    inliers: int | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "path": self.path, "score": self.score}
+        d: dict[str, Any] = {"id": self.id, "path": self.path, "score": self.score}
+        if self.inliers is not None:
+            d["inliers"] = self.inliers
+        return d
 
 
 class RWLock:
@@ -369,6 +375,9 @@ class Index:
         if k < 1:
             raise ValueError(f"k must be at least 1, got {k}")
         rerank.check()
+        if getattr(rerank, "verify", None) is not None:
+            raise ValueError("spatial verification needs local features and a verifier: search with "
+                             "cbir.pipeline.search_index(index, q, k, rerank, verifier=...)")
         with self.lock.read():
             n = len(self.store)
             if n == 0:

@@ -68,14 +68,14 @@ orientation (0) per keypoint, for collections with no rotated photos.
 
     kind: Literal["sift"] = "sift"
     max_size: int = Field(1024, ge=16, le=16384)
-    max_features: int = Field(2048, ge=1, le=65536)
+    max_features: int = Field(1024, ge=1, le=65536)
     root: bool = True
     peak_threshold: float = Field(0.02 / 3, gt=0.0, lt=1.0)
     first_octave: int = Field(-1, ge=-1, le=0)
     upright: bool = False
 
     def key(self) -> str:
-        """A stable name of these settings, e.g. ``sift-1024px-2048-root-6a1f0c2e``: readable fields
+        """A stable name of these settings, e.g. ``sift-1024px-1024-root-6a1f0c2e``: readable fields
         then 8 hex digits of the sha256 of every field (and :data:`ALGORITHM_VERSION`)."""
         blob = json.dumps({**self.model_dump(), "algorithm": ALGORITHM_VERSION}, sort_keys=True)
         digest = hashlib.sha256(blob.encode()).hexdigest()[:8]
@@ -213,13 +213,15 @@ def extract_local(
     if bbox is not None:
         x1, y1, x2, y2 = clip_box(name, bbox, width, height)
         full = full.crop((x1, y1, x2, y2))
+    extractor = _extractor(settings, device)  # a bad device is the caller's error, not the image's
     pixels, sx, sy = to_gray(full, settings.max_size)
     if min(pixels.shape) < 2:
         return _empty((width, height), float(np.sqrt(sx * sy)))
     try:
-        kps, descs = _extractor(settings, device).extract_from_uint8_array(pixels)
+        kps, descs = extractor.extract_from_uint8_array(pixels)
     except Exception as exc:  # COLMAP raises RuntimeError/ValueError on images it cannot use
-        raise ImageError(name, f"SIFT extraction failed ({str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__})") from exc
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ImageError(name, f"SIFT extraction failed ({first_line})") from exc
     desc = np.ascontiguousarray(descs.data, dtype=np.uint8)
     total = min(len(kps), desc.shape[0])
     n = min(total, settings.max_features)

@@ -51,7 +51,7 @@ class VerifySettings(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    model: Literal["homography", "fundamental", "two_view"] = "homography"
+    model: Literal["homography", "fundamental", "two_view"] = "two_view"
     max_error: float = Field(4.0, gt=0.0)
     confidence: float = Field(0.999, gt=0.0, lt=1.0)
     min_inlier_ratio: float = Field(0.1, gt=0.0, le=1.0)

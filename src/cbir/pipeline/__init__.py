@@ -12,7 +12,8 @@
 
 Modules: ``benchmark`` (loading, query selection, default sizes), ``cache`` (where descriptors are
 kept, the key), ``describing`` (describe, lookup, describe_poolings, distractors), ``scoring``
-(score, evaluate), ``searching`` (a saved index with re-ranking).
+(score, evaluate), ``searching`` (a saved index with re-ranking), ``verifying`` (a benchmark's local
+features through their cache, and the verifier of spatial verification: ``Rerank(verify=...)``).
 
 Stage objects: ``Benchmark`` (a :class:`cbir.datasets.RetrievalDataset`: image lists, crop boxes,
 ground truth, protocol) -> two :class:`cbir.descriptors.Descriptors` (queries cropped to their
@@ -44,6 +45,7 @@ _WHERE = {
     "with_distractors": "describing",
     "evaluate": "scoring", "score": "scoring",
     "find_image": "searching", "search_index": "searching",
+    "benchmark_local_features": "verifying", "benchmark_verifier": "verifying",
 }
 
 __all__ = sorted(_WHERE)

@@ -66,9 +66,20 @@ def score(
     distractors: str | os.PathLike[str] | Descriptors | None = None,
     keep_scores: bool = False,
     device: str = "cpu",
+    verifier: Any = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    local_settings: Any = None,
+    progress: bool = False,
 ) -> dict[str, Any]:
-    """Re-rank (whitening, DBA, QE, diffusion as ``rerank`` says; default: cosine) and score with
-    the benchmark's protocol.
+    """Re-rank (whitening, DBA, QE, diffusion, spatial verification as ``rerank`` says; default:
+    cosine) and score with the benchmark's protocol.
+
+    ``rerank``: a :class:`Rerank` or a :class:`cbir.rerank.recipe.Recipe`. With ``verify`` set, the
+    inlier counts come from ``verifier``, or else from the benchmark's local features
+    (:func:`cbir.pipeline.verifying.benchmark_verifier`: extracted once into the local-feature cache
+    under ``cache_dir`` with ``local_settings``, queries cropped as ``q`` was, i.e. unless its meta
+    says ``cropped_queries: false``; matching on ``device``); the result then holds
+    ``"verification"`` (what was extracted, pairs verified, seconds per query).
 
     Returns ``{"mAP": {easy, medium, hard} (or {"all"}), "mP": {...: {k: ..}}, "kappas", "applied",
     "n_distractors"}`` in percent (+ ``"scores"`` (nq, n) when ``keep_scores``). ``top_k`` ranks only
@@ -80,8 +91,9 @@ def score(
     rerank = rerank or Rerank()
     qm, dbm = _matrix(q), _matrix(db)
     n_dis = 0
-    if (distractors is not None and top_k is not None and not keep_scores
-            and (rerank.is_off() or _whiten_only(rerank))):
+    verify = getattr(rerank, "verify", None)
+    if (distractors is not None and top_k is not None and not keep_scores and verify is None
+            and isinstance(rerank, Rerank) and (rerank.is_off() or _whiten_only(rerank))):
         ranks, n_dis, applied = _topk_with_distractors(qm, dbm, distractors, int(top_k), rerank, device)
         res = dict(bench.evaluate(ranks, top_k=top_k))
         res.update(applied=applied, n_distractors=n_dis)
@@ -90,13 +102,44 @@ def score(
         before = dbm.shape[0]
         dbm = with_distractors(dbm, distractors)
         n_dis = dbm.shape[0] - before
-    scores, applied = rerank.apply(qm, dbm)
+    if verify is not None and verifier is None:
+        from .verifying import benchmark_verifier
+
+        crop = not (isinstance(q, Descriptors) and q.meta.get("cropped_queries") is False)
+        verifier = benchmark_verifier(bench, settings=local_settings, cache_dir=cache_dir, crop=crop,
+                                      progress=progress, device=device, keep=keep_scores)
+    import time
+
+    t0 = time.perf_counter()
+    scores, applied = rerank.apply(qm, dbm, verifier) if verify is not None else rerank.apply(qm, dbm)
+    seconds = time.perf_counter() - t0
     res = dict(bench.evaluate(scores, top_k=top_k))
     res["applied"] = applied
     res["n_distractors"] = n_dis
+    if verify is not None:
+        res["verification"] = verification_record(verifier, len(bench.query_ids), seconds)
+        if keep_scores:
+            res["verifier"] = verifier
     if keep_scores:
         res["scores"] = scores
     return res
+
+
+def verification_record(verifier: Any, n_queries: int, seconds: float) -> dict[str, Any]:
+    """What spatial verification cost: the verifier's counters, the re-ranking's seconds per query,
+    and (for a benchmark's verifier) what local features were extracted / read from the cache."""
+    stats = dict(verifier.stats()) if hasattr(verifier, "stats") else {}
+    rec: dict[str, Any] = {**stats, "rerank_seconds_per_query": round(seconds / max(n_queries, 1), 4)}
+    if stats.get("pairs"):
+        rec["ms_per_pair"] = round(1000 * stats["seconds"] / stats["pairs"], 3)
+    if n_queries:
+        rec["verify_seconds_per_query"] = round(stats.get("seconds", 0.0) / n_queries, 4)
+    ext = getattr(verifier, "extraction", None)
+    if ext is not None:
+        rec["local_features"] = {"settings": ext.store.settings.key(), "extracted": ext.extracted,
+                                 "from_cache": ext.from_cache, "unreadable": len(ext.failed),
+                                 "seconds": round(ext.seconds, 2)}
+    return rec
 
 
 def evaluate(
@@ -109,6 +152,7 @@ def evaluate(
     top_k: int | None = None,
     distractors: str | os.PathLike[str] | None = None,
     keep_scores: bool = False,
+    verifier: Any = None,
     **describe_kw: Any,
 ) -> dict[str, Any]:
     """The whole chain: benchmark -> descriptors (``model`` through :func:`describe`, or saved
@@ -122,7 +166,8 @@ def evaluate(
         q, db = lookup(bench, features, query_features)
     else:
         q, db = describe(bench, model, **describe_kw)
-    res = score(bench, q, db, rerank, top_k=top_k, distractors=distractors, keep_scores=keep_scores)
+    res = score(bench, q, db, rerank, top_k=top_k, distractors=distractors, keep_scores=keep_scores,
+                verifier=verifier, cache_dir=describe_kw.get("cache_dir"))
     res.update(dataset=bench.name, protocol=bench.protocol, n_db=len(bench.db_ids), n_queries=len(bench.query_ids),
                settings={k: v for k, v in db.meta.items() if k != "part"})
     return res

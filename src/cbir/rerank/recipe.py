@@ -1,12 +1,12 @@
 """A recipe: the whitening and the re-ranking chosen by ``cbir tune``, as one versioned file.
 
-``recipe.json`` (atomic, format stamp ``recipe`` v1)::
+``recipe.json`` (atomic, format stamp ``recipe`` v1, or v2 when it holds ``rerank.verify``)::
 
     {"whitening": {"method": "none"}                                  # or
                   {"method": "pca", "fit": "database", "power": P, "shrinkage": S, "dim": D}
                   {"method": "pca"|"lw", "fit": "validation", "file": "NAME.whiten.npz",
                    "sha256": ..., ...},
-     "rerank": Rerank.to_dict(),            # whiten is always null here
+     "rerank": Rerank.to_dict(),            # whiten is always null here; v2: + "verify": {k, min_inliers, ...}
      "tuned_on": [...], "objective": ..., "descriptors": {...}}
 
 Whitening that transfers across collections: ``fit: "database"`` is a *rule* (PCA-whiten the
@@ -15,6 +15,12 @@ database it is applied to, learned at use time from its own vectors, no labels),
 pairs) stored beside the JSON in a :class:`cbir.whitening.Whitening` file whose sha256 the JSON
 records. Diffusion parameters that are left out of ``rerank.diffusion`` follow the database size
 (:meth:`cbir.rerank.diffusion.DiffusionParams.for_database`).
+
+Versions: v2 adds ``rerank.verify`` (spatial verification of the top K, a
+:class:`cbir.rerank.verify.VerifyParams`); a recipe without it is written as v1, so that older
+cbir versions still read it; both are read. Verification is applied after the recipe's whitening
+(the expansion with verified images happens in the whitened space) and needs local features
+(``Recipe.apply(q, db, verifier)``).
 
 The file's schema is :class:`RecipeFile` (every number finite and in range, exact types, unknown
 keys refused, the whitening ``file`` a plain name beside the recipe); a violation is one line
@@ -41,7 +47,9 @@ BUNDLED = Path(__file__).resolve().parents[1] / "data" / "recipes"
 #: Where ``cbir index build --recipe`` keeps a copy, inside the index folder.
 INDEX_RECIPE = "recipe.json"
 FORMAT = "recipe"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: Versions read; v1 = v2 without ``rerank.verify`` (what is written when verification is off).
+READ_VERSIONS = (1, 2)
 WHITENING_METHODS = ("none", "pca", "lw")
 
 
@@ -98,12 +106,12 @@ class RecipeWhitening(WhiteningSpec):
 
 
 class RecipeFile(Schema):
-    """``recipe.json``, format ``recipe`` v1 (module doc). ``whitening`` / ``rerank`` null or left
+    """``recipe.json``, format ``recipe`` v1 or v2 (module doc). ``whitening`` / ``rerank`` null or left
     out: none / no re-ranking; ``tuned_on``, ``objective``, ``descriptors``: what ``cbir tune``
-    records (informational, plain JSON). Unknown keys are refused."""
+    records (informational, plain JSON). Unknown keys are refused; ``rerank.verify`` needs v2."""
 
     format: Literal["recipe"]
-    format_version: Literal[1]
+    format_version: Literal[1, 2]
     whitening: RecipeWhitening | None = None
     rerank: Rerank | None = None
     tuned_on: list[JsonObject] | None = None
@@ -112,10 +120,12 @@ class RecipeFile(Schema):
 
     @field_validator("rerank")
     @classmethod
-    def _no_whiten_path(cls, v: Rerank | None) -> Rerank | None:
+    def _no_whiten_path(cls, v: Rerank | None, info: ValidationInfo) -> Rerank | None:
         if v is not None and v.whiten:
             raise PydanticCustomError("cbir", "whiten must be null: a recipe carries its own whitening "
                                       "(the \"whitening\" object)")
+        if v is not None and v.verify is not None and info.data.get("format_version") == 1:
+            raise PydanticCustomError("cbir", "verify needs format_version 2 (a recipe v1 has no verification)")
         return v
 
 
@@ -148,15 +158,30 @@ class Recipe:
             return self.learned
         return fit_database_whitening(self.spec, np.asarray(db, dtype=np.float32))
 
-    def apply(self, q: np.ndarray, db: np.ndarray) -> tuple[np.ndarray, dict]:
-        """q (nq, D), db (n, D) -> (scores (nq, n) float32, applied JSON-ready dict)."""
+    @property
+    def verify(self):
+        """The recipe's spatial verification (a :class:`cbir.rerank.verify.VerifyParams`) or None."""
+        return self.rerank.verify
+
+    def with_verify(self, verify: Any) -> "Recipe":
+        """The same recipe with its verification replaced (None: off); the whitening is shared."""
+        return Recipe(spec=self.spec, rerank=self.rerank.with_verify(verify), learned=self.learned,
+                      meta=dict(self.meta))
+
+    def apply(self, q: np.ndarray, db: np.ndarray, verifier: Any = None) -> tuple[np.ndarray, dict]:
+        """q (nq, D), db (n, D) -> (scores (nq, n) float32, applied JSON-ready dict); ``verifier``
+        as :meth:`cbir.rerank.compose.Rerank.apply` (verification runs in the whitened space)."""
+        if self.rerank.verify is not None and verifier is None:
+            from .compose import NEEDS_VERIFIER
+
+            raise ValueError(NEEDS_VERIFIER)
         w = self.whitening_for(db)
         if w is not None:
             if w.in_dim != q.shape[1]:
                 raise ValueError(f"the recipe's whitening expects {w.in_dim}-D descriptors, got {q.shape[1]}-D "
                                  "(tuned with another model?)")
             q, db = w.apply(q), w.apply(db)
-        scores, applied = self.rerank.apply(q, db)
+        scores, applied = self.rerank.apply(q, db, verifier)
         return scores, {"recipe": {"whitening": self.spec.to_dict(), "source": self.meta.get("file")}, **applied}
 
     def save(self, path: str | Path) -> None:
@@ -169,7 +194,8 @@ class Recipe:
         side = None
         if self.learned is not None and self.spec.method != "none" and self.spec.fit == "validation":
             side = path.with_name(path.stem + ".whiten.npz")
-        doc = {"format": FORMAT, "format_version": FORMAT_VERSION, "whitening": whitening,
+        version = FORMAT_VERSION if self.rerank.verify is not None else 1  # v1 readers keep reading the rest
+        doc = {"format": FORMAT, "format_version": version, "whitening": whitening,
                "rerank": self.rerank.to_dict(), **{k: v for k, v in self.meta.items() if k != "file"}}
         RecipeFile.parse({**doc, "whitening": {**whitening, **({"file": side.name} if side else {})}},
                          f"recipe {path}")
@@ -188,7 +214,7 @@ class Recipe:
         if not path.is_file():
             known = ", ".join(bundled_recipes()) or "none"
             raise FileNotFoundError(f"recipe not found: {path} (recipes shipped with cbir: {known})")
-        doc = load_schema(path, RecipeFile, "recipe", FORMAT, (FORMAT_VERSION,))
+        doc = load_schema(path, RecipeFile, "recipe", FORMAT, READ_VERSIONS)
         wdoc = doc.whitening or RecipeWhitening()
         spec = wdoc.spec()
         learned = None

@@ -10,7 +10,11 @@ order (coordinate ascent, each step keeps the best of the previous one):
    a positive stay together): learned on the pairs of one fold, scored on the queries of the
    other, so that a whitening is never scored on the pairs (nor the landmarks) it was learned from;
 2. alpha-QE k x DBA k (alpha 3 both);
-3. diffusion off, or graph k (database-size rule, 10, 50) x kq x alpha x sim_weight.
+3. diffusion off, or graph k (database-size rule, 10, 50) x kq x alpha x sim_weight;
+4. spatial verification (when every set has a *verifier*, :class:`LabelledSet`): off, or the top
+   K in {50, 100} verified, with the rules: verified first, verified query expansion, or both
+   (:class:`cbir.rerank.verify.VerifyParams`, the chain of :mod:`cbir.rerank.compose`). Each
+   (query, image) pair is verified once by the verifier whatever the candidates ask.
 
 Objective: the mean over validation sets of the set's score, itself the mean of Medium and Hard
 mAP for a revisitop ground truth (Medium alone when no query has hard positives, as Holidays),
@@ -30,19 +34,23 @@ from ..datasets.base import RetrievalDataset
 from ..linalg import l2_normalize
 from ..whitening import Whitening, learn_lw, learn_pca_whitening
 from .diffusion import DiffusionParams, diffusion_scores, knn_graph
-from .compose import ALPHA, Rerank
+from .compose import ALPHA, Rerank, order_verified, verify_top
 from .qe import alpha_qe, dba
 from .recipe import Recipe, WhiteningSpec, fit_database_whitening
+from .verify import VerifyParams, expand_queries
 
 
 @dataclass
 class LabelledSet:
-    """A validation set: query (nq, D) and database (n, D) descriptors and its ground truth."""
+    """A validation set: query (nq, D) and database (n, D) descriptors and its ground truth;
+    ``verifier`` (query row, database rows) -> inlier counts, for the verification step (None:
+    that step is skipped; :func:`cbir.pipeline.verifying.benchmark_verifier` makes one)."""
 
     name: str
     q: np.ndarray
     db: np.ndarray
     dataset: RetrievalDataset
+    verifier: Any = None
 
     def __post_init__(self) -> None:
         if self.q.shape[0] != len(self.dataset.query_ids) or self.db.shape[0] != len(self.dataset.db_ids):
@@ -64,6 +72,9 @@ class Grid:
     diffusion_kq: Sequence[int] = (3, 5, 10)
     diffusion_alpha: Sequence[float] = (0.8, 0.9, 0.99)
     diffusion_sim_weight: Sequence[float] = (0.0, 0.5, 2.0)
+    verify: Sequence[VerifyParams] = tuple(
+        VerifyParams(k=k, order=order, expand=expand)
+        for k in (50, 100) for order, expand in (("first", False), ("none", True), ("first", True)))
     min_gain: float = 0.1
     folds: int = 2
 
@@ -122,6 +133,7 @@ class _View:
     db: np.ndarray
     dataset: RetrievalDataset
     graphs: dict = field(default_factory=dict)
+    qrows: np.ndarray | None = None  # the set's query rows of these queries (None: all, in order)
 
 
 def _mean_over_sets(views: Sequence[_View], values: Sequence[float], n_sets: int) -> float:
@@ -226,7 +238,7 @@ def _views(spec: WhiteningSpec, sets: Sequence[LabelledSet], grid: Grid, memo: d
             for si, s in enumerate(sets):
                 if f < len(folds[si]):
                     test = folds[si][f]
-                    views.append(_View(si, w.apply(s.q[test]), w.apply(s.db), subset(s.dataset, test)))
+                    views.append(_View(si, w.apply(s.q[test]), w.apply(s.db), subset(s.dataset, test), qrows=test))
         return views
     for si, s in enumerate(sets):
         if spec.method == "none":
@@ -244,14 +256,22 @@ def _views(spec: WhiteningSpec, sets: Sequence[LabelledSet], grid: Grid, memo: d
 
 
 def _score_rerank(views: Sequence[_View], n_sets: int, qe_k: int, dba_k: int, diff: dict | None,
-                  dba_cache: dict) -> float:
+                  dba_cache: dict, verify: VerifyParams | None = None,
+                  verifiers: Sequence[Any] | None = None) -> float:
     values = []
     for vi, v in enumerate(views):
         key = (vi, dba_k)
         if key not in dba_cache:
             dba_cache[key] = dba(v.db, dba_k, alpha=ALPHA) if dba_k > 1 else v.db
         db = dba_cache[key]
-        q = alpha_qe(v.q, db, qe_k, alpha=ALPHA) if qe_k > 0 else v.q
+        q = v.q
+        if verify is not None:  # the chain of rerank.compose: search -> verify -> verified expansion
+            verifier = verifiers[v.set_index]
+            rows = np.arange(len(q)) if v.qrows is None else np.asarray(v.qrows)
+            top, inliers = verify_top(q @ db.T, verify.k, lambda i, cand: verifier(int(rows[i]), cand))
+            if verify.expand:
+                q = expand_queries(q, db, top, inliers, verify)
+        q = alpha_qe(q, db, qe_k, alpha=ALPHA) if qe_k > 0 else q
         scores = q @ db.T
         if diff is not None:
             p = DiffusionParams.for_database(db.shape[0], **diff)
@@ -259,6 +279,8 @@ def _score_rerank(views: Sequence[_View], n_sets: int, qe_k: int, dba_k: int, di
             if gkey not in v.graphs:
                 v.graphs[gkey] = knn_graph(db, k=p.k, gamma=p.gamma, mutual=p.mutual)
             scores = diffusion_scores(q, db, p, graph=v.graphs[gkey], sim=scores)
+        if verify is not None and verify.order != "none":
+            scores = order_verified(scores, top, inliers, verify)
         values.append(score_of(v.dataset, scores))
     return _mean_over_sets(views, values, n_sets)
 
@@ -318,12 +340,24 @@ def tune(
         if value > best + grid.min_gain:
             best_diff, best = diff, value
 
+    best_verify: VerifyParams | None = None
+    verifiers = [s.verifier for s in sets]
+    if grid.verify and all(vf is not None for vf in verifiers):
+        for vp in grid.verify:
+            value = _score_rerank(best_views, n_sets, best_qe, best_dba, best_diff, dba_cache, vp, verifiers)
+            trials.append({"step": "verify", "verify": vp.to_dict(), "objective": value})
+            say(f"verify top {vp.k}, order {vp.order}, expansion {'on' if vp.expand else 'off'}: {value:.2f}")
+            if value > best + grid.min_gain:
+                best_verify, best = vp, value
+    elif grid.verify and any(vf is not None for vf in verifiers):
+        trials.append({"step": "verify", "error": "skipped: not every validation set has a verifier"})
+
     learned = None
     if best_spec.method != "none" and best_spec.fit == "validation":
         learned = _learn(best_spec, sets, None)
     memo.clear()
     rerank = Rerank(qe=best_qe, alpha_qe=ALPHA if best_qe else None, dba=best_dba,
-                    dba_alpha=ALPHA if best_dba else None, diffusion=best_diff)
+                    dba_alpha=ALPHA if best_dba else None, diffusion=best_diff, verify=best_verify)
     meta = {
         "tuned_on": [{"name": s.name, "n_db": int(s.db.shape[0]), "n_queries": int(s.q.shape[0]),
                       "protocol": s.dataset.protocol} for s in sets],

@@ -33,28 +33,30 @@ from __future__ import annotations
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
 
 from ..linalg import l2_normalize
+from ..schema import MAX_NEIGHBOURS, Bool, Float, Int, Schema
 
 __all__ = ["VerifyParams", "verified_mask", "combine_scores", "apply_order", "verified_expansion",
            "expansion_weights", "expand_queries"]
 
 
-class VerifyParams(BaseModel):
+class VerifyParams(Schema):
     """Spatial-verification re-ranking: ``k`` images verified per query; verified iff inliers >=
     ``min_inliers``; ``order`` rule (``weight``, ``saturation`` for "add"); verified query
-    expansion (``expand``, at most ``expand_max`` images, 0 = all, weights ``expand_weight``)."""
+    expansion (``expand``, at most ``expand_max`` images, 0 = all, weights ``expand_weight``).
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    A strict schema (:class:`cbir.schema.Schema`: exact types, unknown keys refused, one-line
+    :class:`cbir.schema.SchemaError` naming the field); it is the ``verify`` field of
+    :class:`cbir.rerank.compose.Rerank` and of a recipe's ``rerank``."""
 
-    k: int = Field(100, ge=1)
-    min_inliers: int = Field(15, ge=1)
+    k: Int(ge=1, le=MAX_NEIGHBOURS) = 100
+    min_inliers: Int(ge=1, le=1_000_000) = 20
     order: Literal["none", "first", "inliers", "add"] = "first"
-    weight: float = Field(0.1, ge=0.0)
-    saturation: float = Field(50.0, gt=0.0)
-    expand: bool = True
-    expand_max: int = Field(0, ge=0)
+    weight: Float(ge=0.0, le=1e6) = 0.1
+    saturation: Float(gt=0.0, le=1e6) = 50.0
+    expand: Bool = True
+    expand_max: Int(ge=0, le=MAX_NEIGHBOURS) = 0
     expand_weight: Literal["one", "inliers"] = "one"
 
 

@@ -5,6 +5,8 @@ API (JSON; errors are 4xx with ``{"detail": message}``; schema at /api/openapi.j
     GET    /api/health                    status, image count, index type, model
     POST   /api/search                    multipart: file (image), bbox "x1,y1,x2,y2" (optional), top
     GET    /api/search/{id}?top=20        more like an indexed image
+                                          (both: ``inliers`` of verified results; matches=true: their
+                                          inlier correspondences, for drawing why they matched)
     POST   /api/images                    multipart: file -> added to the index (write: token, same origin)
     DELETE /api/images/{id}               removed from the index (write: token, same origin)
     GET    /api/images/{id}               metadata of an indexed image
@@ -100,7 +102,9 @@ def create_app(index: Index | str | os.PathLike[str], *, index_path: str | os.Pa
     """The app for an index (an open ``Index`` + where to save it, or the index folder).
 
     ``rerank``: a :class:`cbir.rerank.Rerank` or :class:`cbir.rerank.recipe.Recipe` applied
-    to every search (exact, over all stored vectors); None: the index's own search.
+    to every search (exact, over all stored vectors); None: the index's own search. With its
+    ``verify`` set, searches verify their top K against the index's local features (INDEX/local:
+    ValueError when there are none).
 
     ``guard``: allowed Host names and write token (default: loopback names, no token).
     """

@@ -48,6 +48,9 @@ class Hit(BaseModel):
     name: str
     score: float
     thumb: str
+    inliers: int | None = None      # spatial verification: inlier count (-1: the query's own photo)
+    matches: list[list[float]] | None = None  # with matches=true: [x_q, y_q, x_r, y_r] per inlier (pixels)
+    size: list[int] | None = None   # with matches: [width, height] of this image, the frame of x_r, y_r
 
 
 class SearchResponse(BaseModel):
@@ -120,9 +123,63 @@ def check_top(svc: Service, top: int) -> int:
     return top
 
 
-def _hits(hits) -> list[Hit]:
-    return [Hit(id=h.id, name=FilePath(h.path).name, score=round(h.score, 6), thumb=f"/api/thumb/{h.id}")
-            for h in hits]
+#: Correspondences returned per verified result at most (evenly chosen among its inliers).
+MAX_MATCH_LINES = 500
+
+
+def _hits(hits, verifier=None, matches: bool = False) -> list[Hit]:
+    out = []
+    for h in hits:
+        extra: dict[str, Any] = {}
+        if getattr(h, "inliers", None) is not None:
+            extra["inliers"] = int(h.inliers)
+            if matches and verifier is not None:
+                extra.update(_matches(verifier, h.id))
+        out.append(Hit(id=h.id, name=FilePath(h.path).name, score=round(h.score, 6), thumb=f"/api/thumb/{h.id}",
+                       **extra))
+    return out
+
+
+def _matches(verifier, image_id: int) -> dict[str, Any]:
+    """{"matches": [[x_q, y_q, x_r, y_r], ...] (at most MAX_MATCH_LINES), "size": [w, h]} of a verified
+    pair, for drawing why it matched; {} when none are kept."""
+    import numpy as np
+
+    m = verifier.matches(0, image_id)
+    sizes = verifier.size_of(0, image_id)
+    if m is None:
+        return {}
+    if len(m) > MAX_MATCH_LINES:
+        m = m[np.linspace(0, len(m) - 1, MAX_MATCH_LINES).round().astype(int)]
+    out: dict[str, Any] = {"matches": [[round(float(v), 2) for v in row] for row in m]}
+    if sizes is not None:
+        out["size"] = [int(v) for v in sizes[1]]
+    elif m is not None and len(m):  # the query's own photo: the query's frame
+        q = verifier.query_of(0)
+        if q is not None:
+            out["size"] = [int(v) for v in q.size]
+    return out
+
+
+def _search(svc: Service, q, top: int, query: Any, matches: bool) -> tuple[list[Hit], dict[str, Any]]:
+    """Hits of a search (verified when the service verifies), and what the query record adds."""
+    rerank = svc.search_settings()
+    verifier = svc.verifier(query)
+    try:
+        hits, applied = search_index(svc.index, q, top, rerank, verifier=verifier)
+    except (OSError, ValueError, RuntimeError) as exc:  # damaged local features, COLMAP failing: search without
+        if verifier is None:
+            raise
+        hits, applied = search_index(svc.index, q, top, rerank.with_verify(None))
+        return _hits(hits), {"verify": f"failed, results unverified ({type(exc).__name__})"}
+    extra: dict[str, Any] = {}
+    if "verify" in applied:
+        v = applied["verify"]
+        extra["verify"] = {key: v[key] for key in ("k", "min_inliers", "order", "verified", "pairs") if key in v}
+        qf = verifier.query_of(0)
+        if qf is not None:
+            extra["size"] = [int(x) for x in qf.size]
+    return _hits(hits, verifier, matches), extra
 
 
 @router.get("/health", response_model=Health)
@@ -136,30 +193,35 @@ def health(svc: ServiceDep) -> Health:
 
 @router.post("/search", response_model=SearchResponse, responses=_errors(400, 409, 413, 415))
 def search_upload(svc: ServiceDep, file: Annotated[UploadFile, File()], bbox: Annotated[str | None, Form()] = None,
-                  top: Annotated[int, Form()] = 20) -> SearchResponse:
-    """Search with an uploaded image (multipart ``file``), optionally inside ``bbox`` = "x1,y1,x2,y2"."""
+                  top: Annotated[int, Form()] = 20, matches: Annotated[bool, Form()] = False) -> SearchResponse:
+    """Search with an uploaded image (multipart ``file``), optionally inside ``bbox`` = "x1,y1,x2,y2".
+
+    When the index verifies its searches (built with ``--verify K``), each result of the query's
+    verified top K has ``inliers``; ``matches=true`` adds each one's inlier correspondences
+    (``[x_q, y_q, x_r, y_r]`` in the query's and the result's own pixels, the frames ``query.size``
+    and the result's ``size``)."""
     check_top(svc, top)
     t0 = time.perf_counter()
     up = svc.read_upload(file)
     box = parse_bbox(bbox, up.size)
     q = svc.encode(up, box)
-    hits = search_index(svc.index, q, top, svc.rerank)[0]
-    return SearchResponse(results=_hits(hits), took_ms=round(1000 * (time.perf_counter() - t0), 2),
-                          query={"width": up.size[0], "height": up.size[1], "bbox": box})
+    results, extra = _search(svc, q, top, (up, box), matches)
+    return SearchResponse(results=results, took_ms=round(1000 * (time.perf_counter() - t0), 2),
+                          query={"width": up.size[0], "height": up.size[1], "bbox": box, **extra})
 
 
 @router.get("/search/{image_id}", response_model=SearchResponse, responses=_errors(400, 404))
-def search_id(svc: ServiceDep, image_id: ImageId, top: int = Query(20)) -> SearchResponse:
-    """Search with an indexed image."""
+def search_id(svc: ServiceDep, image_id: ImageId, top: int = Query(20), matches: bool = Query(False)) -> SearchResponse:
+    """Search with an indexed image (``inliers``, ``matches``: as ``POST /api/search``)."""
     check_top(svc, top)
     t0 = time.perf_counter()
     try:
         q = svc.index.vector(image_id)
     except KeyError:
         raise HTTPException(404, f"image id {image_id} is not in the index") from None
-    hits = search_index(svc.index, q, top, svc.rerank)[0]
-    return SearchResponse(results=_hits(hits), took_ms=round(1000 * (time.perf_counter() - t0), 2),
-                          query={"id": image_id, "thumb": f"/api/thumb/{image_id}"})
+    results, extra = _search(svc, q, top, int(image_id), matches)
+    return SearchResponse(results=results, took_ms=round(1000 * (time.perf_counter() - t0), 2),
+                          query={"id": image_id, "thumb": f"/api/thumb/{image_id}", **extra})
 
 
 @router.post("/images", status_code=201, response_model=Added,
@@ -190,7 +252,8 @@ def add_image(svc: WriterDep, file: Annotated[UploadFile, File()]) -> Any:
                 raise HTTPException(409, str(exc)) from None
     except _Duplicate as dup:
         return JSONResponse({"id": dup.id, "added": False, "detail": "this image is already in the index"})
-    return Added(id=new_id, added=True, name=target.name, images=len(svc.index))
+    note = svc.after_add(new_id, str(target))  # its local features, when the index verifies
+    return Added(id=new_id, added=True, name=target.name, images=len(svc.index), detail=note)
 
 
 class _Duplicate(Exception):
@@ -213,6 +276,7 @@ def remove_image(svc: WriterDep, image_id: ImageId) -> Removed:
         except KeyError:
             raise HTTPException(404, f"image id {image_id} is not in the index") from None
     svc.uploads.delete(path)
+    svc.after_remove(image_id)
     return Removed(id=image_id, removed=True, images=len(svc.index))
 
 

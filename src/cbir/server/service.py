@@ -67,6 +67,7 @@ class Service:
     guard: Guard = field(default_factory=Guard)
     uploads: UploadStore | None = None
     rerank: Any = None                          # a Rerank or Recipe applied to every search (None: plain)
+    local: Any = None                           # cbir.index.local.LocalFeatures when searches verify
     _encoder_lock: threading.Lock = field(default_factory=threading.Lock)
     _write_lock: threading.Lock = field(default_factory=threading.Lock)
     _thumbs: "OrderedDict[tuple[int, int], bytes]" = field(default_factory=OrderedDict)
@@ -81,6 +82,74 @@ class Service:
     def __post_init__(self) -> None:
         if self.uploads is None:
             self.uploads = UploadStore(self.index_path / "uploads", self.limits.max_store_bytes)
+        if getattr(self.rerank, "verify", None) is not None and self.local is None:
+            from ..index.local import NO_LOCAL, LocalFeatures, has_local
+
+            if not has_local(self.index_path):
+                raise ValueError(NO_LOCAL(self.index_path, self.rerank.verify.k))
+            self.local = LocalFeatures(self.index_path)
+
+    # --- spatial verification ---------------------------------------------------------------
+    def search_settings(self) -> Any:
+        """The re-ranking of a search: ``rerank``, without its verification when the index's local
+        features are gone (a search never fails for want of them)."""
+        if getattr(self.rerank, "verify", None) is None:
+            return self.rerank
+        if self.local is None or self.local.store() is None:
+            return self.rerank.with_verify(None)
+        return self.rerank
+
+    def verifier(self, query: Any) -> Any:
+        """The verifier of one search (None without verification): ``query`` an indexed image's id, or
+        an :class:`Upload` and its box (SIFT extracted on the encoding thread when first needed; an
+        image SIFT cannot use has no features: 0 inliers). It keeps the correspondences."""
+        if getattr(self.search_settings(), "verify", None) is None:
+            return None
+        from ..index.local import index_verifier
+
+        device = self.device if self.device in ("cpu", "cuda") else "auto"
+        if isinstance(query, int):
+            return index_verifier(self.local, query, device=device, keep=True)
+        upload, bbox = query
+        settings = self.local.settings
+
+        def extract():
+            from ..extract import ImageError
+            from ..local.features import extract_local
+
+            try:
+                return self._encode_thread.submit(extract_local, upload.data, settings, bbox, device=device).result()
+            except ImageError:
+                return None
+
+        return index_verifier(self.local, extract, device=device, keep=True)
+
+    def after_add(self, new_id: int, path: str) -> str | None:
+        """Describe an added image's local features (when the index has them, whether or not this
+        service verifies); a problem is returned as a note (the image is added either way; the next
+        ``cbir index add/remove`` extracts it)."""
+        from ..index.local import add_local, has_local
+
+        if not has_local(self.index_path):
+            return None
+
+        try:
+            res = self._encode_thread.submit(add_local, self.index_path, [(new_id, path)]).result()
+        except Exception as exc:  # the index has the image; its local features can be made later
+            return f"local features not extracted ({type(exc).__name__}: {exc})"
+        return None if res["extracted"] else "local features not extracted (SIFT could not read the image)"
+
+    def after_remove(self, image_id: int) -> None:
+        """Drop a removed image's local features (a failure leaves them for the next sync: ids are never reused)."""
+        from ..index.local import has_local, remove_local
+
+        if not has_local(self.index_path):
+            return
+
+        try:
+            remove_local(self.index_path, [image_id])
+        except Exception:  # noqa: BLE001 - the index is changed; a stale key is harmless
+            pass
 
     # --- the index ------------------------------------------------------------------------
     def refresh(self) -> None:

@@ -26,6 +26,7 @@ __all__ = [
     "ModelConfig",
     "DataConfig",
     "CleanConfig",
+    "VerifyCleanConfig",
     "MiningConfig",
     "OptimConfig",
     "WhiteningConfig",
@@ -49,11 +50,46 @@ class ModelConfig(_Section):
 
 
 class CleanConfig(_Section):
-    """Drop images inconsistent with their class (:func:`cbir.training.mining.class_consistency_mask`)."""
+    """Drop images inconsistent with their class by descriptor distance
+    (:func:`cbir.training.mining.class_consistency_mask`): ``method: distance`` (the default)."""
 
+    method: Literal["distance"] = "distance"
     k: float = 3.0
     min_size: int = Field(4, ge=1)
     nearest_class: bool = True
+
+
+class VerifyCleanConfig(_Section):
+    """``method: verify``: keep an image when it verifies (SIFT + RANSAC, >= ``min_inliers``
+    inliers) with at least ``min_verified`` of its ``candidates`` nearest class-mates
+    (:mod:`cbir.sfm.clean`); a class where fewer than ``min_class_fraction`` of the images verify
+    (none included) is kept whole (``on_unverified: keep``) or dropped whole (``drop``), said
+    either way. Local features are kept in ``features`` (default OUT/clean-features; reused by a
+    rerun)."""
+
+    method: Literal["verify"]
+    min_inliers: int = Field(15, ge=1)
+    min_verified: int = Field(1, ge=1)
+    candidates: int = Field(5, ge=1)
+    min_class_fraction: float = Field(0.5, ge=0.0, le=1.0)
+    on_unverified: Literal["keep", "drop"] = "keep"
+    max_size: int = Field(640, ge=16, le=16384)
+    max_features: int = Field(1024, ge=1, le=65536)
+    features: str | None = None
+    workers: int = Field(1, ge=1)
+
+    def settings(self):
+        """The library's :class:`cbir.sfm.clean.VerifyCleanSettings` of this section."""
+        from ..local.features import LocalFeatureSettings
+        from ..sfm.clean import VerifyCleanSettings
+
+        return VerifyCleanSettings(min_inliers=self.min_inliers, min_verified=self.min_verified,
+                                   candidates=self.candidates, min_class_fraction=self.min_class_fraction,
+                                   on_unverified=self.on_unverified,
+                                   local=LocalFeatureSettings(max_size=self.max_size, max_features=self.max_features))
+
+
+AnyCleanConfig = Annotated[Union[CleanConfig, VerifyCleanConfig], Field(discriminator="method")]
 
 
 class DataConfig(_Section):
@@ -66,23 +102,33 @@ class DataConfig(_Section):
     ext: str = ""
     imsize: int = Field(224, gt=0)
     augment: bool = False
-    clean: CleanConfig | None = None
+    clean: AnyCleanConfig | None = None
 
     @field_validator("clean", mode="before")
     @classmethod
     def _clean_flag(cls, v: Any) -> Any:
         if v is True:
-            return {}
+            return {"method": "distance"}
         if v is False:
             return None
+        if isinstance(v, dict) and "method" not in v:
+            return {"method": "distance", **v}
         return v
 
 
 class MiningConfig(_Section):
+    """Tuples per epoch. ``positive``: random (default; with ``hard_positives`` the candidate least
+    similar under the current model), or for tuple files written by ``cbir mine`` (inlier counts
+    per pair) ``inliers_top1`` (the candidate with the most inliers) / ``inliers_topk`` (a random
+    one of the ``positive_k`` with the most). Negatives: ``negatives`` hard ones, at most one per
+    other cluster (:func:`cbir.training.mining.mine_diverse_negatives`)."""
+
     queries_per_epoch: int = Field(2000, gt=0)
     pool_size: int = Field(20000, gt=0)
     negatives: int = Field(5, ge=1)
     hard_positives: bool = False
+    positive: Literal["random", "inliers_top1", "inliers_topk"] = "random"
+    positive_k: int = Field(5, ge=1)
     batch_size: int = Field(32, gt=0)
 
 
@@ -204,7 +250,7 @@ def _explain(exc: ValidationError) -> str:
     """One line per problem: ``config: unknown config keys ['optim.lrr']`` / ``optim.lr: ...``."""
     unknown, other = [], []
     for e in exc.errors():
-        loc = ".".join(str(p) for p in e["loc"] if not (isinstance(p, str) and p in ("contrastive", "triplet", "ap")))
+        loc = ".".join(str(p) for p in e["loc"] if not (isinstance(p, str) and p in ("contrastive", "triplet", "ap", "distance", "verify")))
         if e["type"] == "extra_forbidden":
             unknown.append(loc)
         else:

@@ -6,7 +6,10 @@ images and each query's candidate positives):
 * the **retrieval-SfM-120k** format (Radenović et al.): a pickled dict ``{split: {"cids",
   "cluster", "qidxs", "pidxs"}}``; image ``cid`` lives at ``ROOT/cid[-2:]/cid[-4:-2]/cid[-6:-4]/cid``
   (``layout="cid"``, the published layout) or ``ROOT/cid`` (``layout="flat"``); queries are
-  ``qidxs``, the positives of a query every ``pidxs`` paired with it;
+  ``qidxs``, the positives of a query every ``pidxs`` paired with it. Files written by ``cbir mine``
+  (:mod:`cbir.sfm.tuples`) also carry the evidence of each (query, positive) pair, ``pinliers``
+  (RANSAC inliers) and ``p3d`` (shared 3D points), lists parallel to ``qidxs``: kept in
+  :attr:`TrainingImages.evidence` for the positive rules of :func:`build_epoch_tuples`;
 * a **folder per class** (``ROOT/<class>/<image>``);
 * a **CSV** of image and label (header naming an image column ``image``/``path``/``id`` and a
   label column ``label``/``class``/``landmark_id``; an ``id`` without extension is found in the
@@ -31,7 +34,7 @@ import torch
 from ..datasets.revisitop import load_plain_pickle
 from ..extraction.images import IMAGE_EXTENSIONS
 from ..fileio import FormatError
-from .mining import class_consistency_mask, hardest_positive, mine_diverse_negatives
+from .mining import class_consistency_mask, hardest_positive, mine_diverse_negatives, positive_by_evidence
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -47,6 +50,8 @@ __all__ = [
     "HeldOut",
     "split_for_validation",
     "build_epoch_tuples",
+    "POSITIVE_RULES",
+    "clean_by_verification",
     "square_tensor",
     "TupleDataset",
     "ImageDataset",
@@ -60,7 +65,9 @@ class TrainingImages:
 
     paths: N image files; clusters: (N,) int64 cluster/class id of each; queries: (Q,) int64
     indices of query images; positives: Q arrays of candidate positive indices (never empty);
-    class_names: the label of each cluster id, when the data had names.
+    class_names: the label of each cluster id, when the data had names; evidence: for mined data,
+    Q arrays (len(positives[q]), 2) int64 of (inlier count, shared 3D points) of each candidate
+    positive (None when the data have no such evidence).
     """
 
     paths: list[Path]
@@ -68,6 +75,7 @@ class TrainingImages:
     queries: np.ndarray
     positives: list[np.ndarray]
     class_names: list[str] | None = None
+    evidence: list[np.ndarray] | None = None
 
     def __post_init__(self) -> None:
         self.clusters = np.asarray(self.clusters, dtype=np.int64)
@@ -78,6 +86,9 @@ class TrainingImages:
             raise ValueError(f"need the positives of every query: {len(self.queries)} queries, {len(self.positives)} lists")
         if len(self.queries) == 0:
             raise ValueError("training data has no query with a positive (need classes/clusters of at least two images)")
+        if self.evidence is not None and (len(self.evidence) != len(self.positives) or any(
+                np.shape(e) != (len(p), 2) for e, p in zip(self.evidence, self.positives))):
+            raise ValueError("evidence must hold one (inliers, shared 3D points) row per candidate positive")
 
     @property
     def n_clusters(self) -> int:
@@ -89,16 +100,18 @@ class TrainingImages:
         idx = np.asarray(indices, dtype=np.int64)
         new = np.full(len(self.paths), -1, dtype=np.int64)
         new[idx] = np.arange(len(idx))
-        queries, positives = [], []
-        for q, ps in zip(self.queries, self.positives):
+        queries, positives, evidence = [], [], []
+        for s, (q, ps) in enumerate(zip(self.queries, self.positives)):
             if new[q] < 0:
                 continue
-            kept = new[ps][new[ps] >= 0]
-            if len(kept):
+            mask = new[ps] >= 0
+            if mask.any():
                 queries.append(new[q])
-                positives.append(kept)
+                positives.append(new[ps][mask])
+                if self.evidence is not None:
+                    evidence.append(self.evidence[s][mask])
         return TrainingImages([self.paths[i] for i in idx], self.clusters[idx], np.asarray(queries, dtype=np.int64),
-                              positives, self.class_names)
+                              positives, self.class_names, evidence if self.evidence is not None else None)
 
     def cluster_members(self, i: int) -> np.ndarray:
         """Indices of the other images of image i's cluster."""
@@ -144,27 +157,57 @@ def load_sfm(
     layout: str = "cid",
     ext: str = "",
 ) -> TrainingImages:
-    """Read a retrieval-SfM-120k style db ``.pkl`` (``{split: {cids, cluster, qidxs, pidxs}}``)."""
+    """Read a retrieval-SfM-120k style db ``.pkl`` (``{split: {cids, cluster, qidxs, pidxs}}``), and
+    the evidence lists ``pinliers`` / ``p3d`` when present (both or neither; non-negative integers,
+    one per (qidxs, pidxs) entry; a pair listed twice keeps its largest values)."""
     pkl = Path(pkl)
     if not pkl.is_file():
         raise FileNotFoundError(f"SfM training db not found: {pkl}")
     db = load_plain_pickle(pkl, "SfM training db (.pkl)")
     if not isinstance(db, dict) or split not in db:
-        raise FormatError(f"{pkl}: no split {split!r} (has {sorted(db) if isinstance(db, dict) else type(db).__name__})")
+        raise FormatError(f"{pkl}: no split {split!r} (has {sorted(map(str, db)) if isinstance(db, dict) else type(db).__name__})")
     d = db[split]
+    if not isinstance(d, dict):
+        raise FormatError(f"{pkl}[{split!r}] is not a dict of cids, cluster, qidxs, pidxs")
     missing = [k for k in ("cids", "cluster", "qidxs", "pidxs") if k not in d]
     if missing:
         raise FormatError(f"{pkl}[{split!r}] lacks {missing} (retrieval-SfM-120k format needs cids, cluster, qidxs, pidxs)")
     if len(d["qidxs"]) != len(d["pidxs"]) or len(d["cids"]) != len(d["cluster"]):
         raise FormatError(f"{pkl}[{split!r}]: qidxs/pidxs or cids/cluster lengths differ")
+    n = len(d["cids"])
+    try:
+        q_all = np.asarray(d["qidxs"], dtype=np.int64).reshape(-1)
+        p_all = np.asarray(d["pidxs"], dtype=np.int64).reshape(-1)
+        clusters = np.asarray(d["cluster"], dtype=np.int64).reshape(-1)
+    except (TypeError, ValueError) as exc:
+        raise FormatError(f"{pkl}[{split!r}]: qidxs, pidxs and cluster must be integers ({exc})") from None
+    if len(q_all) and (min(q_all.min(), p_all.min()) < 0 or max(q_all.max(), p_all.max()) >= n):
+        raise FormatError(f"{pkl}[{split!r}]: qidxs/pidxs outside the {n} images")
+    has = [k for k in ("pinliers", "p3d") if k in d]
+    evidence_all = None
+    if has:
+        if len(has) != 2:
+            raise FormatError(f"{pkl}[{split!r}]: has {has[0]} without {'p3d' if has[0] == 'pinliers' else 'pinliers'}")
+        try:
+            evidence_all = np.stack([np.asarray(d["pinliers"], dtype=np.int64).reshape(-1),
+                                     np.asarray(d["p3d"], dtype=np.int64).reshape(-1)], axis=1)
+        except (TypeError, ValueError) as exc:
+            raise FormatError(f"{pkl}[{split!r}]: pinliers and p3d must be integer lists as long as qidxs ({exc})") from None
+        if evidence_all.shape != (len(q_all), 2) or (evidence_all < 0).any():
+            raise FormatError(f"{pkl}[{split!r}]: pinliers and p3d must be non-negative integers, one per qidxs entry")
     root = Path(image_root)
     paths = [_sfm_path(root, str(c), layout, ext) for c in d["cids"]]
-    by_query: dict[int, list[int]] = {}
-    for q, p in zip(d["qidxs"], d["pidxs"]):
-        by_query.setdefault(int(q), []).append(int(p))
+    by_query: dict[int, dict[int, np.ndarray]] = {}
+    for t, (q, p) in enumerate(zip(q_all.tolist(), p_all.tolist())):
+        ev = evidence_all[t] if evidence_all is not None else np.zeros(2, dtype=np.int64)
+        seen = by_query.setdefault(q, {})
+        seen[p] = np.maximum(seen[p], ev) if p in seen else ev
     queries = np.asarray(list(by_query), dtype=np.int64)
-    positives = [np.asarray(sorted(set(v)), dtype=np.int64) for v in by_query.values()]
-    return TrainingImages(paths, np.asarray(d["cluster"], dtype=np.int64), queries, positives)
+    positives = [np.asarray(sorted(v), dtype=np.int64) for v in by_query.values()]
+    evidence = None
+    if evidence_all is not None:
+        evidence = [np.asarray([v[p] for p in sorted(v)], dtype=np.int64).reshape(-1, 2) for v in by_query.values()]
+    return TrainingImages(paths, clusters, queries, positives, evidence=evidence)
 
 
 def load_class_folder(root: str | os.PathLike[str]) -> TrainingImages:
@@ -307,6 +350,27 @@ def clean_classes(data: TrainingImages, vectors: np.ndarray, k: float = 3.0, min
     return cleaned, keep
 
 
+def clean_by_verification(data: TrainingImages, vectors: np.ndarray, store: str | os.PathLike[str], settings=None, *,
+                          progress: Callable[[str, int, int], None] | None = None, workers: int = 1,
+                          device: str = "auto"):
+    """Drop images that verify with none of their nearest class-mates
+    (:func:`cbir.sfm.clean.clean_by_verification`: SIFT + RANSAC, features kept in ``store``) and
+    rebuild queries/positives. Returns (cleaned data, keep-mask, :class:`cbir.sfm.clean.CleanReport`)."""
+    from ..sfm.clean import clean_by_verification as verify_clean
+
+    names = data.class_names
+    labels = [names[c] if names is not None and 0 <= c < len(names) else str(c) for c in data.clusters.tolist()]
+    report = verify_clean(data.paths, labels, vectors, store, settings, progress=progress, workers=workers,
+                          device=device)
+    idx = np.flatnonzero(report.keep)
+    cleaned = from_labels([data.paths[i] for i in idx], data.clusters[idx].tolist(), class_names=data.class_names)
+    return cleaned, report.keep, report
+
+
+#: How :func:`build_epoch_tuples` picks a query's positive (``mining.positive``).
+POSITIVE_RULES = ("random", "inliers_top1", "inliers_topk")
+
+
 def build_epoch_tuples(
     data: TrainingImages,
     embed: Callable[[np.ndarray], np.ndarray],
@@ -315,17 +379,29 @@ def build_epoch_tuples(
     pool_size: int,
     n_negatives: int,
     hard_positives: bool = False,
+    positive: str = "random",
+    positive_k: int = 5,
     rng: np.random.Generator,
 ) -> np.ndarray:
     """Tuples (T, 2 + k) of image indices: query, positive, k diverse hard negatives.
 
     ``embed(indices) -> (len, D)`` describes images with the current model. ``n_queries`` queries
     are drawn without replacement (all when fewer); the negative pool is ``pool_size`` random
-    images. Positive: a random candidate, or with ``hard_positives`` the candidate least similar
-    to the query (:func:`hardest_positive`). Negatives: :func:`mine_diverse_negatives`; when the
-    pool lacks enough other clusters, the rest are random images of unused other clusters.
-    k is capped at the number of clusters minus one.
+    images. Positive (``positive``): ``"random"``, a random candidate, or with ``hard_positives``
+    the candidate least similar to the query (:func:`hardest_positive`); for data with evidence
+    (mined tuples) ``"inliers_top1"``, the candidate with the most inliers, or ``"inliers_topk"``,
+    a random one of the ``positive_k`` with the most (:func:`positive_by_evidence`).
+    Negatives: :func:`mine_diverse_negatives`; when the pool lacks enough other clusters, the rest
+    are random images of unused other clusters. k is capped at the number of clusters minus one.
     """
+    if positive not in POSITIVE_RULES:
+        raise ValueError(f"mining.positive must be one of {', '.join(POSITIVE_RULES)}, got {positive!r}")
+    if positive != "random" and data.evidence is None:
+        raise ValueError(f"mining.positive={positive} needs inlier counts in the training data (a tuple file "
+                         "written by `cbir mine`); this data has none (use positive: random)")
+    if positive != "random" and hard_positives:
+        raise ValueError(f"mining.positive={positive} and mining.hard_positives=true choose the positive two ways; "
+                         "set one")
     nq = min(n_queries, len(data.queries))
     qsel = rng.choice(len(data.queries), size=nq, replace=False)
     qidx = data.queries[qsel]
@@ -341,7 +417,9 @@ def build_epoch_tuples(
     out = np.empty((nq, 2 + k), dtype=np.int64)
     for t, (s, q) in enumerate(zip(qsel, qidx)):
         cands = data.positives[s]
-        if hard_positives:
+        if positive != "random":
+            p = cands[positive_by_evidence(data.evidence[s], 1 if positive == "inliers_top1" else positive_k, rng)]
+        elif hard_positives:
             p = cands[hardest_positive(qv[t], vecs[[row[int(i)] for i in cands]])]
         else:
             p = cands[rng.integers(len(cands))]

@@ -3,7 +3,9 @@
 * Diverse hard negatives (Radenović et al., TPAMI 2018): for each query, the images of a random
   pool ranked by similarity to the query, keeping at most one image per cluster and never one of
   the query's own cluster, until ``k`` are found.
-* Hard positives: the least similar candidate positive under the current model.
+* Hard positives: the least similar candidate positive under the current model; or, for mined
+  data, by the classical evidence of each pair: the top 1 by inlier count, or a random one of the
+  top k (:func:`positive_by_evidence`).
 * Class cleaning (for class-labelled data such as Google Landmarks, whose classes hold
   unrelated photos): drop an image whose leave-one-out similarity to its own class is a robust
   outlier, or lower than its mean similarity to another class, see :func:`class_consistency_mask`.
@@ -18,6 +20,8 @@ import numpy as np
 __all__ = [
     "mine_diverse_negatives",
     "hardest_positive",
+    "evidence_order",
+    "positive_by_evidence",
     "leave_one_out_class_similarity",
     "mean_class_similarities",
     "class_consistency_mask",
@@ -77,6 +81,26 @@ def hardest_positive(query_vec: np.ndarray, candidate_vecs: np.ndarray) -> int:
     if c.ndim != 2 or len(c) == 0:
         raise ValueError(f"need a non-empty (C, D) array of candidate positives, got shape {c.shape}")
     return int(np.argmin(c @ np.asarray(query_vec, dtype=np.float32)))
+
+
+def evidence_order(evidence: np.ndarray) -> np.ndarray:
+    """Candidates ranked by their evidence, (C,) int64 row order: inlier count descending, then
+    shared 3D points descending, then the row (the earlier first). evidence: (C, 2) (inliers, points)."""
+    e = np.asarray(evidence, dtype=np.int64).reshape(-1, 2)
+    return np.lexsort((np.arange(len(e)), -e[:, 1], -e[:, 0])).astype(np.int64)
+
+
+def positive_by_evidence(evidence: np.ndarray, k: int, rng: np.random.Generator) -> int:
+    """Row of the positive chosen among candidates with ``evidence`` (C, 2): uniformly at random
+    among the first min(k, C) of :func:`evidence_order` (k = 1: the top one by inliers; Radenović et
+    al., TPAMI'18: "the top 1 by inliers" or "random from the top k")."""
+    order = evidence_order(evidence)
+    if len(order) == 0:
+        raise ValueError("need at least one candidate positive")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    top = order[: min(int(k), len(order))]
+    return int(top[0]) if len(top) == 1 else int(top[rng.integers(len(top))])
 
 
 def leave_one_out_class_similarity(vectors: np.ndarray, labels: np.ndarray) -> np.ndarray:

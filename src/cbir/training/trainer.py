@@ -342,6 +342,9 @@ def _setup(cfg: TrainConfig, model: nn.Module | None, resume: bool, progress: bo
     run = _Run(cfg=cfg, model=model, data=load_training_images(cfg.data.model_dump()), device=device, rank=rank,
                world=world, out=out, rng=np.random.default_rng(cfg.seed), say=say, progress=progress)
     run.setup = {"images": len(run.data.paths), "clusters": run.data.n_clusters, "queries": len(run.data.queries)}
+    if cfg.mining.positive != "random" and run.data.evidence is None:  # said before any work (build_epoch_tuples checks too)
+        raise ValueError(f"mining.positive={cfg.mining.positive} needs inlier counts in the training data (a tuple "
+                         "file written by `cbir mine`, data.kind=sfm); this data has none")
     _select_images(run, ck)
     _prepare_validation(run)
     if ck is not None and ck.get("whiten_shape") is not None:
@@ -377,11 +380,23 @@ def _select_images(run: _Run, ck: dict | None) -> None:
     elif cl is not None:
         vecs = run.embed(np.arange(len(run.data.paths)), progress="cleaning")
         full = run.data
-        run.data, keep = clean_classes(full, vecs, k=cl.k, min_size=cl.min_size, nearest_class=cl.nearest_class)
+        if cl.method == "verify":  # spatial verification against the nearest class-mates (cbir.sfm.clean)
+            from .data import clean_by_verification
+
+            store = Path(cl.features or run.out / "clean-features")
+            if run.world > 1:  # one writer per feature store: each process its own (same features, same result)
+                store = store / f"rank{run.rank}"
+            run.data, keep, report = clean_by_verification(full, vecs, store, cl.settings(), workers=cl.workers,
+                                                           device="cuda" if run.device.type == "cuda" else "cpu")
+            run.setup["cleaning_unverified_classes"] = sorted(report.unverified_classes)
+            for line in report.lines():
+                run.say(line)
+        else:
+            run.data, keep = clean_classes(full, vecs, k=cl.k, min_size=cl.min_size, nearest_class=cl.nearest_class)
+            run.say(f"cleaning: dropped {int((~keep).sum())} of {len(keep)} images inconsistent with their class")
         run.setup["cleaning_dropped"] = int((~keep).sum())
         run.setup["dropped_paths"] = [str(p) for p, k in zip(full.paths, keep) if not k]
         run.kept_paths = [str(p) for p in run.data.paths]
-        run.say(f"cleaning: dropped {int((~keep).sum())} of {len(keep)} images inconsistent with their class")
 
 
 def _prepare_validation(run: _Run) -> None:
@@ -441,7 +456,8 @@ def _mine(run: _Run, epoch: int) -> np.ndarray:
     """This process's share of the epoch's tuples (T, 2 + k), mined with the current model."""
     mc, bt, world = run.cfg.mining, run.cfg.optim.batch_tuples, run.world
     tuples = build_epoch_tuples(run.data, run.embed, n_queries=mc.queries_per_epoch, pool_size=mc.pool_size,
-                                n_negatives=mc.negatives, hard_positives=mc.hard_positives, rng=run.rng)
+                                n_negatives=mc.negatives, hard_positives=mc.hard_positives, positive=mc.positive,
+                                positive_k=mc.positive_k, rng=run.rng)
     steps = len(tuples) // (bt * world)
     if steps == 0:
         raise ValueError(f"{len(tuples)} tuples make no batch of {bt} tuples × {world} processes")
