@@ -116,6 +116,12 @@ def atomic_write_with(path: str | os.PathLike[str], writer: Callable[[str], None
         writer(tmp)
 
 
+def sha256_bytes(data: bytes | bytearray | memoryview) -> str:
+    """Hex SHA-256 of some bytes: a file's content identity, equal to :func:`sha256_file` of a file
+    holding them (the service's uploads, ``index add``'s duplicates and the caches all name content so)."""
+    return hashlib.sha256(data).hexdigest()
+
+
 def sha256_file(path: str | os.PathLike[str], block: int = 1 << 22) -> str:
     """Hex SHA-256 of a file's bytes, read in blocks (constant memory)."""
     h = hashlib.sha256()

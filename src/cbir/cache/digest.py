@@ -10,14 +10,13 @@ means the file may have changed: it is hashed again. The table lives in the cach
 
 from __future__ import annotations
 
-import hashlib
 import os
 import sqlite3
 import time
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from ..fileio import sha256_file
+from ..fileio import sha256_bytes, sha256_file
 from ..paths import cache_dir
 
 __all__ = ["default_cache_dir", "bytes_digest", "file_digest", "DigestMemo", "MEMO_NAME"]
@@ -32,9 +31,8 @@ def default_cache_dir() -> Path:
     return cache_dir("descriptors")
 
 
-def bytes_digest(data: bytes | bytearray | memoryview) -> str:
-    """Hex SHA-256 of ``data``."""
-    return hashlib.sha256(data).hexdigest()
+#: Hex SHA-256 of bytes (:func:`cbir.fileio.sha256_bytes`): the content identity of an image.
+bytes_digest = sha256_bytes
 
 
 #: Hex SHA-256 of a file's bytes (:func:`cbir.fileio.sha256_file`, read in blocks).

@@ -344,24 +344,33 @@ def cmd_add(args: argparse.Namespace) -> int:
         _sync_local(args.index, Index.load(args.index, device="cpu", mmap=True), args, verify=verify)
         return 0
     snapshot = Index.load(args.index, device=args.device)  # to plan and describe (outside the writer lock)
+    cache = _cache_dir(args)
+    from ..cache.digest import DigestMemo
+
+    memo = DigestMemo(cache).digest  # file hashes remembered (None: this run only)
     failed: list[dict] = []
     if args.features:
         paths, vectors, meta = descriptors_of_paths(args.features)
         snapshot.check_compatible(meta)
-        todo, already, duplicates = plan_add(snapshot, paths, update=args.update)
+        plan = plan_add(snapshot, paths, update=args.update, digest=memo)
         row = {p: i for i, p in enumerate(paths)}
-        vectors = vectors[[row[p] for p in todo]] if todo else vectors[:0]
+        vectors = vectors[[row[p] for p in plan.todo]] if plan.todo else vectors[:0]
     else:
-        todo, already, duplicates = plan_add(snapshot, list_images(args.paths), update=args.update)
-    for f in duplicates:
-        print(f"duplicate (named more than once, added once): {f}", file=sys.stderr)
+        plan = plan_add(snapshot, list_images(args.paths), update=args.update, digest=memo)
+    todo, already = plan.todo, plan.already
+    for f, first in plan.repeats.items():
+        print(f"duplicate (named more than once, added once): {f}" if f == first
+              else f"duplicate of {first} (same bytes, added once): {f}", file=sys.stderr)
+    for f, i in plan.copies.items():
+        print(f"duplicate of id {i} (same bytes as {snapshot.get(i).path}): {f}", file=sys.stderr)
     for f, i in already.items():
         print(f"already indexed (id {i}): {f}  (use --update to re-describe)", file=sys.stderr)
+    n_dup = len(plan.repeats) + len(plan.copies)
     if not todo:
-        print(f"nothing to add ({len(already)} already indexed, {len(duplicates)} duplicates)")
+        print(f"nothing to add ({len(already)} already indexed, {n_dup} duplicates)")
         return 0
     if not args.features:
-        res, about = describe_for_index(snapshot.settings, todo, device=args.device, cache_dir=_cache_dir(args))
+        res, about = describe_for_index(snapshot.settings, todo, device=args.device, cache_dir=cache)
         snapshot.check_compatible(about)
         failed = res.failed
         _report_failed(failed)
@@ -375,7 +384,7 @@ def cmd_add(args: argparse.Namespace) -> int:
         n = len(index)
     raced = f", {counts['present']} added meanwhile by another writer" if counts["present"] else ""
     print(f"added {counts['added']}, updated {counts['updated']}, skipped {len(failed)} unreadable, "
-          f"{len(already)} already indexed, {len(duplicates)} duplicates{raced}; index has {n} images")
+          f"{len(already)} already indexed, {n_dup} duplicates{raced}; index has {n} images")
     if given and verify is None:
         drop_local(args.index)
     elif verify is not None or has_local(args.index):
