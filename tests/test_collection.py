@@ -47,7 +47,7 @@ def test_list_photos_ids_and_named_files(tmp_path):
     assert found.files[-1] == tmp_path / "loose.dat"
     assert found.not_images == [tmp_path / "p" / "readme.md"]
     line = found.skipped_line()
-    assert line.startswith("skipped 1 file that is not images") and "readme.md" in line
+    assert line.startswith("skipped 1 file that is not an image") and "readme.md" in line
     assert Photos([], []).skipped_line() is None
     with pytest.raises(FileNotFoundError, match="no such file or folder"):
         list_photos([tmp_path / "nope"])

@@ -70,6 +70,15 @@ def test_cli_index_add_reports_a_copy_as_a_duplicate_of_its_id(tmp_path, capsys)
     assert f"duplicate of id 1 (same bytes as {files[1]}): {copy.resolve()}" in err
     assert "nothing to add (0 already indexed, 1 duplicates)" in out
     assert len(Index.load(tmp_path / "ix", device="cpu")) == 3
+    # a folder: its photos by the rule of cbir.collection, the rest reported in one line
+    (tmp_path / "more").mkdir()
+    shutil.copy(files[0], tmp_path / "more" / "a.jpg")
+    (tmp_path / "more" / "notes.txt").write_text("x")
+    (tmp_path / "more" / ".hidden.jpg").write_bytes(b"x")
+    assert main(["index", "add", str(tmp_path / "ix"), str(tmp_path / "more"), "--no-cache"]) == 0
+    out, err = capsys.readouterr()
+    assert "skipped 1 file that is not an image" in err and "notes.txt" in err and ".hidden" not in err
+    assert "duplicate of id 0" in err and "nothing to add (0 already indexed, 1 duplicates)" in out
 
 
 def test_service_knows_a_photo_added_from_the_command_line(demo_index, demo, demo_gnd):

@@ -83,7 +83,7 @@ class Photos:
         if not n:
             return None
         names = ", ".join(str(p) for p in self.not_images[:shown]) + (", ..." if n > shown else "")
-        return (f"skipped {n} file{'s' if n > 1 else ''} that {'are' if n > 1 else 'is'} not images "
+        return (f"skipped {n} {'files that are not images' if n > 1 else 'file that is not an image'} "
                 f"(by extension: {' '.join(IMAGE_EXTENSIONS)}): {names}")
 
 

@@ -324,7 +324,7 @@ def _keep_local(index, args: argparse.Namespace, needs_local: bool, verify) -> N
 
 def cmd_add(args: argparse.Namespace) -> int:
     from ..index import Index, open_for_write
-    from ..index.build import add_or_update, descriptors_of_paths, list_images, plan_add
+    from ..index.build import add_or_update, descriptors_of_paths, plan_add
     from ..index.embed import describe_for_index
     from ..index.local import drop_local, has_local
 
@@ -356,7 +356,12 @@ def cmd_add(args: argparse.Namespace) -> int:
         row = {p: i for i, p in enumerate(paths)}
         vectors = vectors[[row[p] for p in plan.todo]] if plan.todo else vectors[:0]
     else:
-        plan = plan_add(snapshot, list_images(args.paths), update=args.update, digest=memo)
+        from ..collection import list_photos
+
+        found = list_photos(args.paths)  # the photo rule of cbir.collection, as `index build` and `extract`
+        if found.not_images:
+            print(found.skipped_line(), file=sys.stderr)
+        plan = plan_add(snapshot, [f.resolve() for f in found.files], update=args.update, digest=memo)
     todo, already = plan.todo, plan.already
     for f, first in plan.repeats.items():
         print(f"duplicate (named more than once, added once): {f}" if f == first
