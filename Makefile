@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint docs bench clean browser-deps
+.PHONY: setup demo test lint docs bench clean browser-deps requirements
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -14,6 +14,10 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	touch $(STAMP)
 
 setup: $(STAMP)
+
+# requirements*.txt are generated from pyproject.toml (dependencies, extras, [tool.cbir.pins]).
+requirements:
+	$(PY) tools/requirements.py
 
 # Chromium + chromedriver for the browser test (Debian packages; needs root, skipped if apt is absent).
 browser-deps:

@@ -9,16 +9,11 @@ from urllib.error import URLError
 import pytest
 import torch
 
-from cbir.backbones import (
-    WeightsUnavailable,
-    _load_into,
-    _timm_net,
-    build_backbone,
-    map_in_order,
-    offline_weights_path,
-    read_state_dict,
-    tokens_to_map,
-)
+from cbir.backbones import build_backbone, offline_weights_path
+from cbir.networks import timm_net as _timm_net
+from cbir.networks import tokens_to_map
+from cbir.weights import WeightsUnavailable, map_in_order, read_state_dict
+from cbir.weights import load_into as _load_into
 from cbir.extract import image_tensor, load_image
 from cbir.model import IMAGENET_MEAN, IMAGENET_STD
 

@@ -244,11 +244,19 @@ def test_index_build_add_and_extract_share_the_cache(tmp_path, capsys, counted):
     assert counted[:1] == [3] and sum(counted[1:]) == 0  # described by `cbir extract` already
     extra = tmp_path / "more" / "copy.jpg"
     extra.parent.mkdir()
-    shutil.copy(ps[0], extra)  # the same photo under another name
+    shutil.copy(ps[0], extra)  # the same photo under another name: that photo, not a new id
+    capsys.readouterr()
     assert main(["index", "add", str(tmp_path / "ix"), str(extra)]) == 0
-    assert "added 1" in capsys.readouterr().out and sum(counted[1:]) == 0
+    out, err = capsys.readouterr()
+    assert "nothing to add" in out and "duplicate of id 0" in err and sum(counted[1:]) == 0
+    new = photos(tmp_path / "other-photos", 1)[0]  # a new photo described once by `cbir extract`...
+    assert main(["extract", str(new), "--out", str(tmp_path / "feats-new"), *common, "--quiet"]) == 0
+    n = len(counted)
+    assert main(["index", "add", str(tmp_path / "ix"), str(new)]) == 0  # ...is added from the cache
+    assert "added 1" in capsys.readouterr().out and sum(counted[n:]) == 0
+    n = len(counted)
     assert main(["extract", str(folder), "--out", str(tmp_path / "feats2"), *common, "--quiet", "--no-cache"]) == 0
-    assert counted[-1] == 3
+    assert "3 images described" in capsys.readouterr().out and len(counted) == n  # --no-cache: the cache not used
 
 
 def _writer(root: str, start: int, n: int) -> None:

@@ -89,8 +89,8 @@ def test_collect_images_ids_and_errors(tmp_path):
     (tmp_path / "a" / "x.png").unlink()
     (tmp_path / "a" / "out").mkdir()
     (tmp_path / "a" / "out" / "descriptors.npy").write_bytes(b"")
-    ids, files = collect_images([str(tmp_path / "a")], exclude=tmp_path / "a" / "out")
-    assert ids == ["x"]
+    found = collect_images([str(tmp_path / "a")], exclude=tmp_path / "a" / "out")
+    assert found.ids == ["x"] and found.files == [tmp_path / "a" / "x.jpg"]
 
 
 def test_parse_pooling():

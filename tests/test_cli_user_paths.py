@@ -50,18 +50,18 @@ def test_offline_weights_fail_fast_with_one_line(tmp_path, capsys, monkeypatch):
     """No network: the hub client is put offline after one quick probe instead of retrying ~50 s."""
     import huggingface_hub.constants as hf
 
-    from cbir import backbones
+    from cbir import networks, weights
 
     probes, offline_at_load, connects, sleeps = [], [], [], []
-    monkeypatch.setattr(backbones, "hub_reachable", lambda *a, **k: probes.append(a) or False)
+    monkeypatch.setattr(weights, "hub_reachable", lambda *a, **k: probes.append(a) or False)
     monkeypatch.setattr(hf, "HF_HUB_CACHE", str(tmp_path / "hf-empty"))
-    real_net = backbones._timm_net
+    real_net = networks.timm_net
 
     def timm_net(arch, pretrained):
         offline_at_load.append(hf.HF_HUB_OFFLINE)
         return real_net(arch, pretrained)
 
-    monkeypatch.setattr(backbones, "_timm_net", timm_net)
+    monkeypatch.setattr(networks, "timm_net", timm_net)
     real_connect = socket.socket.connect
     monkeypatch.setattr(socket.socket, "connect",
                         lambda self, addr: connects.append(addr) or real_connect(self, addr))

@@ -27,7 +27,7 @@ def _names(lines) -> set[str]:
         line = line.split("#", 1)[0].split(";", 1)[0].strip()
         if not line or line.startswith("-"):
             continue
-        out.add(re.split(r"[\[<>=!~ ]", line, maxsplit=1)[0].lower().replace("_", "-"))
+        out.add(re.sub(r"[-_.]+", "-", re.split(r"[\[<>=!~ ]", line, maxsplit=1)[0]).lower())
     return out
 
 
@@ -37,18 +37,99 @@ def _pyproject() -> dict:
     return tomllib.loads((REPO / "pyproject.toml").read_text())
 
 
-def test_dependencies_cover_requirements():
-    """Every pinned runtime requirement is a dependency or in an extra (so `pip install cbir[...]`
-    gets what `make` installs), and the core needs are runtime dependencies, not extras."""
+def _generator():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gen_requirements", REPO / "tools" / "requirements.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_requirement_files_are_generated_from_pyproject():
+    """requirements.txt / requirements-dev.txt are exactly what tools/requirements.py makes of pyproject
+    (its dependencies, every extra dev names and dev's tools, pinned by [tool.cbir.pins])."""
+    gen = _generator()
+    for name, text in gen.render(_pyproject()).items():
+        assert (REPO / name).read_text() == text, f"{name} is out of date: run `make requirements`"
     project = _pyproject()["project"]
     base = _names(project["dependencies"])
-    extras = set().union(*(_names(v) for v in project["optional-dependencies"].values()))
-    pinned = _names((REPO / "requirements.txt").read_text().splitlines())
-    assert pinned - base - extras == set()
+    extras = {k: _names(v) for k, v in project["optional-dependencies"].items()}
+    assert _names((REPO / "requirements.txt").read_text().splitlines()) == base  # extras are not base packages
+    dev = _names((REPO / "requirements-dev.txt").read_text().splitlines())
+    assert set().union(*(v for k, v in extras.items() if k != "dev")) <= dev  # every extra's tests can run
+    assert {"ray", "matplotlib", "tensorboard", "fastapi"}.isdisjoint(base)
+    assert {"schemathesis", "pytest", "hypothesis"} <= extras["dev"]
     for core in ("torch", "torchvision", "timm", "faiss-cpu", "numpy", "scipy", "pillow", "filelock", "pydantic"):
         assert core in base
     for extra, needs in {"serve": {"fastapi", "uvicorn"}, "train": {"tensorboard"}, "ray": {"ray"}}.items():
-        assert needs <= _names(project["optional-dependencies"][extra])
+        assert needs <= extras[extra]
+
+
+def test_generator_pins_and_keeps_extras_apart():
+    """On a made-up pyproject: a pin replaces the range (extras in brackets kept), the rest is verbatim."""
+    gen = _generator()
+    files = gen.render({"project": {"dependencies": ["Foo_Bar>=1", "baz"],
+                                    "optional-dependencies": {"x": ["ray[data]>=2"], "dev": ["cbir[x]", "pytest"]}},
+                        "tool": {"cbir": {"pins": {"foo-bar": "1.2", "ray": "2.5"}}}})
+    assert files["requirements.txt"].splitlines()[1:] == ["Foo_Bar==1.2", "baz"]
+    assert files["requirements-dev.txt"].splitlines()[1:] == ["-r requirements.txt", "# extra x", "ray[data]==2.5",
+                                                               "# extra dev", "pytest"]
+
+
+def test_pins_satisfy_their_ranges():
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    project = _pyproject()
+    pins = project["tool"]["cbir"]["pins"]
+    reqs = {}
+    for r in [*project["project"]["dependencies"], *sum(project["project"]["optional-dependencies"].values(), [])]:
+        if not r.startswith("cbir["):
+            req = Requirement(r)
+            reqs[req.name.lower().replace("_", "-")] = req
+    for name, version in pins.items():
+        assert name in reqs, f"[tool.cbir.pins] pins {name}, which no dependency or extra declares"
+        assert Version(version) in reqs[name].specifier, f"pin {name}=={version} outside {reqs[name].specifier}"
+
+
+def _third_party_imports() -> dict[str, set[str]]:
+    """{top-level module: files} of every absolute import in src/cbir that is not the standard library."""
+    import ast
+
+    out: dict[str, set[str]] = {}
+    for path in (REPO / "src" / "cbir").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            for name in names:
+                top = name.split(".")[0]
+                if top not in sys.stdlib_module_names and top not in ("cbir", "__future__"):
+                    out.setdefault(top, set()).add(path.relative_to(REPO).as_posix())
+    return out
+
+
+def test_every_imported_package_is_declared():
+    """Each third-party module src/ imports belongs to a distribution that pyproject declares (a
+    dependency or an extra): nothing works only because another package happened to bring it."""
+    from importlib.metadata import packages_distributions
+
+    project = _pyproject()["project"]
+    declared = _names(project["dependencies"]) | set().union(
+        *(_names(v) for v in project["optional-dependencies"].values()))
+    owners = packages_distributions()
+    imports = _third_party_imports()
+    assert {"torch", "numpy", "fastapi", "huggingface_hub", "h11", "pydantic_core"} <= set(imports)  # the scan sees them
+    undeclared = {}
+    for module, files in sorted(imports.items()):
+        dists = {re.sub(r"[-_.]+", "-", d).lower() for d in owners.get(module, [])}
+        assert dists, f"{module} (imported in {sorted(files)[0]}) is not installed here"
+        if dists.isdisjoint(declared):
+            undeclared[module] = (sorted(dists), sorted(files)[0])
+    assert undeclared == {}, f"imported but not declared in pyproject.toml: {undeclared}"
 
 
 @pytest.mark.slow

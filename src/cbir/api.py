@@ -45,7 +45,7 @@ def describe_images(
     read from / kept in the extraction cache (:mod:`cbir.pipeline.cache`; a ModelSpec only).
 
     Returns :class:`cbir.descriptors.Descriptors` of the readable images (rows in id order);
-    ``failed`` lists the others (``{"path", "reason"}``). ``meta`` holds what
+    ``failed`` lists the others (``{"path", "reason"}``), and the files of a folder left out as not images. ``meta`` holds what
     :func:`build_index` and ``cbir index build --features`` need: the model's description,
     ``source`` (how to rebuild it for query images), ``imsize``, ``scales``, ``precision`` and
     ``paths`` (id -> absolute path). ValueError when no image could be read.
@@ -63,7 +63,8 @@ def describe_images(
     from .pipeline.benchmark import extraction_defaults
 
     names = [images] if isinstance(images, (str, os.PathLike)) else list(images)
-    ids, files = collect_images(names)
+    photos = collect_images(names)
+    ids, files = photos.ids, photos.files
     if model is None or isinstance(model, (str, os.PathLike)):
         model = ModelSpec() if model is None else ModelSpec(str(model))
     spec = model if isinstance(model, ModelSpec) else None
@@ -92,7 +93,8 @@ def describe_images(
             "precision": resolve_backend(resolve_device(device), backend, precision)[1],
             "paths": {ids[i]: str(files[i].resolve()) for i in ok}}
     return Descriptors(ids=[ids[i] for i in ok], vectors=np.asarray(res.vectors, dtype=np.float32), meta=meta,
-                       failed=list(res.failed))
+                       failed=list(res.failed) + [{"path": str(p), "reason": "not an image (by extension)"}
+                                                  for p in photos.not_images])
 
 
 @overload

@@ -62,15 +62,17 @@ def _target_mode(path: Path) -> int:
 
 
 @contextlib.contextmanager
-def atomic_open(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[io.IOBase]:
-    """Open a temporary sibling of ``path`` for writing; on success fsync and rename it over ``path``."""
-    path = Path(path)
+def _committed(path: Path) -> Iterator[str]:
+    """The one commit sequence of every atomic write: yields the name of a new temporary sibling of
+    ``path``; when the block ends without an exception, the file gets the mode a plain write would give
+    (:func:`_target_mode`), is fsync'ed and renamed over ``path``, and the folder is fsync'ed; on any
+    exception the temporary file is removed and ``path`` is untouched."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, mode) as fh:
-            yield fh
-            fh.flush()
+        yield tmp
+        with open(tmp, "rb+") as fh:
             os.fchmod(fh.fileno(), _target_mode(path))
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -79,6 +81,13 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[io.I
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[io.IOBase]:
+    """Open a temporary sibling of ``path`` for writing; on success fsync and rename it over ``path``."""
+    with _committed(Path(path)) as tmp, open(tmp, mode) as fh:
+        yield fh
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
@@ -101,22 +110,16 @@ def atomic_save_npy(path: str | os.PathLike[str], array: np.ndarray) -> None:
 
 
 def atomic_write_with(path: str | os.PathLike[str], writer: Callable[[str], None]) -> None:
-    """Atomic write for libraries that only write to a filename (faiss, torch.save to a path)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    """Atomic write for libraries that only write to a filename (faiss, torch.save to a path):
+    ``writer(tmp)`` writes a temporary sibling, committed as :func:`atomic_open` commits."""
+    with _committed(Path(path)) as tmp:
         writer(tmp)
-        with open(tmp, "rb+") as fh:
-            os.fchmod(fh.fileno(), _target_mode(path))
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+
+
+def sha256_bytes(data: bytes | bytearray | memoryview) -> str:
+    """Hex SHA-256 of some bytes: a file's content identity, equal to :func:`sha256_file` of a file
+    holding them (the service's uploads, ``index add``'s duplicates and the caches all name content so)."""
+    return hashlib.sha256(data).hexdigest()
 
 
 def sha256_file(path: str | os.PathLike[str], block: int = 1 << 22) -> str:

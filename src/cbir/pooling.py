@@ -19,10 +19,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .model_names import POOLING_HELP  # noqa: F401 (re-exported: one text per pooling, torch-free for the CLI)
+
 __all__ = [
     "spoc", "mac", "gem", "rmac_regions", "regional", "rmac", "crow_spatial_weights",
     "crow_channel_weights", "crow", "local_features", "bow_hard", "bow_soft", "fit_codebook",
-    "Pooling", "SPoC", "MAC", "GeM", "RMAC", "Regional", "CroW", "BoW", "POOLINGS", "build_pooling", "bow_idf",
+    "Pooling", "SPoC", "MAC", "GeM", "RMAC", "Regional", "CroW", "BoW", "POOLINGS", "POOLING_HELP", "build_pooling",
+    "bow_idf",
 ]
 
 
@@ -320,17 +323,6 @@ POOLINGS: dict[str, type[Pooling]] = {
     "crow": CroW,
     "bow": BoW,
 }
-
-POOLING_HELP: dict[str, str] = {
-    "spoc": "sum/average pooling (Babenko & Lempitsky 2015)",
-    "mac": "max pooling (Tolias et al. 2016)",
-    "gem": "generalized mean, learnable p (Radenović et al. 2018): p=3; one p per channel: per_channel=1",
-    "rmac": "regional MAC over L=3 scales, ~40% overlap (Tolias et al. 2016)",
-    "regional": "R-MAC regions with any base pooling: base=gem|spoc|crow|..., levels=3",
-    "crow": "cross-dimensional weighting, a=2 b=2 (Kalantidis et al. 2016)",
-    "bow": "bag of visual words over local conv features: k=1024 k-means words, tf-idf; soft=1: differentiable",
-}
-
 
 def build_pooling(name: str, **kw) -> Pooling:
     """Pooling module by registry name with its keyword parameters."""

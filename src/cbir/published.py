@@ -19,7 +19,7 @@ test scripts). ``meta["Lw"]`` holds a learned whitening applied to the final vec
 ``L2(P (v − m))``, learned on single-scale (``ss``) or multi-scale (``ms``) vectors.
 
 The tensors of ``features.*`` are mapped one to one, in order and shape, onto torchvision's network
-(``cbir.backbones.map_in_order``; BatchNorm's ``num_batches_tracked``, absent from old files, is left
+(``cbir.weights.map_in_order``; BatchNorm's ``num_batches_tracked``, absent from old files, is left
 out on both sides). Files are read with ``torch.load(weights_only=True)``; the numpy arrays of
 ``meta["Lw"]`` are allowed through the restricted unpickler (``ndarray``/``dtype`` reconstruction
 only, under the names numpy 1.x and 2.x pickle them with); nothing in the file can run code.
@@ -39,8 +39,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbones import FeatureMap, WeightsUnavailable, map_in_order
-from .fileio import FormatError, load_error_reason, sha256_file
+from .fileio import FormatError, load_error_reason
+from .networks import FeatureMap
+from .weights import WeightsUnavailable, check_hash_in_name, map_in_order
 from .pooling import Pooling, build_pooling
 
 __all__ = [
@@ -154,37 +155,22 @@ def is_cirtorch(blob: Any) -> bool:
             and "architecture" in blob["meta"] and "pooling" in blob["meta"])
 
 
-def check_hash_in_name(path: str | os.PathLike[str]) -> None:
-    """Verify a ``name-<hex>.pth`` file against the sha256 prefix in its name (torch-hub and cirtorch
-    convention, 6+ hex digits); files named otherwise are not checked. Raises WeightsUnavailable."""
-    path = Path(path)
-    match = re.search(r"-([0-9a-f]{6,64})\.pth$", path.name)
-    if not match:
-        return
-    digest = sha256_file(path)
-    if not digest.startswith(match.group(1)):
-        raise WeightsUnavailable(f"{path}: its sha256 {digest[:12]}... does not start with the "
-                                 f"{match.group(1)} in its name (damaged or different file)")
-
-
 # --------------------------------------------------------------------------------------------
 # The network
 
 
-def _torchvision_trunk(arch: str) -> nn.Module:
-    """cirtorch's ``features`` for ``arch``, built from torchvision with random weights."""
+def _torchvision_trunk(arch: str) -> FeatureMap:
+    """cirtorch's ``features`` for ``arch`` with random weights: cbir's one torchvision cut
+    (:func:`cbir.networks.torchvision_trunk`; VGG/AlexNet without their last max-pool, as cirtorch)."""
     import torchvision
+
+    from .networks import torchvision_net, torchvision_trunk
 
     if arch not in torchvision.models.list_models():
         raise FormatError(f"cirtorch architecture {arch!r} is not a torchvision model")
-    net = torchvision.models.get_model(arch, weights=None)
-    if arch.startswith(("vgg", "alexnet")):
-        return nn.Sequential(*list(net.features.children())[:-1])  # without the last max-pool
-    if arch.startswith(("resnet", "resnext", "wide_resnet")):
-        return nn.Sequential(*list(net.children())[:-2])  # conv1 ... layer4, without avgpool and fc
-    if arch.startswith("densenet"):
-        return nn.Sequential(*net.features.children(), nn.ReLU(inplace=True))
-    raise FormatError(f"cirtorch architecture {arch!r} is not supported (resnet*, vgg*, alexnet, densenet*)")
+    if not arch.startswith(("vgg", "alexnet", "resnet", "resnext", "wide_resnet", "densenet")):
+        raise FormatError(f"cirtorch architecture {arch!r} is not supported (resnet*, vgg*, alexnet, densenet*)")
+    return torchvision_trunk(torchvision_net(arch, False), arch)
 
 
 class WhitenedPooling(Pooling):
@@ -265,7 +251,8 @@ def cirtorch_parts(blob: Mapping[str, Any], name: str, lw: str | None = "auto") 
     arch, pooling = str(meta["architecture"]), str(meta["pooling"]).lower()
     if pooling not in ("gem", "mac", "spoc"):
         raise FormatError(f"{name}: cirtorch pooling {pooling!r} is not supported (gem, mac, spoc)")
-    trunk = _torchvision_trunk(arch)
+    cut = _torchvision_trunk(arch)
+    trunk, channels = cut.net, cut.channels
     own = {k: v for k, v in trunk.state_dict().items() if not k.endswith("num_batches_tracked")}
     feats = {k[len("features."):]: v for k, v in state.items()
              if k.startswith("features.") and not k.endswith("num_batches_tracked")}
@@ -276,8 +263,6 @@ def cirtorch_parts(blob: Mapping[str, Any], name: str, lw: str | None = "auto") 
     missing, unexpected = trunk.load_state_dict(mapped, strict=False)
     if unexpected or any(not k.endswith("num_batches_tracked") for k in missing):
         raise FormatError(f"{name}: features left unmapped: {(unexpected or missing)[:3]}")
-    with torch.no_grad():
-        channels = int(trunk.eval()(torch.zeros(1, 3, 64, 64)).shape[1])
     pool = build_pooling(pooling)
     if pooling == "gem":
         if "pool.p" not in state:
@@ -306,7 +291,7 @@ def cirtorch_parts(blob: Mapping[str, Any], name: str, lw: str | None = "auto") 
               "whitening": None, "resolution": resolution, "cirtorch": {"architecture": arch, "pooling": pooling, "mean": list(mean),
                                               "std": list(std), "fc_whitening": None if fc is None else
                                               [fc.in_features, fc.out_features, fc.bias is not None]}}
-    parts = CirtorchParts(FeatureMap(trunk, "module", channels), pool if fc is None else WhitenedPooling(pool, fc),
+    parts = CirtorchParts(cut.eval(), pool if fc is None else WhitenedPooling(pool, fc),
                           channels if fc is None else fc.out_features, config, mean, std)
     chosen = _pick_lw(meta, lw, fc is not None)
     if chosen is not None:
@@ -318,15 +303,14 @@ def cirtorch_skeleton(config: Mapping[str, Any]) -> CirtorchParts:
     """Random-weight parts shaped as ``config["cirtorch"]`` says (to load a cbir model file saved from
     a cirtorch network: its state dict then fills them)."""
     c = config["cirtorch"]
-    trunk = _torchvision_trunk(c["architecture"])
-    with torch.no_grad():
-        channels = int(trunk.eval()(torch.zeros(1, 3, 64, 64)).shape[1])
+    cut = _torchvision_trunk(c["architecture"])
+    channels = cut.channels
     pool: Pooling = build_pooling(c.get("pooling", "gem"))
     dim = channels
     if c.get("fc_whitening"):
         d_in, dim, bias = c["fc_whitening"]
         pool = WhitenedPooling(pool, nn.Linear(d_in, dim, bias=bias))
-    return CirtorchParts(FeatureMap(trunk, "module", channels), pool, dim, dict(config), tuple(c["mean"]),
+    return CirtorchParts(cut.eval(), pool, dim, dict(config), tuple(c["mean"]),
                          tuple(c["std"]))
 
 
@@ -357,9 +341,11 @@ def _name_of(path: Path) -> str:
 
 
 def models_dir() -> Path:
-    """Where downloaded networks are kept: ``$CBIR_MODELS``, else ``~/.cache/cbir/models``."""
-    env = os.environ.get("CBIR_MODELS")
-    return Path(env) if env else Path.home() / ".cache" / "cbir" / "models"
+    """Where downloaded networks are kept: :func:`cbir.paths.cache_dir` ``("models")`` (``$CBIR_MODELS``,
+    else ``$XDG_CACHE_HOME/cbir/models``)."""
+    from .paths import cache_dir
+
+    return cache_dir("models")
 
 
 def fetch_published(name: str, folder: str | os.PathLike[str] | None = None, *, timeout: float = 30.0,

@@ -10,40 +10,33 @@ means the file may have changed: it is hashed again. The table lives in the cach
 
 from __future__ import annotations
 
-import hashlib
 import os
 import sqlite3
 import time
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from ..fileio import sha256_bytes, sha256_file
+from ..paths import cache_dir
+
 __all__ = ["default_cache_dir", "bytes_digest", "file_digest", "DigestMemo", "MEMO_NAME"]
 
 MEMO_NAME = "digests.sqlite"
 _SCHEMA_VERSION = 1
-_BLOCK = 1 << 20
 
 
 def default_cache_dir() -> Path:
-    """``$CBIR_CACHE``, else ``$XDG_CACHE_HOME/cbir/descriptors`` (``~/.cache/cbir/descriptors``)."""
-    if os.environ.get("CBIR_CACHE"):
-        return Path(os.environ["CBIR_CACHE"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base).expanduser() / "cbir" / "descriptors"
+    """The extraction cache folder: :func:`cbir.paths.cache_dir` ``("descriptors")`` (``$CBIR_CACHE``,
+    else ``$XDG_CACHE_HOME/cbir/descriptors``)."""
+    return cache_dir("descriptors")
 
 
-def bytes_digest(data: bytes | bytearray | memoryview) -> str:
-    """Hex SHA-256 of ``data``."""
-    return hashlib.sha256(data).hexdigest()
+#: Hex SHA-256 of bytes (:func:`cbir.fileio.sha256_bytes`): the content identity of an image.
+bytes_digest = sha256_bytes
 
 
-def file_digest(path: str | os.PathLike[str]) -> str:
-    """Hex SHA-256 of a file's bytes (read in 1 MiB blocks)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_BLOCK):
-            h.update(chunk)
-    return h.hexdigest()
+#: Hex SHA-256 of a file's bytes (:func:`cbir.fileio.sha256_file`, read in blocks).
+file_digest = sha256_file
 
 
 def _stamp(path: Path) -> tuple[str, int, int, int, int] | None:

@@ -26,8 +26,9 @@ from typing import Any, Callable, Mapping, Sequence
 __all__ = ["EXTRACTION_VERSION", "CACHE_FORMAT_VERSION", "LIBRARY_WEIGHTS", "key_of", "weights_identity",
            "model_identity", "spec_identity", "source_identity", "settings_identity", "cacheable_pooling"]
 
-#: Bumped when the numbers of extraction change (images.py, loop.py, batching.py, backends.py, pooling.py).
-EXTRACTION_VERSION = 1
+#: Bumped when the numbers of extraction change (images.py, loop.py, batching.py, backends.py, pooling.py,
+#: networks.py). 2: torchvision VGG/AlexNet trunks end before their last max-pool (cirtorch's cut).
+EXTRACTION_VERSION = 2
 #: Layout of the cache's files (cbir.cache.vectors); another version is not read.
 CACHE_FORMAT_VERSION = 1
 #: ``--weights`` values that name the library's own pretrained download rather than a file.

@@ -87,7 +87,10 @@ def handler(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise CLIError(f"--out {out} is a file; give a folder (new, or one written by `cbir extract` to resume)")
-    ids, files = collect_images(args.paths, exclude=out)
+    found = collect_images(args.paths, exclude=out)
+    if found.not_images:
+        print(found.skipped_line(), file=sys.stderr)
+    ids, files = found.ids, found.files
     model = spec.build()
     imsize, scales = extraction(args, model=model)  # not given: the model's own default (`cbir models`)
     extra: dict = {"source": source_of(spec, model), "paths": {i: str(f.resolve()) for i, f in zip(ids, files)}}

@@ -247,7 +247,8 @@ def _export_query_model(index, args: argparse.Namespace) -> None:
 def cmd_build(args: argparse.Namespace) -> int:
     from ..fileio import FormatError
     from ..index import next_free_id
-    from ..index.build import IMAGE_SUFFIXES, build_index, index_from_descriptors, list_images
+    from ..collection import list_photos
+    from ..index.build import IMAGE_SUFFIXES, build_index, index_from_descriptors
 
     if (args.folder is None) == (args.features is None):
         raise CLIError("give a FOLDER of images or --features DIR (a `cbir extract` output), one of them")
@@ -282,7 +283,10 @@ def cmd_build(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"image folder not found: {folder}")
     spec = model_spec(args)
     imsize, scales = extraction(args)
-    files = list_images([folder])
+    found = list_photos([folder], exclude=args.out)  # the photo rule of cbir.collection, as `cbir extract`
+    if found.not_images:
+        print(found.skipped_line(), file=sys.stderr)
+    files = [f.resolve() for f in found.files]
     if not files:
         raise CLIError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {folder}")
     print(f"describing {len(files)} images with {args.model} (imsize {imsize}, "
@@ -320,7 +324,7 @@ def _keep_local(index, args: argparse.Namespace, needs_local: bool, verify) -> N
 
 def cmd_add(args: argparse.Namespace) -> int:
     from ..index import Index, open_for_write
-    from ..index.build import add_or_update, descriptors_of_paths, list_images, plan_add
+    from ..index.build import add_or_update, descriptors_of_paths, plan_add
     from ..index.embed import describe_for_index
     from ..index.local import drop_local, has_local
 
@@ -340,24 +344,38 @@ def cmd_add(args: argparse.Namespace) -> int:
         _sync_local(args.index, Index.load(args.index, device="cpu", mmap=True), args, verify=verify)
         return 0
     snapshot = Index.load(args.index, device=args.device)  # to plan and describe (outside the writer lock)
+    cache = _cache_dir(args)
+    from ..cache.digest import DigestMemo
+
+    memo = DigestMemo(cache).digest  # file hashes remembered (None: this run only)
     failed: list[dict] = []
     if args.features:
         paths, vectors, meta = descriptors_of_paths(args.features)
         snapshot.check_compatible(meta)
-        todo, already, duplicates = plan_add(snapshot, paths, update=args.update)
+        plan = plan_add(snapshot, paths, update=args.update, digest=memo)
         row = {p: i for i, p in enumerate(paths)}
-        vectors = vectors[[row[p] for p in todo]] if todo else vectors[:0]
+        vectors = vectors[[row[p] for p in plan.todo]] if plan.todo else vectors[:0]
     else:
-        todo, already, duplicates = plan_add(snapshot, list_images(args.paths), update=args.update)
-    for f in duplicates:
-        print(f"duplicate (named more than once, added once): {f}", file=sys.stderr)
+        from ..collection import list_photos
+
+        found = list_photos(args.paths)  # the photo rule of cbir.collection, as `index build` and `extract`
+        if found.not_images:
+            print(found.skipped_line(), file=sys.stderr)
+        plan = plan_add(snapshot, [f.resolve() for f in found.files], update=args.update, digest=memo)
+    todo, already = plan.todo, plan.already
+    for f, first in plan.repeats.items():
+        print(f"duplicate (named more than once, added once): {f}" if f == first
+              else f"duplicate of {first} (same bytes, added once): {f}", file=sys.stderr)
+    for f, i in plan.copies.items():
+        print(f"duplicate of id {i} (same bytes as {snapshot.get(i).path}): {f}", file=sys.stderr)
     for f, i in already.items():
         print(f"already indexed (id {i}): {f}  (use --update to re-describe)", file=sys.stderr)
+    n_dup = len(plan.repeats) + len(plan.copies)
     if not todo:
-        print(f"nothing to add ({len(already)} already indexed, {len(duplicates)} duplicates)")
+        print(f"nothing to add ({len(already)} already indexed, {n_dup} duplicates)")
         return 0
     if not args.features:
-        res, about = describe_for_index(snapshot.settings, todo, device=args.device, cache_dir=_cache_dir(args))
+        res, about = describe_for_index(snapshot.settings, todo, device=args.device, cache_dir=cache)
         snapshot.check_compatible(about)
         failed = res.failed
         _report_failed(failed)
@@ -371,7 +389,7 @@ def cmd_add(args: argparse.Namespace) -> int:
         n = len(index)
     raced = f", {counts['present']} added meanwhile by another writer" if counts["present"] else ""
     print(f"added {counts['added']}, updated {counts['updated']}, skipped {len(failed)} unreadable, "
-          f"{len(already)} already indexed, {len(duplicates)} duplicates{raced}; index has {n} images")
+          f"{len(already)} already indexed, {n_dup} duplicates{raced}; index has {n} images")
     if given and verify is None:
         drop_local(args.index)
     elif verify is not None or has_local(args.index):

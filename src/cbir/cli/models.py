@@ -53,7 +53,7 @@ def _size(imsize: int, scales) -> str:
 
 def handler(args: argparse.Namespace) -> int:
     from ..backbones import OFFLINE_LITE, offline_weights_path, resolution_info
-    from ..pooling import POOLING_HELP
+    from ..model_names import POOLING_HELP
     from ..published import PUBLISHED, models_dir
 
     rows = []

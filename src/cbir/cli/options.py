@@ -12,16 +12,14 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # torch comes with cbir.model: imported where a handler needs it, never to build the parser
     from ..model import ModelSpec
 
-POOLING_HELP = ("pooling and its parameters, NAME[:key=value,...]: spoc, mac, gem, gem:p=4, gem:per_channel=1, "
-                "rmac:levels=3, regional:base=gem, crow, bow:k=1024 (default: gem)")
-
-
 def add_model_options(parser: Any) -> None:
     """``--model``, ``--pooling``, ``--weights`` (on a parser or an argument group)."""
     parser.add_argument("--model", default="efficientnet_lite0",
                         help="backbone name (timm or torchvision, e.g. resnet101, torchvision:resnet50, "
                              "vit_small_patch16_224) or a model file saved by cbir (default: efficientnet_lite0)")
-    parser.add_argument("--pooling", default="gem", metavar="NAME[:k=v,...]", help=POOLING_HELP)
+    from ..model_names import pooling_option_help
+
+    parser.add_argument("--pooling", default="gem", metavar="NAME[:k=v,...]", help=pooling_option_help("gem"))
     parser.add_argument("--weights", default="default",
                         help="default (offline Lite0/1/2, else the library download), imagenet (download), "
                              "none (random), or a weights FILE (default: default)")

@@ -96,14 +96,15 @@ def wants_rerank(args: argparse.Namespace) -> bool:
 
 
 def query_images(values: list[str] | None) -> list[Path]:
-    """The query files of ``--image`` (each a file, or a folder searched recursively for images)."""
-    from ..extraction.images import is_image_file
+    """The query files of ``--image`` (each a file, or a folder searched recursively for photos by the
+    rule of :mod:`cbir.collection`)."""
+    from ..collection import walk_folder
 
     out: list[Path] = []
     for v in values or []:
         p = Path(v)
         if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and is_image_file(f))
+            found, _ = walk_folder(p)
             if not found:
                 raise CLIError(f"--image {p} is a folder without images")
             out.extend(found)

@@ -70,17 +70,13 @@ def _build(name: str, root: Path, rels: list[Path], labels: list[str], queries: 
 
 def from_folder(root: str | Path, queries: Sequence[str] | None = None, n_queries: int | None = None,
                 seed: int = 0) -> RetrievalDataset:
-    """``root/<class>/<image>``: one sub-folder per class (sub-sub-folders belong to their class)."""
+    """``root/<class>/<image>``: one sub-folder per class (sub-sub-folders belong to their class); the
+    photos are those of :func:`cbir.collection.class_photos` (hidden files and non-images left out)."""
+    from ..collection import class_photos
+
     root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"image folder not found: {root}")
-    rels, labels = [], []
-    for cls in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        for f in sorted(cls.rglob("*")):
-            if f.is_file() and f.suffix.lower() in IMAGE_EXTS and not f.name.startswith("."):
-                rels.append(f.relative_to(root))
-                labels.append(cls.name)
-    return _build(root.name, root, rels, labels, queries, n_queries, seed)
+    files, labels = class_photos(root)
+    return _build(root.name, root, [f.relative_to(root) for f in files], labels, queries, n_queries, seed)
 
 
 def from_csv(csv_path: str | Path, image_root: str | Path | None = None, queries: Sequence[str] | None = None,

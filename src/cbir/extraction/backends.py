@@ -155,11 +155,11 @@ def _version_key(model) -> tuple:
 
 
 def converted_cache_dir() -> Path:
-    """``$CBIR_CONVERTED_CACHE``, else ``$XDG_CACHE_HOME/cbir/converted`` (``~/.cache/cbir/converted``)."""
-    if os.environ.get("CBIR_CONVERTED_CACHE"):
-        return Path(os.environ["CBIR_CONVERTED_CACHE"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base).expanduser() / "cbir" / "converted"
+    """:func:`cbir.paths.cache_dir` ``("converted")``: ``$CBIR_CONVERTED_CACHE``, else
+    ``$XDG_CACHE_HOME/cbir/converted`` (``~/.cache/cbir/converted``)."""
+    from ..paths import cache_dir
+
+    return cache_dir("converted")
 
 
 def weights_sha256(model: torch.nn.Module) -> str:

@@ -17,7 +17,6 @@ same files.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -46,14 +45,15 @@ LEGACY_PARTIAL = ".cbir-partial"  # the temporary chunk folder of cbir <= 0.1 (r
 
 
 def fingerprint(model, ids, paths, bboxes, imsize, settings: Sequence[Any]) -> str:
-    """Hash of what decides the output: model (description + sampled weights), inputs and settings."""
-    h = hashlib.sha256()
-    h.update(json.dumps([model.describe(), ids, [str(p) for p in paths], [list(b) if b else None for b in bboxes],
-                         imsize, list(settings)], sort_keys=True, default=str).encode())
-    with torch.no_grad():
-        for _, t in sorted(model.state_dict().items()):
-            h.update(t.detach().float().cpu().contiguous().numpy().tobytes()[:: max(1, t.numel() // 64)])
-    return h.hexdigest()[:24]
+    """Identity of what decides the output, 24 hex digits of :func:`cbir.cache.identity.key_of`: the
+    model (its description and :func:`cbir.extraction.backends.weights_sha256`, every weight), the
+    inputs and the settings."""
+    from ..cache.identity import key_of
+    from .backends import weights_sha256
+
+    return key_of({"model": model.describe(), "weights": weights_sha256(model), "ids": list(ids),
+                   "paths": [str(p) for p in paths], "bboxes": [list(b) if b else None for b in bboxes],
+                   "imsize": imsize, "settings": list(settings)}, 24)
 
 
 @dataclass

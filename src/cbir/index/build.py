@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -17,17 +18,12 @@ if TYPE_CHECKING:
 from ..extraction.images import IMAGE_EXTENSIONS as IMAGE_SUFFIXES  # one list for all of cbir
 
 
-def list_images(paths: Sequence[str | os.PathLike[str]]) -> list[Path]:
-    """Image files named, or found recursively under named folders (sorted, absolute); FileNotFoundError for a missing one."""
-    out: list[Path] = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            out.extend(sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES))
-        elif p.is_file():
-            out.append(p)
-        else:
-            raise FileNotFoundError(f"no such file or folder: {p}")
-    return [f.resolve() for f in out]
+def list_images(paths: Sequence[str | os.PathLike[str]], exclude: str | os.PathLike[str] | None = None) -> list[Path]:
+    """The photos of ``paths`` by the rule of :mod:`cbir.collection` (:func:`~cbir.collection.list_photos`),
+    absolute; FileNotFoundError for a missing one."""
+    from ..collection import list_photos
+
+    return [f.resolve() for f in list_photos(paths, exclude).files]
 
 
 def build_index(
@@ -124,28 +120,61 @@ def index_from_descriptors(
     return index
 
 
-def plan_add(index: Index, files: Sequence[str | os.PathLike[str]], *, update: bool = False
-             ) -> tuple[list[Path], dict[Path, int], list[Path]]:
-    """Which of ``files`` to describe for an add: (todo, already indexed {path: id}, duplicates).
+@dataclass
+class AddPlan:
+    """What an add does with each file named: ``todo`` (to describe), ``already`` ({path: id}, indexed
+    at that path), ``copies`` ({path: id}: the same bytes as indexed image ``id`` at another path,
+    :mod:`cbir.index.duplicates`), ``repeats`` ({path: the first file named with the same path or
+    the same bytes}: described once)."""
 
-    A file named twice is described once (the repeats are returned as duplicates); an indexed file
-    is skipped unless ``update``.
+    todo: list[Path] = field(default_factory=list)
+    already: dict[Path, int] = field(default_factory=dict)
+    copies: dict[Path, int] = field(default_factory=dict)
+    repeats: dict[Path, Path] = field(default_factory=dict)
+
+
+def plan_add(index: Index, files: Sequence[str | os.PathLike[str]], *, update: bool = False,
+             digest: Any = None) -> AddPlan:
+    """Which of ``files`` to describe for an add (:class:`AddPlan`).
+
+    A file named twice, or holding the same bytes as one named before it, is described once; a file
+    indexed at its path is skipped unless ``update``; a file at a new path holding the bytes of an
+    indexed image is that image (:func:`cbir.index.duplicates.indexed_copies`, the service's rule):
+    skipped, never a new id. ``digest``: the file hash (default sha256 of the bytes; a
+    :class:`cbir.cache.digest.DigestMemo` remembers it). A file that cannot be read is left in
+    ``todo`` (describing it reports why).
     """
-    todo: list[Path] = []
-    already: dict[Path, int] = {}
-    duplicates: list[Path] = []
+    from .duplicates import content_of, indexed_copies
+
+    plan = AddPlan()
     seen: set[Path] = set()
+    first_of: dict[str, Path] = {}
+    content: dict[Path, tuple[str, int]] = {}
     for f in (Path(f).resolve() for f in files):
         if f in seen:
-            duplicates.append(f)
+            plan.repeats[f] = f
             continue
         seen.add(f)
         known = index.id_of_path(str(f))
-        if known is not None and not update:
-            already[f] = known
-        else:
-            todo.append(f)
-    return todo, already, duplicates
+        if known is not None:
+            if update:
+                plan.todo.append(f)
+            else:
+                plan.already[f] = known
+            continue
+        got = content_of(f, digest)
+        if got is not None:
+            if got[0] in first_of:
+                plan.repeats[f] = first_of[got[0]]
+                continue
+            first_of[got[0]] = f
+            content[f] = got
+        plan.todo.append(f)
+    if content:
+        ids = indexed_copies(index, dict(content.values()), digest=digest)
+        plan.copies = {f: ids[c[0]] for f, c in content.items() if c[0] in ids}
+        plan.todo = [f for f in plan.todo if f not in plan.copies]
+    return plan
 
 
 def add_or_update(index: Index, paths: Sequence[str | os.PathLike[str]], vectors: np.ndarray, *,

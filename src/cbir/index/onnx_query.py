@@ -267,7 +267,7 @@ def optimized_file(key: str, ort_version: str) -> Path:
     import hashlib
     import platform
 
-    from ..cache.digest import default_cache_dir
+    from ..paths import cache_dir
 
     cpu = platform.machine()
     try:
@@ -276,7 +276,7 @@ def optimized_file(key: str, ort_version: str) -> Path:
     except OSError:
         cpu += platform.processor()
     tag = hashlib.sha256(f"{ort_version}|{cpu}".encode()).hexdigest()[:12]
-    return default_cache_dir() / "query-models" / f"{key}-ort-{tag}.onnx"
+    return cache_dir("query-models") / f"{key}-ort-{tag}.onnx"
 
 
 def _session(ort: Any, model: QueryModel) -> Any:
@@ -297,27 +297,30 @@ def _session(ort: Any, model: QueryModel) -> Any:
                                         providers=providers)
         except Exception:  # damaged or from another build: made again below
             fast.unlink(missing_ok=True)
-    opts = options(ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
-    tmp = fast.with_name(f".{fast.name}.{os.getpid()}.tmp")
+    from ..fileio import atomic_write_with
+
+    session = None
+
+    def optimise_into(tmp: str) -> None:  # ORT writes the optimised graph to a file named in its options
+        nonlocal session
+        opts = options(ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+        opts.optimized_model_filepath = tmp
+        session = ort.InferenceSession(model.onnx, opts, providers=providers)
+
     try:
-        fast.parent.mkdir(parents=True, exist_ok=True)
-        opts.optimized_model_filepath = str(tmp)
-    except OSError:
-        tmp = None  # a read-only cache: optimise in memory every time
-    session = ort.InferenceSession(model.onnx, opts, providers=providers)
-    if tmp is not None:
-        try:
-            os.replace(tmp, fast)
-        except OSError:
-            tmp.unlink(missing_ok=True)
+        atomic_write_with(fast, optimise_into)
+    except OSError:  # a read-only cache: optimise in memory every time
+        if session is None:
+            session = ort.InferenceSession(model.onnx, options(ort.GraphOptimizationLevel.ORT_ENABLE_ALL),
+                                           providers=providers)
     return session
 
 
 # --- where the file lives ---------------------------------------------------------------------------
 def _fallback_file(key: str) -> Path:
-    from ..cache.digest import default_cache_dir
+    from ..paths import cache_dir
 
-    return default_cache_dir() / "query-models" / f"{key}.npz"
+    return cache_dir("query-models") / f"{key}.npz"
 
 
 def _memo_digest() -> Callable[[Any], str | None]:

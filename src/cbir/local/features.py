@@ -27,8 +27,6 @@ by ``max_features`` squared.
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -77,8 +75,9 @@ orientation (0) per keypoint, for collections with no rotated photos.
     def key(self) -> str:
         """A stable name of these settings, e.g. ``sift-1024px-1024-root-6a1f0c2e``: readable fields
         then 8 hex digits of the sha256 of every field (and :data:`ALGORITHM_VERSION`)."""
-        blob = json.dumps({**self.model_dump(), "algorithm": ALGORITHM_VERSION}, sort_keys=True)
-        digest = hashlib.sha256(blob.encode()).hexdigest()[:8]
+        from ..cache.identity import key_of
+
+        digest = key_of({**self.model_dump(), "algorithm": ALGORITHM_VERSION}, 8)
         norm = "root" if self.root else "l2"
         return f"{self.kind}-{self.max_size}px-{self.max_features}-{norm}-{digest}"
 

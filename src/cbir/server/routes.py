@@ -7,7 +7,6 @@ Every response a route can give is declared, so the OpenAPI schema is the whole 
 
 from __future__ import annotations
 
-import hashlib
 import time
 from pathlib import Path as FilePath
 from typing import Annotated, Any
@@ -17,6 +16,7 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel
 
+from ..fileio import sha256_bytes
 from ..index import IncompatibleDescriptorError
 from ..pipeline import search_index
 from .service import SUFFIX, Service, parse_bbox
@@ -230,14 +230,14 @@ def search_id(svc: ServiceDep, image_id: ImageId, top: int = Query(20), matches:
 def add_image(svc: WriterDep, file: Annotated[UploadFile, File()]) -> Any:
     """Add an uploaded image to the index (stored under the index's uploads/ with its file name made safe)."""
     up = svc.read_upload(file)
-    digest = hashlib.sha256(up.data).hexdigest()
-    existing = _already_indexed(svc, digest)
+    digest = sha256_bytes(up.data)
+    existing = _already_indexed(svc, digest, len(up.data))
     if existing is not None:
         return JSONResponse({"id": existing, "added": False, "detail": "this image is already in the index"})
     q = svc.encode(up, None)  # outside the lock: the slow part
     try:
         with svc.writing() as index:
-            existing = _already_indexed(svc, digest)  # another request may have added it meanwhile
+            existing = _already_indexed(svc, digest, len(up.data))  # another request may have added it meanwhile
             if existing is not None:
                 raise _Duplicate(existing)  # leave the block without saving a generation
             try:
@@ -261,9 +261,12 @@ class _Duplicate(Exception):
         self.id = id_
 
 
-def _already_indexed(svc: Service, digest: str) -> int | None:
-    path = svc.uploads.find(digest)
-    return None if path is None else svc.index.id_of_path(str(path))
+def _already_indexed(svc: Service, digest: str, size: int) -> int | None:
+    """The id of the indexed image holding these bytes (the rule of `cbir index add`,
+    :func:`cbir.index.duplicates.indexed_copies`), the upload store's file tried first."""
+    from ..index.duplicates import indexed_copies
+
+    return indexed_copies(svc.index, {digest: size}, known=svc.uploads.find).get(digest)
 
 
 @router.delete("/images/{image_id}", response_model=Removed, responses=_errors(401, 403, 404))

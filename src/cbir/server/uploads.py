@@ -14,7 +14,6 @@ rebuilt by hashing.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import secrets
@@ -23,7 +22,7 @@ import threading
 import unicodedata
 from pathlib import Path
 
-from ..fileio import atomic_write_bytes, sha256_file
+from ..fileio import atomic_write_bytes, sha256_bytes, sha256_file
 
 MAX_STEM = 80
 
@@ -159,7 +158,7 @@ class UploadStore:
                 target = self.root / f"{stem}-{secrets.token_hex(4)}{suffix}"
             atomic_write_bytes(target, data)
             target = target.resolve()
-            digest = digest or hashlib.sha256(data).hexdigest()
+            digest = digest or sha256_bytes(data)
             self._sizes[target] = len(data)
             self._digests[digest] = target
             self._remember(target, digest)

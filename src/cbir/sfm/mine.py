@@ -15,8 +15,8 @@ Steps (each one's output written atomically in ``OUT``; a rerun skips what is do
 4. ``OUT/summary.json`` (last): photos, candidate and verified pairs, clusters, 3D models,
    registered photos, tuples, seconds per stage.
 
-Photos: the image files under ``FOLDER`` (:data:`cbir.extraction.images.IMAGE_EXTENSIONS`,
-hidden files and the output folder skipped), named by their path relative to ``FOLDER``. No label
+Photos: the image files under ``FOLDER`` by the rule of :mod:`cbir.collection` (hidden files, non-images
+and the output folder skipped), named by their path relative to ``FOLDER``. No label
 and no ground-truth file is ever read. ``OUT/state.json`` stamps the settings and the photo list:
 a rerun with other settings or other photos is refused in one line (``restart=True`` empties OUT
 and starts over). RANSAC and the mapper are seeded and single-threaded, so a killed-and-resumed
@@ -47,25 +47,16 @@ VAL_GND = "val_gnd.pkl"
 
 def collect_photos(folder: str | os.PathLike[str], exclude: str | os.PathLike[str] | None = None
                    ) -> tuple[list[str], list[Path], int]:
-    """(names relative to ``folder`` with extension, paths, number of other files skipped), sorted."""
-    from ..extraction.images import is_image_file
+    """(names relative to ``folder`` with extension, paths, number of other files skipped), sorted: the
+    photos of :func:`cbir.collection.walk_folder` (the one rule of every command)."""
+    from ..collection import walk_folder
 
     root = Path(folder)
     if not root.is_dir():
         raise FileNotFoundError(f"photo folder not found: {root}")
-    excl = Path(exclude).resolve() if exclude is not None else None
-    names, paths, other = [], [], 0
-    for f in sorted(root.rglob("*")):
-        rel = f.relative_to(root)
-        if any(part.startswith(".") for part in rel.parts) or not f.is_file():
-            continue
-        if excl is not None and (excl == f.resolve().parent or excl in f.resolve().parents):
-            continue
-        if not is_image_file(f):
-            other += 1
-            continue
-        names.append(rel.as_posix())
-        paths.append(f)
+    paths, others = walk_folder(root, exclude)
+    names = [f.relative_to(root).as_posix() for f in paths]
+    other = len(others)
     if not paths:
         raise ValueError(f"{root}: no photos (image files: .jpg, .png, ...) found")
     return names, paths, other

@@ -13,8 +13,6 @@ Defaults are those of the issue's prototype (SIFT at 640 px / 1024 features, 10 
 
 from __future__ import annotations
 
-import hashlib
-import json
 from typing import Any
 
 from pydantic import Field
@@ -77,8 +75,10 @@ class MineSettings(Schema):
 
 
 def settings_digest(doc: Any) -> str:
-    """sha256 of the canonical JSON of ``doc`` (settings, photo lists)."""
-    return hashlib.sha256(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    """sha256 of the canonical JSON of ``doc`` (settings, photo lists): :func:`cbir.cache.identity.key_of`."""
+    from ..cache.identity import key_of
+
+    return key_of(doc, 64)
 
 
 def changed_fields(old: Any, new: Any, prefix: str = "") -> list[str]:

@@ -174,7 +174,7 @@ def verified_pairs(
     ``keys``: a unique name per photo (default: the path as given); ``settings``: None = the
     defaults; ``progress(stage, done, total)`` for bars; ``device`` for the global model and the
     matching ("auto", "cpu", "cuda"); ``workers``: SIFT processes; ``cache_dir``: the extraction
-    cache (default ``$CBIR_CACHE`` or ~/.cache/cbir). A work folder holding a run with other
+    cache (default :func:`cbir.paths.cache_dir`, ``$CBIR_CACHE`` or ``$XDG_CACHE_HOME/cbir/descriptors``). A work folder holding a run with other
     settings or photos: :class:`cbir.sfm.state.SettingsChanged` unless ``restart``.
     """
     settings = settings or PairSettings()

@@ -211,16 +211,14 @@ def load_sfm(
 
 
 def load_class_folder(root: str | os.PathLike[str]) -> TrainingImages:
-    """A folder per class: ``ROOT/<class>/<image>`` (image extensions: :data:`IMAGE_EXTENSIONS`)."""
+    """A folder per class: ``ROOT/<class>/<image>``, the photos of :func:`cbir.collection.class_photos`
+    (image extensions: :data:`IMAGE_EXTENSIONS`; hidden files and folders left out)."""
+    from ..collection import class_photos
+
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"training image folder not found: {root}")
-    paths, labels = [], []
-    for cls in sorted(p for p in root.iterdir() if p.is_dir()):
-        for f in sorted(cls.rglob("*")):
-            if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file():
-                paths.append(f)
-                labels.append(cls.name)
+    paths, labels = class_photos(root)
     if not paths:
         raise ValueError(f"{root}: no images in class sub-folders (expected ROOT/<class>/<image>)")
     return from_labels(paths, labels)
