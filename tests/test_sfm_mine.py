@@ -157,8 +157,17 @@ def test_rerun_changes_nothing_and_other_settings_are_refused(mined, photos, mon
     assert "\n" not in str(err.value) and "--restart" in str(err.value)
 
 
-def test_a_crafted_verification_chunk_runs_no_code(mined, photos, tmp_path, monkeypatch):
-    """A chunk file replaced by an .npz holding a pickled object is refused in one line, running nothing."""
+# every stamped array file ``mine`` reads back from OUT on a rerun: (path, its format stamp, meta)
+CRAFTED = [("pairs/global.npz", "cbir-mine-global", {}),
+           ("pairs/candidates.npz", "cbir-mine-candidates", {"k": 3}),
+           ("pairs/verify/000000.npz", "cbir-mine-verify", {"first": 0, "stop": 1}),
+           ("pairs/graph.npz", "cbir-mine-graph", {})]
+
+
+@pytest.mark.parametrize("rel, kind, meta", CRAFTED, ids=[c[0].rsplit("/", 1)[1] for c in CRAFTED])
+def test_a_crafted_work_file_runs_no_code(mined, photos, tmp_path, monkeypatch, rel, kind, meta):
+    """A finished work file replaced by a well-stamped .npz holding a pickled object (its __reduce__
+    would create a marker file) is refused in one line naming the file, running nothing."""
     import io
     import shutil
 
@@ -167,21 +176,30 @@ def test_a_crafted_verification_chunk_runs_no_code(mined, photos, tmp_path, monk
     out, _ = mined
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)
+    assert (copy / rel).is_file()
     marker = tmp_path / "PWNED"
 
     class Touch:
         def __reduce__(self):
             return (Path.touch, (marker,))
 
+    evil = np.array([Touch()], dtype=object)
     buf = io.BytesIO()
-    np.savez(buf, meta=np.array(json.dumps({"format": "cbir-mine-verify", "format_version": 1, "first": 0,
-                                            "stop": 1})),
-             inliers=np.array([Touch()], dtype=object), offsets=np.zeros(2, np.int64), matches=np.zeros((0, 2)))
-    (copy / "pairs" / "verify" / "000000.npz").write_bytes(buf.getvalue())
+    np.savez(buf, meta=np.array(json.dumps({"format": kind, "format_version": 1, **meta})),
+             vectors=evil, ok=evil, pairs=evil, similarity=evil, inliers=evil, offsets=np.zeros(2, np.int64),
+             matches=np.zeros((0, 2)), clusters=evil, cut=evil)
+    (copy / rel).write_bytes(buf.getvalue())
+    # the control: the same bytes, read with pickles allowed, do run code
+    with np.load(io.BytesIO(buf.getvalue()), allow_pickle=True) as z:
+        z["inliers"]
+    assert marker.exists()
+    marker.unlink()
+    (copy / "tuples.pkl").unlink()  # so the rerun has work to do and reads the stages back
+    (copy / "summary.json").unlink()
     monkeypatch.setenv("CBIR_CACHE", str(out.parent / "cache"))
     with pytest.raises(FormatError) as err:
         mine(photos, copy, settings(), device="cpu")
-    assert "000000.npz" in str(err.value) and "\n" not in str(err.value) and not marker.exists()
+    assert rel.rsplit("/", 1)[1] in str(err.value) and "\n" not in str(err.value) and not marker.exists()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,7 +237,8 @@ def test_cli_prints_the_summary_and_refuses_in_one_line(mined, photos, tmp_path,
     assert "--k: must be an integer in [1, 1000] (got 0)" in capsys.readouterr().err
 
 
-MILESTONES = ("pairs/global.npz", "pairs/verify/000001.npz", "reconstruct")
+# after the global descriptors, mid-features (2nd shard of 2 photos), mid-verification, mid-SfM
+MILESTONES = ("pairs/global.npz", "pairs/local/shards/00000001.json", "pairs/verify/000001.npz", "reconstruct")
 
 
 @pytest.mark.slow
