@@ -117,6 +117,29 @@ def test_tuples_load_for_training_with_their_evidence(mined, photos):
     assert [str(p) for p in bench.db_paths] == [str(p) for p in val.paths]
 
 
+def test_the_shipped_config_trains_on_mined_tuples_as_written(mined, photos, tmp_path, capsys):
+    """``cbir train configs/mined_sfm.yaml`` with the paths docs/mining.md gives (only sizes shrunk for
+    speed): it reads the tuples and the val split, trains, validates on the mined val clusters and keeps
+    the best epoch (the start included), saying which."""
+    from cbir.cli import main
+
+    out, _ = mined
+    config = Path(__file__).resolve().parents[1] / "configs" / "mined_sfm.yaml"
+    run = tmp_path / "run"
+    code = main(["train", str(config), f"data.pkl={out / 'tuples.pkl'}", f"data.root={photos}",
+                 f"validation.gnd={out / 'val_gnd.pkl'}", f"validation.images={photos}", f"out={run}",
+                 "data.imsize=96", "validation.imsize=96", "mining.queries_per_epoch=4", "mining.negatives=1",
+                 "optim.epochs=1", "optim.batch_tuples=2", "device=cpu", "--no-progress"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    summary = json.loads(captured.out.strip().splitlines()[-1])
+    assert summary["best"]["epoch"] in (0, 1) and summary["setup"]["queries"] == 8
+    assert f"kept epoch {summary['best']['epoch']}" in captured.out + captured.err
+    assert (run / "model.pt").is_file() and (run / "last.pt").is_file()
+    history = json.loads((run / "history.json").read_text())["history"]
+    assert [h["epoch"] for h in history if "val" in h][:2] == [0, 1]
+
+
 def test_verified_pairs_library_call(mined, photos):
     from cbir.sfm.verified import verified_pairs
 
