@@ -12,7 +12,8 @@ commands (docs/mining.md, "Fine-tuning on mined tuples"):
 ``cbir mine`` reads the photos only; no label of the training set is read. The kept model is the one
 the best-epoch rule chose on the mined val split (whole mined clusters never trained on), the
 starting model included; it is measured on the OTHER set. For information only (not a choice: it
-was not validated), the last trained epoch is measured too (``OUT/train-SET/last_model.pt``).
+was not validated), the last trained epoch is measured too (``OUT/train-SET/last_model.pt``); ``--same-set`` also measures on the mined set itself
+(fine-tuning on one's own unlabelled collection: its labels are read only to measure).
 Writes OUT/result.json (figures, kept epoch, training history, commands, load average, date).
 
 Example (the figures of docs/mining.md; 2-core CPU, about 15 min of training a set, loaded):
@@ -98,6 +99,8 @@ def main() -> int:
     ap.add_argument("--eval-size", type=int, default=512)
     ap.add_argument("--eval-scales", type=float, nargs="+", default=[1.0])
     ap.add_argument("--no-last", action="store_true", help="do not measure the last trained epoch")
+    ap.add_argument("--same-set", action="store_true",
+                    help="also measure on the mined set itself (its labels were never read in training)")
     ap.add_argument("overrides", nargs="*", help="extra KEY=VALUE for cbir train (e.g. optim.epochs=3)")
     args = ap.parse_args()
 
@@ -137,10 +140,22 @@ def main() -> int:
             r["fine_tuned_kept"] = dict(r["none"], note="epoch 0 kept: the starting weights, not re-measured")
         else:
             r["fine_tuned_kept"] = evaluate(gnd, run / "model.pt", args, out / f"{name}-kept-on-{test}", log)
+        same = False
         if not args.no_last:
             last, epoch = export_last(run)
             r["last_epoch"] = epoch
-            r["fine_tuned_last"] = evaluate(gnd, last, args, out / f"{name}-last-on-{test}", log)
+            same = epoch == (summary.get("best") or {}).get("epoch")  # the kept epoch is the last one
+            r["fine_tuned_last"] = (dict(r["fine_tuned_kept"], note="the kept epoch") if same
+                                    else evaluate(gnd, last, args, out / f"{name}-last-on-{test}", log))
+        if args.same_set:
+            own = SHARED / "data" / folder / SETS[name][1]
+            r["same_set"] = {"none": evaluate(own, None, args, out / f"none-on-{name}", log)}
+            r["same_set"]["fine_tuned_kept"] = (dict(r["same_set"]["none"], note=r["fine_tuned_kept"]["note"])
+                                                if "note" in r["fine_tuned_kept"] else
+                                                evaluate(own, run / "model.pt", args, out / f"{name}-kept-on-{name}", log))
+            if not args.no_last:
+                r["same_set"]["fine_tuned_last"] = (r["same_set"]["fine_tuned_kept"] if same else
+                                                    evaluate(own, last, args, out / f"{name}-last-on-{name}", log))
         result["runs"][name] = r
         print(json.dumps({name: {k: r[k] for k in ("test", "kept", "none", "fine_tuned_kept")}
                           | {k: r[k] for k in ("last_epoch", "fine_tuned_last") if k in r}}), flush=True)
