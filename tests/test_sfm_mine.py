@@ -284,7 +284,7 @@ def test_kill_9_at_several_points_then_resume_gives_the_same_result(mined, photo
             os.kill(proc.pid, signal.SIGKILL)
             kills += 1
         proc.wait()
-    assert kills >= 2
+    assert kills >= 3  # of 4 (a milestone already passed when the previous kill landed is skipped)
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     assert (out / "tuples.pkl").read_bytes() == (ref / "tuples.pkl").read_bytes()
