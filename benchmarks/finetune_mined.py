@@ -16,8 +16,10 @@ was not validated), the last trained epoch is measured too (``OUT/train-SET/last
 (fine-tuning on one's own unlabelled collection: its labels are read only to measure).
 Writes OUT/result.json (figures, kept epoch, training history, commands, load average, date).
 
-Example (the figures of docs/mining.md; 2-core CPU, about 15 min of training a set, loaded):
-  python benchmarks/finetune_mined.py --out runs/ft_mined --mined-holidays /tmp/F/holidays --mined-paris /tmp/F/paris
+Example (the figures of docs/mining.md; 2-core CPU, 8-18 min of training a set, loaded; without
+--mined-*, each set is mined first into OUT/mined-SET, 5-15 min):
+  python benchmarks/finetune_mined.py --out runs/ft_mined --mined-holidays mined-holidays --mined-paris mined-paris --same-set
+  python benchmarks/finetune_mined.py --out runs/ft_top1 --train holidays mining.positive=inliers_top1
 """
 
 from __future__ import annotations
@@ -63,7 +65,8 @@ def export_last(run: Path) -> tuple[Path, int]:
 
 
 def same_as_start(model_file: Path) -> bool:
-    """Whether a saved model holds exactly the weights of the starting model (Lite0 + GeM p=3, offline)."""
+    """Whether a saved model holds exactly the weights of the starting model (the config's backbone,
+    GeM p=3, offline default weights): the best-epoch rule kept epoch 0."""
     import torch
 
     from cbir.model import build_model, load_model
