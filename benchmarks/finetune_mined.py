@@ -19,7 +19,7 @@ Writes OUT/result.json (figures, kept epoch, training history, commands, load av
 Example (the figures of docs/mining.md; 2-core CPU, 8-18 min of training a set, loaded; without
 --mined-*, each set is mined first into OUT/mined-SET, 5-15 min):
   python benchmarks/finetune_mined.py --out runs/ft_mined --mined-holidays mined-holidays --mined-paris mined-paris --same-set
-  python benchmarks/finetune_mined.py --out runs/ft_top1 --train holidays mining.positive=inliers_top1
+  python benchmarks/finetune_mined.py --train holidays --out runs/ft_top1 mining.positive=inliers_top1
 """
 
 from __future__ import annotations
