@@ -18,6 +18,7 @@ from typing import Iterable, Sequence
 
 from ..fileio import sha256_bytes, sha256_file
 from ..paths import cache_dir
+from .sqlite import write_transaction
 
 __all__ = ["default_cache_dir", "bytes_digest", "file_digest", "DigestMemo", "MEMO_NAME"]
 
@@ -135,17 +136,13 @@ class DigestMemo:
 
     def _write(self, con: sqlite3.Connection, fresh: Iterable[tuple]) -> None:
         now = int(time.time())
-        try:
-            con.execute("BEGIN IMMEDIATE")
+
+        def body(c: sqlite3.Connection) -> None:
             for s in fresh:
-                con.execute("DELETE FROM digests WHERE path = ?", (s[0],))  # older versions of this path
-                con.execute("INSERT OR REPLACE INTO digests VALUES (?, ?, ?, ?, ?, ?, ?)", (*s, self._mem[s], now))
-            con.execute("COMMIT")
-        except sqlite3.DatabaseError:
-            try:
-                con.execute("ROLLBACK")
-            except sqlite3.DatabaseError:
-                pass
+                c.execute("DELETE FROM digests WHERE path = ?", (s[0],))  # older versions of this path
+                c.execute("INSERT OR REPLACE INTO digests VALUES (?, ?, ?, ?, ?, ?, ?)", (*s, self._mem[s], now))
+
+        write_transaction(con, body)
 
 
 def _remove_db(file: Path) -> None:

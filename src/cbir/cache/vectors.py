@@ -32,6 +32,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 
 from .identity import CACHE_FORMAT_VERSION, key_of
+from .sqlite import write_transaction
 
 __all__ = ["VectorCache", "ItemKey", "store_folder", "cache_info", "clear_cache", "prune", "max_cache_bytes",
            "FORMAT"]
@@ -174,33 +175,22 @@ class VectorCache:
             return 0 if con is None else self._put(con, rows, about)
 
     def _put(self, con: sqlite3.Connection, rows: list[tuple], about: dict[str, Any] | None) -> int:
-        try:
-            con.execute("BEGIN IMMEDIATE")
-            con.executemany("INSERT OR REPLACE INTO vectors VALUES (?, ?, ?, ?, ?, ?)", rows)
+        def body(c: sqlite3.Connection) -> None:
+            c.executemany("INSERT OR REPLACE INTO vectors VALUES (?, ?, ?, ?, ?, ?)", rows)
             if about is not None:
-                con.execute("INSERT OR REPLACE INTO info VALUES ('about', ?)", (json.dumps(about, default=str),))
-                self.about = json.loads(json.dumps(about, default=str))
-            con.execute("COMMIT")
-        except sqlite3.DatabaseError:
-            try:
-                con.execute("ROLLBACK")
-            except sqlite3.DatabaseError:
-                pass
+                c.execute("INSERT OR REPLACE INTO info VALUES ('about', ?)", (json.dumps(about, default=str),))
+
+        if not write_transaction(con, body):
             return 0
+        if about is not None:
+            self.about = json.loads(json.dumps(about, default=str))
         return len(rows)
 
     def _touch(self, con: sqlite3.Connection, keys: list[ItemKey]) -> None:
         now = int(time.time())
-        try:
-            con.execute("BEGIN IMMEDIATE")
-            con.executemany("UPDATE vectors SET used = ? WHERE digest = ? AND box = ? AND used < ?",
-                            [(now, d, b, now - 60) for d, b in keys])
-            con.execute("COMMIT")
-        except sqlite3.DatabaseError:
-            try:
-                con.execute("ROLLBACK")
-            except sqlite3.DatabaseError:
-                pass
+        write_transaction(con, lambda c: c.executemany(
+            "UPDATE vectors SET used = ? WHERE digest = ? AND box = ? AND used < ?",
+            [(now, d, b, now - 60) for d, b in keys]))
 
 
 def _decode(dim: Any, blob: Any, check: Any) -> np.ndarray | None:
