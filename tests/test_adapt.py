@@ -122,7 +122,7 @@ def test_report_counts_pairs_clusters_and_learned_whitening(adapted):
     assert r["photos"] == 12 and r["unreadable"] == 0
     # each photo verifies with its warped copies: 4 groups of 3 (3 pairs each), groups never join
     assert r["clusters"] == 4 and r["clustered_photos"] == 12 and r["verified_pairs"] >= 12
-    assert r["queries"] == 12 and r["matching_pairs"] == 12  # 4 x C(3, 2) pairs within clusters
+    assert r["queries"] == 12 and r["matching_pairs"] == r["verified_pairs"]  # positives: verified partners
     assert r["whitening"]["method"] == "lw" and r["whitening"]["out_dim"] == 512
     assert [f["learned_on_photos"] for f in r["folds"]] == [6, 6]
     assert set(r["pseudo_gt"]) == {"raw", "lw", "recipe"} and 0 <= r["pseudo_gt"]["recipe"] <= 100
@@ -138,7 +138,7 @@ def test_recipe_round_trip_is_the_lw_of_the_pairs(adapted, photos, cache):
     out, r = adapted
     recipe = Recipe.load(out)
     assert recipe.spec.method == "lw" and recipe.spec.fit == "validation" and recipe.spec.dim == 512
-    assert recipe.spec.shrinkage == pytest.approx(0.1)
+    assert recipe.spec.shrinkage == pytest.approx(0.5)
     side = Whitening.load(out.with_name(out.stem + ".whiten.npz"))
     np.testing.assert_array_equal(side.proj, recipe.learned.proj)
     assert recipe.rerank.to_dict() == {k: v for k, v in r["rerank"].items()}
@@ -152,13 +152,14 @@ def test_recipe_round_trip_is_the_lw_of_the_pairs(adapted, photos, cache):
     names = sorted(p.name for p in photos.glob("*.jpg"))
     vp = verified_pairs([photos / n for n in names], settings.pairs, r["work_dir"], keys=names, device="cpu",
                         cache_dir=cache)
-    pos = positive_lists(12, verified_edges(vp.pairs, vp.inliers, vp.min_inliers, vp.cut), vp.clusters, "cluster")
-    again = learn_lw(vp.vectors, matching_pairs(pos), dim=512, shrinkage=0.1)
+    edges = verified_edges(vp.pairs, vp.inliers, vp.min_inliers, vp.cut)
+    pos = positive_lists(12, edges, vp.clusters, "verified")
+    assert sorted(map(tuple, matching_pairs(pos).tolist())) == sorted(map(tuple, edges.tolist()))
+    again = learn_lw(vp.vectors, edges, dim=512, shrinkage=0.5)
     np.testing.assert_allclose(again.proj, recipe.learned.proj, rtol=1e-5, atol=1e-6)
     # photos of one group are closer to each other than to any other photo after the whitening
     z = again.apply(vp.vectors)
     s = z @ z.T
-    group = np.array([names.index(n) // 1 for n in names])
     group = np.array([PHOTOS.index(n.split("_w")[0].removesuffix(".jpg")) for n in names])
     for i in range(12):
         same = (group == group[i]) & (np.arange(12) != i)
@@ -228,15 +229,15 @@ def test_poisoned_ground_truth_changes_nothing_and_is_never_opened(adapted, phot
     np.testing.assert_array_equal(Recipe.load(out).learned.proj, Recipe.load(recipe).learned.proj)
 
 
-def test_cli_errors_are_one_line_exit_2_and_write_nothing(photos, cache, tmp_path):
+def test_cli_errors_are_one_line_exit_2_and_write_nothing(photos, cache, tmp_path, capsys):
     from cbir.cli import main
 
     out = tmp_path / "r.json"
 
-    def fails(args, needle, capsys=None):
-        p = run_cli(*args)
-        err = p.stderr.strip().splitlines()
-        assert p.returncode == 2 and len(err) == 1 and needle in err[0], p.stderr
+    def fails(args, needle):
+        assert main(args) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and needle in err[0], err
         assert not out.exists() and not out.with_name("r.whiten.npz").exists()
 
     fails(["adapt", str(tmp_path / "missing"), "--out", str(out)], "photo folder not found")
@@ -245,12 +246,14 @@ def test_cli_errors_are_one_line_exit_2_and_write_nothing(photos, cache, tmp_pat
     for name in PHOTOS[:2]:
         shutil.copy(photos / f"{name}.jpg", two)
     fails(["adapt", str(two), "--out", str(out), "--cache", str(cache), *OPTS], "at least 3")
-    fails(["adapt", str(photos), "--out", str(out), "--lw-shrinkage", "2", *OPTS], "--lw-shrinkage")
+    fails(["adapt", str(photos), "--out", str(out), *OPTS, "--lw-shrinkage", "2"],
+          "--lw-shrinkage: must be a finite number in [0, 1]")
+    fails(["adapt", str(photos), "--out", str(out), *OPTS, "--k", "0"], "--k: must be an integer in [1, 1000]")
     fails(["adapt", str(photos), "--out", str(tmp_path / "r.txt")], ".json")
-    assert main is not None
+    fails(["adapt", str(photos), "--out", str(tmp_path / "no" / "r.json")], "does not exist")
 
 
-def test_too_few_verified_pairs_is_refused(photos, cache, tmp_path):
+def test_too_few_verified_pairs_is_refused(photos, cache, tmp_path, capsys):
     """4 photos of different places, none verifies: one line, nothing written (library: TooFewPairs)."""
     few = tmp_path / "few"
     few.mkdir()
@@ -258,9 +261,12 @@ def test_too_few_verified_pairs_is_refused(photos, cache, tmp_path):
         shutil.copy(DEMO / f"{name}.jpg", few)
     with pytest.raises(TooFewPairs, match="verified pair"):
         adapt(few, _settings(), cache_dir=cache, device="cpu")
+    from cbir.cli import main
+
     out = tmp_path / "r.json"
-    p = run_cli("adapt", str(few), "--out", str(out), "--cache", str(cache), *OPTS)
-    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and "verified pair" in p.stderr
+    assert main(["adapt", str(few), "--out", str(out), "--cache", str(cache), *OPTS]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "verified pair" in err[0] and "at least 3 pairs" in err[0]
     assert not out.exists() and not out.with_name("r.whiten.npz").exists()
 
 

@@ -1,11 +1,13 @@
 """What decides the recipe ``cbir adapt`` writes: :class:`AdaptSettings`, a strict schema.
 
 Defaults were chosen on ONE set, holidays-805 (its ground truth read by the measurement script
-``benchmarks/adapt.py``, never by adapt), and are reported on another (rparis6k-250), see
-docs/adapt.md: the mining of :class:`cbir.sfm.settings.PairSettings` (Lite0 + GeM kNN, k = 10,
-RootSIFT 640 px / 1024 features, 15 inliers, weak bridges cut below 30), Lw at 512 dimensions with
-shrinkage 0.1 (the issue's prototype), positives = the photos of the query's cluster, the full
-re-ranking search of :class:`cbir.rerank.tune.Grid`.
+``benchmarks/adapt.py choose``, never by adapt), and are reported on another (rparis6k-250), see
+docs/adapt.md. Mining: :class:`cbir.sfm.settings.PairSettings` as ``cbir mine`` (Lite0 + GeM kNN,
+k = 10, RootSIFT 640 px / 1024 features, two-view RANSAC, 15 inliers, weak bridges cut below 30).
+Learned: Lw at 512 dimensions, shrinkage 0.5, positives = verified partners, the full re-ranking
+search of :class:`cbir.rerank.tune.Grid`. The rule on holidays-805 (mAP of the recipe): candidates
+within 0.5 points of the best are tied, and among tied ones the smallest output dimension wins
+(a smaller index), then the existing choice (the prototype's, ``cbir tune``'s search).
 """
 
 from __future__ import annotations
@@ -35,9 +37,9 @@ class AdaptSettings(Schema):
     """
 
     pairs: PairSettings = Field(default_factory=PairSettings)
-    positives: Literal["cluster", "verified"] = "cluster"
+    positives: Literal["cluster", "verified"] = "verified"
     lw_dim: Int(ge=1, le=MAX_DIM) | None = 512
-    lw_shrinkage: Float(ge=0.0, le=1.0) = 0.1
+    lw_shrinkage: Float(ge=0.0, le=1.0) = 0.5
     search: Literal["full", "fast"] = "full"
     verify: Bool = False
     min_pairs: Int(ge=1, le=10**9) = 10

@@ -61,12 +61,12 @@ def register(sub) -> None:
     v.add_argument("--bridge-inliers", type=int, default=30, metavar="N",
                    help="a single verified pair joining two groups of >= 2 photos needs this many (0: any; default: 30)")
     w = p.add_argument_group("what is learned")
-    w.add_argument("--positives", choices=("cluster", "verified"), default="cluster",
-                   help="a photo's matches: the photos of its cluster, or only its verified partners (default: cluster)")
+    w.add_argument("--positives", choices=("cluster", "verified"), default="verified",
+                   help="a photo's matches: only its verified partners, or every photo of its cluster (default: verified)")
     w.add_argument("--lw-dim", type=int, default=512, metavar="D",
                    help="dimensions kept by the learned whitening (default: 512; 0: all)")
-    w.add_argument("--lw-shrinkage", type=float, default=0.1, metavar="S",
-                   help="shrinkage of Lw's within-pair covariance towards its mean variance, in [0, 1] (default: 0.1)")
+    w.add_argument("--lw-shrinkage", type=float, default=0.5, metavar="S",
+                   help="shrinkage of Lw's within-pair covariance towards its mean variance, in [0, 1] (default: 0.5)")
     w.add_argument("--fast", action="store_true", help="a small re-ranking search (a few candidates per step)")
     w.add_argument("--tune-verify", action="store_true",
                    help="also try spatial verification in the search (extracts SIFT at the verifier's settings; the "
