@@ -9,7 +9,8 @@ candidate of what adapt itself fixes: the positives rule (cluster / verified), t
 the full search of the default is run by ``report``); the mining is done once (same pair
 settings: the work is read back from the cache). Only then, and only in this script, the set's
 ground truth judges each recipe (mAP of Lw alone and of the whole recipe); adapt never reads it.
-``report``: ``cbir adapt`` (default settings) then ``cbir evaluate`` raw / ``--recipe
+``report``: ``cbir adapt`` (default settings; ``--db-only``: on links to the database photos
+only, the queries left out) then ``cbir evaluate`` raw / ``--recipe
 holidays805-lite0`` / ``--recipe ADAPTED`` (/ ``+ --verify K``) on the set, as subprocesses:
 the commands of docs/adapt.md. Timings are of a loaded machine unless it was quiet.
 """
@@ -76,23 +77,40 @@ def _run(cmd: list[str]) -> str:
     return r.stdout
 
 
+def database_folder(images: Path, gnd: Path, where: Path) -> Path:
+    """A folder of links to the database photos of ``gnd`` only (the queries left out): what a
+    user adapting to their own collection has. The benchmark script reads the ground truth to
+    list them; adapt then sees the links only."""
+    from cbir.datasets.revisitop import load_plain_pickle
+
+    names = load_plain_pickle(gnd)["imlist"]
+    where.mkdir(parents=True, exist_ok=True)
+    for n in names:
+        link = where / (n if n.endswith(".jpg") else f"{n}.jpg")
+        if not link.exists():
+            link.symlink_to(images / link.name)
+    return where
+
+
 def report(args: argparse.Namespace) -> dict:
     images, gnd = (SHARED / p for p in SETS[args.set])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    recipe = out / f"{args.set}.adapt.recipe.json"
+    tag = args.set + (".db-only" if args.db_only else "")
+    recipe = out / f"{tag}.adapt.recipe.json"
+    folder = database_folder(images, gnd, out / f"{args.set}-database") if args.db_only else images
     cbir = [sys.executable, "-m", "cbir"]
     t = time.perf_counter()
-    printed = _run(cbir + ["adapt", str(images), "--out", str(recipe), "--cache", args.cache, "--quiet",
+    printed = _run(cbir + ["adapt", str(folder), "--out", str(recipe), "--cache", args.cache, "--quiet",
                            "--workers", str(args.workers), "--json"])
-    doc = {"set": args.set, "adapt": json.loads(printed), "adapt_seconds": round(time.perf_counter() - t, 1),
+    doc = {"set": args.set, "adapted_folder": str(folder), "adapt": json.loads(printed), "adapt_seconds": round(time.perf_counter() - t, 1),
            "evaluate": {}}
     runs = [("raw", []), ("holidays805-lite0", ["--recipe", "holidays805-lite0"]), ("adapt", ["--recipe", str(recipe)])]
     if args.verify:
         runs += [("holidays805-lite0 + verify", ["--recipe", "holidays805-lite0", "--verify", str(args.verify)]),
                  ("adapt + verify", ["--recipe", str(recipe), "--verify", str(args.verify)])]
     for label, extra in runs:
-        js = out / f"{args.set}.{label.replace(' ', '').replace('+', '_')}.json"
+        js = out / f"{tag}.{label.replace(' ', '').replace('+', '_')}.json"
         t = time.perf_counter()
         _run(cbir + ["evaluate", "--gnd", str(gnd), "--images", str(images), "--cache-dir", args.cache, "--quiet",
                      "--json", str(js), *extra])
@@ -109,6 +127,8 @@ def main() -> None:
     p.add_argument("--cache", required=True, help="extraction cache (the mining work is kept there too)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--verify", type=int, default=0, help="report: also --verify K on top of each recipe")
+    p.add_argument("--db-only", action="store_true",
+                   help="report: adapt on the database photos only (links), not the query photos too")
     p.add_argument("--out", default="adapt-bench", help="report: folder for the recipes and results")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args()

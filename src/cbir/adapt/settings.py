@@ -6,8 +6,8 @@ docs/adapt.md. Mining: :class:`cbir.sfm.settings.PairSettings` as ``cbir mine`` 
 k = 10, RootSIFT 640 px / 1024 features, two-view RANSAC, 15 inliers, weak bridges cut below 30).
 Learned: Lw at 512 dimensions, shrinkage 0.5, positives = verified partners, the full re-ranking
 search of :class:`cbir.rerank.tune.Grid`. The rule on holidays-805 (mAP of the recipe): candidates
-within 0.5 points of the best are tied, and among tied ones the smallest output dimension wins
-(a smaller index), then the existing choice (the prototype's, ``cbir tune``'s search).
+within 0.5 points of the best are tied, and among tied ones the existing choice wins (the issue
+prototype's 512-d Lw, ``cbir tune``'s full search).
 """
 
 from __future__ import annotations

@@ -148,7 +148,7 @@ def report_lines(r: dict) -> list[str]:
         f"re-ranking: {json.dumps(rr) if rr else 'none'}",
         f"pseudo ground truth ({r['queries']} queries, 2 cluster folds, Medium mAP): raw {pg['raw']:.2f}, "
         f"Lw {pg['lw']:.2f}, recipe {pg['recipe']:.2f}",
-        f"time: {secs}",
+        f"time (mining: summed over the runs that did it; whitening, search: this run): {secs}",
     ]
 
 
