@@ -277,3 +277,14 @@ def test_help_teaches():
     for needle in ("--recipe RECIPE.json", "pseudo ground truth", "no ground-truth file", "--verify 100",
                    "learned on one fold", "cbir adapt photos/ --out photos.recipe.json", "--lw-dim", "--tune-verify"):
         assert needle in text, needle
+
+
+def test_tune_verify_tries_spatial_verification(adapted, photos, cache):
+    """With ``verify`` the search also scores verification of the top K (a verifier over the local
+    features of the photos, through the cache), after the re-ranking steps."""
+
+    s = _settings().model_copy(update={"verify": True})
+    recipe, report = adapt(photos, s, cache_dir=cache, device="cpu")
+    steps = [t for t in report.trials if t.get("step") == "verify"]
+    assert len(steps) == 1 and "objective" in steps[0] and steps[0]["verify"]["k"] == 50
+    assert recipe.spec.method == "lw"
