@@ -282,7 +282,6 @@ def test_help_teaches():
 def test_tune_verify_tries_spatial_verification(adapted, photos, cache):
     """With ``verify`` the search also scores verification of the top K (a verifier over the local
     features of the photos, through the cache), after the re-ranking steps."""
-
     s = _settings().model_copy(update={"verify": True})
     recipe, report = adapt(photos, s, cache_dir=cache, device="cpu")
     steps = [t for t in report.trials if t.get("step") == "verify"]
