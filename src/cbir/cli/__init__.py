@@ -17,7 +17,7 @@ import sys
 from typing import Sequence
 
 # Order here is the order in `cbir --help`.
-STAGES = ("extract", "models", "whiten", "tune", "evaluate", "download", "index", "search", "serve", "mine",
+STAGES = ("extract", "models", "whiten", "tune", "adapt", "evaluate", "download", "index", "search", "serve", "mine",
           "train", "cache")
 
 EPILOG = """\
