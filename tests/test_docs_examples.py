@@ -25,6 +25,7 @@ FENCE = re.compile(r"^```([^\n`]*)\n(.*?)^```[ \t]*$", re.S | re.M)
 #: blocks marked ``python no-run``, per file, and why
 NO_RUN = {
     "docs/mining.md": (1, "verified_pairs on the caller's photos: ~80 s of SIFT + RANSAC even on the 38 demo photos"),
+    "docs/adapt.md": (1, "adapt mines the caller's photos (SIFT + RANSAC): minutes even on the demo; tests/test_adapt.py runs it small"),
 }
 
 
