@@ -231,7 +231,12 @@ def test_info_prune_clear(tmp_path, net, capsys, monkeypatch):
     assert main(["cache", "info"]) == 0 and "3 images" in capsys.readouterr().out
     assert prune(root, max_bytes=1) >= 1 and cache_info(root)[0]["rows"] < 3
     assert clear_cache(root) >= 0 and cache_info(root) == [] and store_folder(root).is_dir()
-    assert main(["cache", "clear"]) == 0
+    work = root / "adapt-v1" / "0123456789abcdef"  # a `cbir adapt` work folder: listed, then cleared
+    (work / "pairs").mkdir(parents=True)
+    (work / "pairs" / "graph.npz").write_bytes(b"x" * 4096)
+    assert main(["cache", "info"]) == 0 and "cbir adapt work 0123456789abcdef" in capsys.readouterr().out
+    assert main(["cache", "clear"]) == 0 and "1 `cbir adapt` work folders" in capsys.readouterr().out
+    assert not work.exists()
 
 
 def test_index_build_add_and_extract_share_the_cache(tmp_path, capsys, counted):

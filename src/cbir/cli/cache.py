@@ -13,7 +13,8 @@ image twice. Where: $CBIR_CACHE (default ~/.cache/cbir/descriptors). Size: bound
 $CBIR_CACHE_MAX_GB (default 20; least recently used descriptors go first). Deleting the folder is
 always safe: descriptors are computed again when needed. The local features (SIFT) of spatial
 verification (`--verify`) live beside them, in local-v1/ (one store per SIFT settings): listed by
-`info`, deleted by `clear` (without --older-than), not bounded by `prune`.
+`info`, deleted by `clear` (without --older-than), not bounded by `prune`; so does the mining work of
+`cbir adapt` (adapt-v1/, one folder per photo folder + settings).
 
 examples:
   cbir cache info                 # one line per model + settings: images, size, last use
@@ -37,6 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
+    from ..adapt.work import adapt_work_info, clear_adapt_work
     from ..cache.digest import default_cache_dir
     from ..cache.vectors import cache_info, clear_cache, prune
     from ..local.cache import clear_local_cache, local_cache_info
@@ -45,8 +47,10 @@ def cmd_cache(args: argparse.Namespace) -> int:
     if args.action == "info":
         stores = cache_info(root)
         local = local_cache_info(root)
+        work = adapt_work_info(root)
         if args.json:
-            print(json.dumps({"dir": str(root), "stores": stores, "local_features": local}, indent=2, default=str))
+            print(json.dumps({"dir": str(root), "stores": stores, "local_features": local, "adapt_work": work},
+                             indent=2, default=str))
             return 0
         total = sum(s["bytes"] for s in stores)
         print(f"{root}: {len(stores)} model/settings stores, {total / 2**20:.1f} MiB")
@@ -62,6 +66,8 @@ def cmd_cache(args: argparse.Namespace) -> int:
         for s in local:
             print(f"  {s['images'] if s.get('images') is not None else 'damaged':>8} images  "
                   f"{s['bytes'] / 2**20:8.1f} MiB  local features {s['key']}")
+        for s in work:
+            print(f"  {'':>8}         {s['bytes'] / 2**20:8.1f} MiB  cbir adapt work {s['key']}")
         return 0
     if args.action == "prune":
         n = prune(root, None if args.max_gb is None else int(args.max_gb * (1 << 30)))
@@ -69,5 +75,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
         return 0
     n = clear_cache(root, args.older_than)
     local = clear_local_cache(root) if args.older_than is None else 0
-    print(f"removed {n} descriptors from {root}" + (f" and the local features of {local} images" if local else ""))
+    work = clear_adapt_work(root) if args.older_than is None else 0
+    print(f"removed {n} descriptors from {root}" + (f", the local features of {local} images" if local else "")
+          + (f", {work} `cbir adapt` work folders" if work else ""))
     return 0
