@@ -52,8 +52,7 @@ def describe_images(
     """
     import numpy as np
 
-    from .cache.describe import DescriptorCache, extract_with_cache
-    from .cache.identity import cacheable_pooling
+    from .cache.describe import describe_files
     from .collection import collect_images
     from .descriptors import Descriptors
     from .device import resolve_device
@@ -75,16 +74,8 @@ def describe_images(
     scales = tuple(float(s) for s in (d_scales if scales is None else scales))
     if not scales or any(not s > 0 for s in scales):
         raise ValueError(f"scales: must be positive numbers (got {scales})")
-    cache = None
-    if cache_dir is not None and spec is not None and cacheable_pooling(spec.pooling):
-        cache = DescriptorCache.for_spec(spec, imsize=imsize, scales=scales, device=device, precision=precision,
-                                         backend=backend, root=cache_dir)
-    try:
-        res = extract_with_cache(net, files, cache=cache, imsize=imsize, scales=scales, device=device,
-                                 batch_size=batch_size, precision=precision, backend=backend, progress=progress)
-    finally:
-        if cache is not None:
-            cache.close()
+    res = describe_files(net, files, spec=spec, cache_dir=cache_dir, imsize=imsize, scales=scales, device=device,
+                         precision=precision, backend=backend, batch_size=batch_size, progress=progress)
     if len(res.ok) == 0:
         raise ValueError(f"none of the {len(files)} files could be read (first: {res.failed[0]['reason']})")
     ok = [int(i) for i in res.ok]

@@ -78,21 +78,8 @@ class AdaptReport:
 
 
 def _resolution(settings: AdaptSettings) -> tuple[int, tuple[float, ...]]:
-    """(imsize, scales) the global descriptors are made at (the model's defaults unless given),
-    as :func:`cbir.sfm.verified.verified_pairs` resolves them."""
-    from ..backbones import default_resolution
-    from ..model import ModelSpec, model_file_config
-
-    p = settings.pairs
-    spec = ModelSpec(p.model, p.pooling, p.weights)
-    if spec.is_file:
-        config = model_file_config(spec.model)
-        d_imsize, d_scales = default_resolution(str(config.get("model", "")), config)
-    else:
-        d_imsize, d_scales = default_resolution(spec.model)
-    imsize = int(p.imsize if p.imsize is not None else d_imsize)
-    scales = tuple(float(s) for s in (p.scales if p.scales is not None else d_scales))
-    return imsize, scales
+    """(imsize, scales) the global descriptors are made at, as :func:`cbir.sfm.verified.verified_pairs` resolves them."""
+    return settings.pairs.resolution()
 
 
 def _grid(settings: AdaptSettings):

@@ -253,3 +253,35 @@ def _maybe_prune(root: Path) -> None:
         return
     if total > max_cache_bytes():
         prune(root)
+
+
+def describe_files(
+    net: Any,
+    files: Sequence[str | os.PathLike[str]],
+    *,
+    spec: Any | None,
+    cache_dir: str | os.PathLike[str] | None,
+    imsize: int | None,
+    scales: Sequence[float],
+    device: Any = "auto",
+    precision: str = "auto",
+    backend: str = "auto",
+    stats: CacheStats | None = None,
+    **kw: Any,
+):
+    """:func:`extract_with_cache` of ``files`` with ``net``, through the cache of ``spec`` (a
+    :class:`cbir.model.ModelSpec`) under ``cache_dir`` when both are given and its pooling is
+    cacheable (:func:`cbir.cache.identity.cacheable_pooling`), else without a cache; the cache is
+    closed afterwards. ``kw`` go to :func:`cbir.extract.extract` (batch_size, progress, ...)."""
+    from .identity import cacheable_pooling
+
+    cache = None
+    if cache_dir is not None and spec is not None and cacheable_pooling(spec.pooling):
+        cache = DescriptorCache.for_spec(spec, imsize=imsize, scales=scales, device=device, precision=precision,
+                                         backend=backend, root=cache_dir)
+    try:
+        return extract_with_cache(net, files, cache=cache, stats=stats, imsize=imsize, scales=tuple(scales),
+                                  device=device, precision=precision, backend=backend, **kw)
+    finally:
+        if cache is not None:
+            cache.close()

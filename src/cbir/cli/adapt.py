@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 
-from .options import add_model_options, parse_scales
+from .options import add_model_options
+from .pair_options import (StageBars, add_pair_options, add_running_options, flag_error, pair_settings_from_args,
+                           workers_from_args)
 
 DESCRIPTION = """\
 Adapt cbir to a collection nobody labelled: mine verified pairs inside FOLDER (each photo's --k
@@ -49,17 +49,8 @@ def register(sub) -> None:
                    help="the recipe to write (and RECIPE.whiten.npz beside it)")
     g = p.add_argument_group("global descriptor (candidates, whitening; use the same with the recipe)")
     add_model_options(g)
-    g.add_argument("--imsize", type=int, default=None, metavar="PX",
-                   help="longest side (default: the model's, 512 for Lite0)")
-    g.add_argument("--scales", default=None, metavar="S,S,...", help="scales (default: the model's)")
-    g.add_argument("--k", type=int, default=10, help="nearest neighbours per photo verified (default: 10)")
     v = p.add_argument_group("local features and verification (mining)")
-    v.add_argument("--max-size", type=int, default=640, metavar="PX", help="longest side for SIFT (default: 640)")
-    v.add_argument("--max-features", type=int, default=1024, metavar="N",
-                   help="SIFT features per photo (default: 1024)")
-    v.add_argument("--min-inliers", type=int, default=15, metavar="N", help="inliers for a verified pair (default: 15)")
-    v.add_argument("--bridge-inliers", type=int, default=30, metavar="N",
-                   help="a single verified pair joining two groups of >= 2 photos needs this many (0: any; default: 30)")
+    add_pair_options(g, v)
     w = p.add_argument_group("what is learned")
     w.add_argument("--positives", choices=("cluster", "verified"), default="verified",
                    help="a photo's matches: only its verified partners, or every photo of its cluster (default: verified)")
@@ -75,11 +66,7 @@ def register(sub) -> None:
                    help="refuse with fewer verified pairs than this (default: 10)")
     o = p.add_argument_group("running")
     o.add_argument("--cache", metavar="DIR", help="cache folder (default: cbir's, $CBIR_CACHE)")
-    o.add_argument("--device", default="auto", help="auto, cpu, cuda (global model and matching; default: auto)")
-    o.add_argument("--workers", type=int, default=None, metavar="N",
-                   help="SIFT processes (default: the CPU count, at most 4)")
-    o.add_argument("--quiet", action="store_true", help="no progress bars")
-    o.add_argument("--json", action="store_true", help="print the report as JSON instead of words")
+    add_running_options(o, "report")
     o.add_argument("--report", metavar="FILE.json", help="also write the report with every trial here")
     p.set_defaults(func=handler)
 
@@ -87,53 +74,16 @@ def register(sub) -> None:
 def settings_from_args(args: argparse.Namespace):
     """The :class:`cbir.adapt.AdaptSettings` of the options (errors name the flag)."""
     from ..adapt import AdaptSettings
-    from ..local.features import LocalFeatureSettings
     from ..schema import SchemaError
-    from ..sfm.settings import PairSettings
-    from . import CLIError
 
-    flags = {"k": "--k", "imsize": "--imsize", "min_inliers": "--min-inliers", "bridge_inliers": "--bridge-inliers",
-             "scales": "--scales", "lw_dim": "--lw-dim", "lw_shrinkage": "--lw-shrinkage", "min_pairs": "--min-pairs"}
+    pairs = pair_settings_from_args(args)
+    flags = {"lw_dim": "--lw-dim", "lw_shrinkage": "--lw-shrinkage", "min_pairs": "--min-pairs"}
     try:
-        local = LocalFeatureSettings(max_size=args.max_size, max_features=args.max_features)
-    except ValueError as exc:
-        raise CLIError(f"--max-size/--max-features: {str(exc).splitlines()[-1].strip()}") from None
-    try:
-        pairs = PairSettings(model=args.model, pooling=args.pooling, weights=args.weights, imsize=args.imsize,
-                             scales=None if args.scales is None else parse_scales(args.scales), k=args.k, local=local,
-                             min_inliers=args.min_inliers, bridge_inliers=args.bridge_inliers)
         return AdaptSettings(pairs=pairs, positives=args.positives, lw_dim=args.lw_dim or None,
                              lw_shrinkage=args.lw_shrinkage, search="fast" if args.fast else "full",
                              verify=args.tune_verify, min_pairs=args.min_pairs)
     except SchemaError as exc:
-        field, problem = exc.errors[0]
-        raise CLIError(f"{flags.get(field.split('.')[-1], field)}: {problem}") from None
-
-
-class _Bars:
-    """One tqdm bar per stage, on standard error."""
-
-    def __init__(self, quiet: bool) -> None:
-        self.quiet = quiet
-        self.bars: dict = {}
-
-    def __call__(self, stage: str, done: int, total: int) -> None:
-        if self.quiet:
-            return
-        from tqdm import tqdm
-
-        bar = self.bars.get(stage)
-        if bar is None:
-            for other in self.bars.values():
-                other.close()
-            bar = self.bars[stage] = tqdm(total=total, desc=LABELS.get(stage, stage), file=sys.stderr,
-                                          unit="pair" if stage == "verify" else "photo" if stage in
-                                          ("describe", "features") else "step")
-        bar.update(done)
-
-    def close(self) -> None:
-        for bar in self.bars.values():
-            bar.close()
+        raise flag_error(exc, flags) from None
 
 
 def report_lines(r: dict) -> list[str]:
@@ -159,9 +109,7 @@ def handler(args: argparse.Namespace) -> int:
     from . import CLIError
 
     settings = settings_from_args(args)
-    workers = args.workers if args.workers is not None else max(1, min(4, os.cpu_count() or 1))
-    if workers < 1:
-        raise CLIError(f"--workers must be >= 1, got {workers}")
+    workers = workers_from_args(args)
     folder, out = Path(args.folder), Path(args.out)
     if not folder.is_dir():
         raise CLIError(f"photo folder not found: {folder}")
@@ -171,7 +119,7 @@ def handler(args: argparse.Namespace) -> int:
         raise CLIError(f"--out {out} is a folder; give the recipe's file name")
     if not out.parent.is_dir():
         raise CLIError(f"--out: folder {out.parent} does not exist")
-    bars = _Bars(args.quiet)
+    bars = StageBars(args.quiet, LABELS, ("describe", "features"))
     try:
         recipe, report = adapt(folder, settings, cache_dir=args.cache, device=args.device, workers=workers,
                                progress=bars, exclude=None)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
-from .options import add_model_options, parse_scales
+from .options import add_model_options
+from .pair_options import (StageBars, add_pair_options, add_running_options, flag_error, pair_settings_from_args,
+                           workers_from_args)
 
 DESCRIPTION = """\
 Build training data from photos nobody labelled, as Radenovic et al. (TPAMI'18) do: global kNN
@@ -48,19 +49,8 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (rerun the same command to resume)")
     g = p.add_argument_group("global descriptor (candidate pairs)")
     add_model_options(g)
-    g.add_argument("--imsize", type=int, default=None, metavar="PX", help="longest side for the global descriptor "
-                                                                          "(default: the model's, 512 for Lite0)")
-    g.add_argument("--scales", default=None, metavar="S,S,...", help="scales (default: the model's)")
-    g.add_argument("--k", type=int, default=10, help="nearest neighbours per photo verified (default: 10)")
     v = p.add_argument_group("local features and verification")
-    v.add_argument("--max-size", type=int, default=640, metavar="PX",
-                   help="longest side for SIFT (default: 640)")
-    v.add_argument("--max-features", type=int, default=1024, metavar="N", help="SIFT features per photo (default: 1024)")
-    v.add_argument("--min-inliers", type=int, default=15, metavar="N",
-                   help="inliers for a verified pair (default: 15)")
-    v.add_argument("--bridge-inliers", type=int, default=30, metavar="N",
-                   help="a single verified pair joining two groups of >= 2 photos must have this many (0: any; "
-                        "default: 30)")
+    add_pair_options(g, v)
     r = p.add_argument_group("reconstruction and tuples")
     r.add_argument("--no-reconstruct", action="store_true", help="skip the SfM step (positives: verified pairs only)")
     r.add_argument("--min-model-images", type=int, default=3, metavar="N",
@@ -72,64 +62,24 @@ def register(sub) -> None:
                    help="clusters held out whole as the val split (default: 0.2)")
     r.add_argument("--seed", type=int, default=0, help="RANSAC, mapper and split seed (default: 0)")
     o = p.add_argument_group("running")
-    o.add_argument("--device", default="auto", help="auto, cpu, cuda (global model and matching; default: auto)")
-    o.add_argument("--workers", type=int, default=None, metavar="N",
-                   help="SIFT processes (default: the CPU count, at most 4)")
+    add_running_options(o, "summary")
     o.add_argument("--restart", action="store_true", help="empty DIR and start over")
-    o.add_argument("--quiet", action="store_true", help="no progress bars")
-    o.add_argument("--json", action="store_true", help="print the summary as JSON instead of words")
     p.set_defaults(func=handler)
 
 
 def settings_from_args(args: argparse.Namespace):
     """The :class:`cbir.sfm.settings.MineSettings` of the options (errors name the flag)."""
-    from ..local.features import LocalFeatureSettings
     from ..schema import SchemaError
-    from ..sfm.settings import MineSettings, PairSettings
-    from . import CLIError
+    from ..sfm.settings import MineSettings
 
-    flags = {"k": "--k", "imsize": "--imsize", "min_inliers": "--min-inliers", "bridge_inliers": "--bridge-inliers",
-             "min_model_images": "--min-model-images", "min_shared_points": "--min-shared-points",
-             "val_fraction": "--val-fraction", "seed": "--seed", "scales": "--scales"}
+    pairs = pair_settings_from_args(args)
+    flags = {"min_model_images": "--min-model-images", "min_shared_points": "--min-shared-points",
+             "val_fraction": "--val-fraction", "seed": "--seed"}
     try:
-        local = LocalFeatureSettings(max_size=args.max_size, max_features=args.max_features)
-    except ValueError as exc:
-        raise CLIError(f"--max-size/--max-features: {str(exc).splitlines()[-1].strip()}") from None
-    try:
-        pairs = PairSettings(model=args.model, pooling=args.pooling, weights=args.weights, imsize=args.imsize,
-                             scales=None if args.scales is None else parse_scales(args.scales), k=args.k, local=local,
-                             min_inliers=args.min_inliers, bridge_inliers=args.bridge_inliers)
         return MineSettings(pairs=pairs, reconstruct=not args.no_reconstruct, min_model_images=args.min_model_images,
                             min_shared_points=args.min_shared_points, val_fraction=args.val_fraction, seed=args.seed)
     except SchemaError as exc:
-        field, problem = exc.errors[0]
-        raise CLIError(f"{flags.get(field.split('.')[-1], field)}: {problem}") from None
-
-
-class _Bars:
-    """One tqdm bar per stage, on standard error."""
-
-    def __init__(self, quiet: bool) -> None:
-        self.quiet = quiet
-        self.bars: dict = {}
-
-    def __call__(self, stage: str, done: int, total: int) -> None:
-        if self.quiet:
-            return
-        from tqdm import tqdm
-
-        bar = self.bars.get(stage)
-        if bar is None:
-            for other in self.bars.values():
-                other.close()
-            bar = self.bars[stage] = tqdm(total=total, desc=LABELS.get(stage, stage), file=sys.stderr,
-                                          unit="pair" if stage == "verify" else "photo" if stage in
-                                          ("describe", "features", "reconstruct") else "step")
-        bar.update(done)
-
-    def close(self) -> None:
-        for bar in self.bars.values():
-            bar.close()
+        raise flag_error(exc, flags) from None
 
 
 def summary_lines(s: dict) -> list[str]:
@@ -152,14 +102,11 @@ def handler(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from ..sfm.mine import SUMMARY, TUPLES, VAL_GND, mine
-    from . import CLIError
 
     settings = settings_from_args(args)
-    workers = args.workers if args.workers is not None else max(1, min(4, os.cpu_count() or 1))
-    if workers < 1:
-        raise CLIError(f"--workers must be >= 1, got {workers}")
+    workers = workers_from_args(args)
     out = Path(args.out)
-    bars = _Bars(args.quiet)
+    bars = StageBars(args.quiet, LABELS, ("describe", "features", "reconstruct"))
     try:
         summary = mine(args.folder, out, settings, progress=bars, device=args.device, workers=workers,
                        restart=args.restart)

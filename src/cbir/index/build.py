@@ -53,8 +53,7 @@ def build_index(
     model and these settings are read from it, the others described and kept; ``stats`` (a
     :class:`cbir.cache.describe.CacheStats`) says how many were described.
     """
-    from ..cache.describe import DescriptorCache, extract_with_cache
-    from ..cache.identity import cacheable_pooling
+    from ..cache.describe import describe_files
     from ..model import ModelSpec
 
     files = [Path(f).resolve() for f in files]
@@ -70,16 +69,8 @@ def build_index(
     settings["precision"] = resolve_backend(resolve_device(device), "auto", precision)[1]
     index = Index(net.dim, kind, params, settings=settings, device=device)
     index.meta.reserve_ids_below(first_id)
-    cache = None
-    if cache_dir is not None and cacheable_pooling(spec.pooling):
-        cache = DescriptorCache.for_spec(spec, imsize=imsize, scales=scales, device=device, precision=precision,
-                                         root=cache_dir)
-    try:
-        res = extract_with_cache(net, files, cache=cache, imsize=imsize, scales=tuple(scales), device=device,
-                                 batch_size=batch_size, precision=precision, progress=progress, stats=stats)
-    finally:
-        if cache is not None:
-            cache.close()
+    res = describe_files(net, files, spec=spec, cache_dir=cache_dir, imsize=imsize, scales=scales, device=device,
+                         precision=precision, stats=stats, batch_size=batch_size, progress=progress)
     if len(res.ok) == 0:
         raise ValueError(f"none of the {len(files)} images could be read (first: {res.failed[0]['reason']})")
     index.add(res.vectors, [str(files[i]) for i in res.ok])

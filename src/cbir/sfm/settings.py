@@ -49,6 +49,23 @@ class PairSettings(Schema):
     min_inliers: Int(ge=1, le=100000) = 15
     bridge_inliers: Int(ge=0, le=100000) = 30
 
+    def resolution(self) -> tuple[int, tuple[float, ...]]:
+        """(imsize, scales) the global descriptors are made at: the ones given, else the model's
+        defaults (:func:`cbir.backbones.default_resolution`; a model file by its saved configuration)."""
+        from ..backbones import default_resolution
+        from ..model import ModelSpec, model_file_config
+
+        if self.imsize is not None and self.scales is not None:
+            return int(self.imsize), tuple(float(s) for s in self.scales)
+        spec = ModelSpec(self.model, self.pooling, self.weights)
+        if spec.is_file:
+            config = model_file_config(spec.model)
+            d_imsize, d_scales = default_resolution(str(config.get("model", "")), config)
+        else:
+            d_imsize, d_scales = default_resolution(spec.model)
+        imsize = int(self.imsize if self.imsize is not None else d_imsize)
+        return imsize, tuple(float(s) for s in (self.scales if self.scales is not None else d_scales))
+
 
 class MineSettings(Schema):
     """``cbir mine``: :class:`PairSettings` and the steps after them.

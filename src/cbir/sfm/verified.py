@@ -220,7 +220,6 @@ def _describe(wd: WorkDir, paths: list[Path], keys: list[str], settings: PairSet
             raise FormatError(f"{out}: global descriptors do not match the {n} photos")
         _report(progress, "describe", n, n)
         return vec.astype(np.float32), ok.astype(bool), {str(k): str(v) for k, v in meta.get("failed", {}).items()}
-    from ..backbones import default_resolution
     from ..cache.describe import CacheStats, DescriptorCache, LazyNet, extract_with_cache
     from ..cache.identity import cacheable_pooling
     from ..model import ModelSpec
@@ -229,16 +228,7 @@ def _describe(wd: WorkDir, paths: list[Path], keys: list[str], settings: PairSet
     if not cacheable_pooling(spec.pooling):
         raise ValueError(f"pooling {spec.pooling!r} depends on the images it is fitted on; mining needs a fixed "
                          "global descriptor (e.g. gem)")
-    if settings.imsize is None or settings.scales is None:
-        if spec.is_file:
-            from ..model import model_file_config
-
-            config = model_file_config(spec.model)
-            d_imsize, d_scales = default_resolution(str(config.get("model", "")), config)
-        else:
-            d_imsize, d_scales = default_resolution(spec.model)
-    imsize = int(settings.imsize if settings.imsize is not None else d_imsize)
-    scales = tuple(float(s) for s in (settings.scales if settings.scales is not None else d_scales))
+    imsize, scales = settings.resolution()
     cache = DescriptorCache.for_spec(spec, imsize=imsize, scales=scales, device=device, root=cache_dir)
     lazy = LazyNet(spec.build)
     rows: dict[int, np.ndarray] = {}
