@@ -146,6 +146,8 @@ def adapt(
     n = len(names)
     edges = verified_edges(vp.pairs, vp.inliers, vp.min_inliers, vp.cut)
     pos = positive_lists(n, edges, vp.clusters, settings.positives)
+    rule = settings.positives if settings.search_positives == "same" else settings.search_positives
+    pos_search = pos if rule == settings.positives else positive_lists(n, edges, vp.clusters, rule)
     ok = np.flatnonzero(vp.ok)
     fold = cluster_folds(vp.clusters, 2)
     n_clusters = int(len(np.unique(vp.clusters[vp.clusters >= 0])))
@@ -168,13 +170,13 @@ def adapt(
         learn_photos = np.flatnonzero(fold == f)
         judge_photos = np.flatnonzero(fold == 1 - f)
         w, n_pairs = learned_on(learn_photos)
-        queries, gnd = pseudo_gnd(pos, judge_photos)
+        queries, gnd = pseudo_gnd(pos_search, judge_photos)
         gnd = [{**g, "easy": [row_of[j] for j in g["easy"]], "junk": [row_of[j] for j in g["junk"]]} for g in gnd]
         ds = RetrievalDataset(
             name=f"{root.name or root}: pseudo ground truth, fold {1 - f} (Lw from fold {f})", protocol="revisitop",
             db_ids=[names[i] for i in ok], db_paths=[paths[i] for i in ok], query_ids=[names[i] for i in queries],
             query_paths=[paths[i] for i in queries], query_bboxes=[None] * len(queries), gnd=gnd,
-            info={"pseudo_gt": settings.positives})
+            info={"pseudo_gt": rule})
         verifier = None
         if settings.verify:
             from ..pipeline.verifying import benchmark_verifier
@@ -206,7 +208,7 @@ def adapt(
     meta = {
         "tuned_on": [{"name": f"cbir adapt {root.name or root}", "photos": n, "verified_pairs": int(len(edges)),
                       "clusters": n_clusters, "queries": int(sum(d["judged_queries"] for d in folds_doc)),
-                      "pseudo_gt": settings.positives, "protocol": "revisitop (Medium)"}],
+                      "pseudo_gt": rule, "whitening_pairs": settings.positives, "protocol": "revisitop (Medium)"}],
         "objective": {"value": float(tuned.meta["objective"]["value"]),
                       "what": "pseudo ground truth from verified pairs: mean over 2 cluster folds of the Medium mAP "
                               "of one fold's photos, with Lw learned on the other fold's pairs",
