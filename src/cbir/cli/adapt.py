@@ -15,7 +15,7 @@ nearest neighbours by the global descriptor -> SIFT -> matching and RANSAC, >= -
 inliers -> clusters of verified pairs), learn a whitening from those pairs (Lw, --lw-dim,
 --lw-shrinkage), and choose the re-ranking (alpha-QE, DBA, diffusion; spatial verification with
 --tune-verify) on them as pseudo ground truth: every photo with a verified partner is a query, the
-photos of its cluster are its positives. The clusters are split in two folds: the whitening is
+photos of its cluster are its positives (--search-positives). The clusters are split in two folds: the whitening is
 learned on one fold's pairs and the re-ranking scored on the other fold's queries (and the other
 way round), so nothing is judged on the pairs it was learned from.
 
@@ -54,6 +54,9 @@ def register(sub) -> None:
     w = p.add_argument_group("what is learned")
     w.add_argument("--positives", choices=("cluster", "verified"), default="verified",
                    help="a photo's matches: only its verified partners, or every photo of its cluster (default: verified)")
+    w.add_argument("--search-positives", choices=("cluster", "verified", "same"), default="cluster",
+                   help="a query's matches in the pseudo ground truth that scores the re-ranking search: every photo of "
+                        "its cluster, its verified partners, or the same as --positives (default: cluster)")
     w.add_argument("--lw-dim", type=int, default=512, metavar="D",
                    help="dimensions kept by the learned whitening (default: 512; 0: all)")
     w.add_argument("--lw-shrinkage", type=float, default=0.5, metavar="S",
@@ -79,7 +82,8 @@ def settings_from_args(args: argparse.Namespace):
     pairs = pair_settings_from_args(args)
     flags = {"lw_dim": "--lw-dim", "lw_shrinkage": "--lw-shrinkage", "min_pairs": "--min-pairs"}
     try:
-        return AdaptSettings(pairs=pairs, positives=args.positives, lw_dim=args.lw_dim or None,
+        return AdaptSettings(pairs=pairs, positives=args.positives, search_positives=args.search_positives,
+                             lw_dim=args.lw_dim or None,
                              lw_shrinkage=args.lw_shrinkage, search="fast" if args.fast else "full",
                              verify=args.tune_verify, min_pairs=args.min_pairs)
     except SchemaError as exc:
