@@ -76,6 +76,6 @@ def cmd_cache(args: argparse.Namespace) -> int:
     n = clear_cache(root, args.older_than)
     local = clear_local_cache(root) if args.older_than is None else 0
     work = clear_adapt_work(root) if args.older_than is None else 0
-    print(f"removed {n} descriptors from {root}" + (f", the local features of {local} images" if local else "")
-          + (f", {work} `cbir adapt` work folders" if work else ""))
+    print(f"removed {n} descriptors from {root}" + (f" and the local features of {local} images" if local else "")
+          + (f" and {work} `cbir adapt` work folders" if work else ""))
     return 0
