@@ -30,3 +30,15 @@ def test_a_failing_statement_rolls_back_the_earlier_ones(tmp_path):
     assert con.execute("SELECT COUNT(*) FROM t").fetchone() == (0,)
     assert write_transaction(con, lambda c: c.execute("INSERT INTO t VALUES (3, 'c')"))  # usable afterwards
     assert con.execute("SELECT k FROM t").fetchall() == [(3,)]
+
+
+def test_remove_db_deletes_the_database_and_its_companions(tmp_path):
+    from cbir.cache.sqlite import remove_db
+
+    db = tmp_path / "t.sqlite"
+    for suffix in ("", "-wal", "-shm"):
+        (tmp_path / f"t.sqlite{suffix}").write_bytes(b"x")
+    (tmp_path / "other.sqlite").write_bytes(b"y")
+    remove_db(db)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other.sqlite"]
+    remove_db(db)  # nothing left: not an error

@@ -77,11 +77,6 @@ class AdaptReport:
         return d
 
 
-def _resolution(settings: AdaptSettings) -> tuple[int, tuple[float, ...]]:
-    """(imsize, scales) the global descriptors are made at, as :func:`cbir.sfm.verified.verified_pairs` resolves them."""
-    return settings.pairs.resolution()
-
-
 def _grid(settings: AdaptSettings):
     """The re-ranking search: no whitening step (the Lw is fixed, applied before), the rest as
     ``cbir tune`` (``fast``: as ``cbir tune --fast``); verification only with ``settings.verify``."""
@@ -204,7 +199,7 @@ def adapt(
     lw_only = next(t["objective"] for t in trials if t.get("step") == "whitening")
     raw = float(np.mean([v for _, v in raw_values]))
     pseudo = {"raw": round(raw, 2), "lw": round(float(lw_only), 2), "recipe": round(float(tuned.meta["objective"]["value"]), 2)}
-    imsize, scales = _resolution(settings)
+    imsize, scales = settings.pairs.resolution()  # as verified_pairs made the descriptors
     meta = {
         "tuned_on": [{"name": f"cbir adapt {root.name or root}", "photos": n, "verified_pairs": int(len(edges)),
                       "clusters": n_clusters, "queries": int(sum(d["judged_queries"] for d in folds_doc)),

@@ -18,7 +18,7 @@ from typing import Iterable, Sequence
 
 from ..fileio import sha256_bytes, sha256_file
 from ..paths import cache_dir
-from .sqlite import write_transaction
+from .sqlite import remove_db, write_transaction
 
 __all__ = ["default_cache_dir", "bytes_digest", "file_digest", "DigestMemo", "MEMO_NAME"]
 
@@ -83,7 +83,7 @@ class DigestMemo:
             except sqlite3.DatabaseError:  # damaged or foreign: start a new one (it only saves time)
                 if attempt:
                     return None
-                _remove_db(self.file)
+                remove_db(self.file)
             except OSError:
                 return None  # a read-only cache folder: hash every time
         return None
@@ -144,10 +144,3 @@ class DigestMemo:
 
         write_transaction(con, body)
 
-
-def _remove_db(file: Path) -> None:
-    for suffix in ("", "-wal", "-shm"):
-        try:
-            Path(str(file) + suffix).unlink()
-        except OSError:
-            pass

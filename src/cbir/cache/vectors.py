@@ -32,7 +32,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 
 from .identity import CACHE_FORMAT_VERSION, key_of
-from .sqlite import write_transaction
+from .sqlite import remove_db, write_transaction
 
 __all__ = ["VectorCache", "ItemKey", "store_folder", "cache_info", "clear_cache", "prune", "max_cache_bytes",
            "FORMAT"]
@@ -117,7 +117,7 @@ class VectorCache:
                     con.close()
                 if attempt:
                     return None
-                _remove_db(self.file)
+                remove_db(self.file)
             except OSError:
                 if con is not None:
                     con.close()
@@ -203,13 +203,6 @@ def _decode(dim: Any, blob: Any, check: Any) -> np.ndarray | None:
     return v if np.all(np.isfinite(v)) else None
 
 
-def _remove_db(file: Path) -> None:
-    for suffix in ("", "-wal", "-shm"):
-        try:
-            Path(str(file) + suffix).unlink()
-        except OSError:
-            pass
-
 
 # --- maintenance -------------------------------------------------------------------------------
 def _stores(root: str | os.PathLike[str]) -> list[Path]:
@@ -260,7 +253,7 @@ def clear_cache(root: str | os.PathLike[str], older_than_days: float | None = No
         except sqlite3.DatabaseError:
             pass
         if older_than_days is None:
-            _remove_db(file)
+            remove_db(file)
     return removed
 
 
@@ -282,7 +275,7 @@ def prune(root: str | os.PathLike[str], max_bytes: int | None = None) -> int:
             finally:
                 con.close()
         except sqlite3.DatabaseError:
-            _remove_db(file)
+            remove_db(file)
     rows.sort(key=lambda r: r[0])
     excess, drop = total - cap, {}
     for used, size, file, d, b in rows:
